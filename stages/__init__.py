@@ -1,0 +1,1 @@
+"""clickdog: one module per DVC stage; shared code lives in ``stages.lib``."""

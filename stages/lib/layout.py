@@ -1,0 +1,24 @@
+"""File names inside the stage folders: the contract between stages."""
+
+# data/raw/ (download)
+TRAIN_IMAGES = "train_images.tsv"   # key <TAB> base64 JPEG (layout: decode.columns)
+TEST_IMAGES = "test_images.tsv"     # same layout as TRAIN_IMAGES
+TEST_LABELS = "test_labels.tsv"     # key <TAB> breed (clean labels)
+CLICKS = "clicks.tsv"               # key <TAB> query <TAB> clicks
+BREEDS = "breeds.tsv"               # breed <TAB> integer label
+TRUTH = "truth.tsv"                 # key <TAB> true breed or "distractor"; sample only
+CHECKSUMS = "SHA256SUMS"            # sha256sum format, one line per file above
+
+RAW_FILES = (TRAIN_IMAGES, TEST_IMAGES, TEST_LABELS, CLICKS, BREEDS)
+
+# data/images/ (decode)
+INDEX = "index.parquet"             # key, split, shard, offset, length, width, height
+REJECTS = "rejects.tsv"             # file, line, key, reason
+STATS = "stats.json"
+
+# data/filtered/ (filter_clicks)
+LABELS = "labels.tsv"               # key, label, breed, clicks, share (kept rows)
+RAW_LABELS = "raw_labels.tsv"       # key, label, breed, clicks, share: top breed, no thresholds
+DROPPED = "dropped.tsv"             # key, reason, breed, clicks, share
+CLASSES = "classes.json"            # ordered class names; label = index in this list
+REPORT = "report.json"

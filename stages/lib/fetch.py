@@ -1,0 +1,454 @@
+"""Fetching the real raw files (``data.source: url`` or ``path``) into ``data/raw/``.
+
+The contract, for both sources: every required raw role ends up as
+``out_dir/<role>.tsv`` (a real file, never a link), checksummed in
+``out_dir/SHA256SUMS``, or the call raises and leaves none of its outputs
+behind. Downloads stream in chunks, resume through HTTP ``Range``, retry with
+exponential backoff and are verified against the sha256 from params before
+anything is placed. Archives are trusted no further than their checksum:
+only the requested members are read, as streams, and a member's name never
+becomes a path; the output names are the fixed role names of ``layout``.
+"""
+from __future__ import annotations
+
+import hashlib
+import http.client
+import logging
+import os
+import posixpath
+import re
+import shutil
+import stat
+import tarfile
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Mapping
+
+from tqdm import tqdm
+
+from stages.lib import layout
+from stages.lib.atomic import atomic_file
+
+log = logging.getLogger(__name__)
+
+REQUIRED_ROLES: tuple[str, ...] = tuple(name.removesuffix(".tsv") for name in layout.RAW_FILES)
+OPTIONAL_ROLES: tuple[str, ...] = (layout.TRUTH.removesuffix(".tsv"),)
+SOURCES = ("url", "path")
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
+
+_SPEC_KEYS = {  # source -> (required keys, optional keys)
+    "url": ({"url", "sha256"}, {"member"}),
+    "path": ({"path"}, {"sha256", "member"}),
+}
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
+_CHUNK_BYTES = 1 << 20
+_MAX_BACKOFF_S = 60.0
+# Server-side hiccups worth waiting out; any other HTTP error (404, 403...) will not fix itself.
+_RETRY_HTTP_CODES = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+
+class FetchError(RuntimeError):
+    """A raw file could not be obtained (network, HTTP status, archive content)."""
+
+
+class ChecksumError(FetchError):
+    """A file's sha256 differs from the one in params."""
+
+
+class _Retryable(Exception):
+    """An attempt failed in a way that another attempt may not."""
+
+
+@dataclass(frozen=True)
+class _Spec:
+    role: str
+    location: str          # url (source url) or local path (source path)
+    sha256: str | None     # of the file at ``location``: the archive when ``member`` is set
+    member: str | None     # normalised path inside the archive
+
+
+def fetch_raw(
+    files: Mapping[str, Mapping[str, str]],
+    out_dir: Path,
+    *,
+    source: str,
+    retries: int = 5,
+    timeout_s: float = 60.0,
+    backoff_s: float = 1.0,
+    cache_dir: Path | None = None,
+) -> dict[str, str]:
+    """Place the raw files named in ``files`` as ``out_dir/<role>.tsv``.
+
+    ``files`` maps a role (``train_images``, ``test_images``, ``test_labels``,
+    ``clicks``, ``breeds``; optionally ``truth``) to a spec:
+
+    - ``source="url"``: ``{url, sha256[, member]}``. ``sha256`` is that of the
+      downloaded file, i.e. of the archive when ``member`` names a file inside
+      a .tar/.tar.gz/.tgz/.zip. Roles sharing an archive url download it once.
+    - ``source="path"``: ``{path[, sha256][, member]}``; the file is copied.
+
+    Downloads go to ``cache_dir`` (``<sha256>.part`` while incomplete, renamed
+    to ``<sha256>`` once verified). Without ``cache_dir`` a temporary folder
+    inside ``out_dir`` is used and removed, so resume works across retries
+    but not across runs; pass a persistent ``cache_dir`` for the latter.
+    A failed attempt is retried ``retries`` times, waiting ``backoff_s``,
+    then twice as long each time. ``timeout_s`` bounds each socket operation.
+
+    Writes ``out_dir/SHA256SUMS`` (sha256sum format, sorted) and returns
+    ``{file name: sha256}`` of the placed files. Raises ``ValueError`` for bad
+    arguments before touching the network, ``ChecksumError`` or
+    ``FetchError`` otherwise; on any error, none of the role files asked for
+    nor ``SHA256SUMS`` is left in ``out_dir`` (not even an older copy).
+    """
+    specs = _validate(files, source=source)
+    if retries < 0 or timeout_s <= 0 or backoff_s < 0:
+        raise ValueError(f"need retries >= 0, timeout_s > 0, backoff_s >= 0; got {retries}, {timeout_s}, {backoff_s}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    own_cache = cache_dir is None
+    cache = Path(tempfile.mkdtemp(prefix=".fetch-", dir=out_dir)) if own_cache else Path(cache_dir)
+    targets = {spec.role: out_dir / f"{spec.role}.tsv" for spec in specs}
+    if source == "path":
+        for spec in specs:
+            if Path(spec.location).resolve() == targets[spec.role].resolve():
+                # Cleaning up after a failure would delete the source itself.
+                raise ValueError(f"data.files.{spec.role}: path {spec.location!r} is the output file itself")
+    uses = {loc: sum(s.location == loc for s in specs) for loc in {s.location for s in specs}}
+    try:
+        if source == "url":
+            local = _download_all(specs, cache, retries=retries, timeout_s=timeout_s, backoff_s=backoff_s)
+        else:
+            local = {s.location: Path(s.location) for s in specs}
+        sums: dict[str, str] = {}
+        for spec in specs:
+            target, src = targets[spec.role], local[spec.location]
+            label = f"{spec.role} ({_redact(spec.location) if source == 'url' else src})"
+            if spec.member is not None:
+                if source == "path" and spec.sha256 is not None:
+                    _verify(src, spec.sha256, label=label)
+                sums[target.name] = _extract_member(src, spec.member, target)
+            elif source == "url" and own_cache and uses[spec.location] == 1:
+                # Verified on download and nobody else needs it: move, not a second copy of a big file.
+                os.replace(src, target)
+                sums[target.name] = spec.sha256
+            else:
+                # A downloaded file was verified already; a local one is verified while copying.
+                expected = spec.sha256 if source == "path" else None
+                sums[target.name] = _copy(src, target, expected=expected, label=label)
+            log.info("placed %s (sha256 %s…)", target, sums[target.name][:12])
+        with atomic_file(out_dir / layout.CHECKSUMS) as f:
+            f.writelines(f"{digest}  {name}\n" for name, digest in sorted(sums.items()))
+    except BaseException:
+        # Stale files from an earlier run would pass for this run's output: remove them too.
+        for path in [*targets.values(), out_dir / layout.CHECKSUMS]:
+            path.unlink(missing_ok=True)
+        raise
+    finally:
+        if own_cache:
+            shutil.rmtree(cache, ignore_errors=True)
+    return dict(sorted(sums.items()))
+
+
+def _validate(files: Mapping[str, Mapping[str, str]], *, source: str) -> list[_Spec]:
+    """Check roles and specs up front, so that a typo fails before any download."""
+    if source not in SOURCES:
+        raise ValueError(f"data.source must be one of {SOURCES} here, got {source!r}")
+    if not isinstance(files, Mapping):
+        raise ValueError(f"data.files must be a mapping role -> spec, got {type(files).__name__}")
+    unknown = sorted(set(files) - set(REQUIRED_ROLES) - set(OPTIONAL_ROLES))
+    if unknown:
+        raise ValueError(f"data.files: unknown role(s) {unknown}; known: {list(REQUIRED_ROLES + OPTIONAL_ROLES)}")
+    missing = [r for r in REQUIRED_ROLES if r not in files]
+    if missing:
+        raise ValueError(f"data.files: missing required role(s) {missing} for source {source!r}")
+    required, optional = _SPEC_KEYS[source]
+    specs: list[_Spec] = []
+    archive_sha: dict[str, str | None] = {}
+    for role in sorted(files):
+        spec = files[role]
+        where = f"data.files.{role}"
+        if not isinstance(spec, Mapping):
+            raise ValueError(f"{where}: expected a mapping with keys {sorted(required)}, got {spec!r}")
+        keys = set(spec)
+        if required - keys:
+            raise ValueError(f"{where}: missing {sorted(required - keys)} (source {source!r} needs {sorted(required)})")
+        if keys - required - optional:
+            raise ValueError(f"{where}: unexpected key(s) {sorted(keys - required - optional)}")
+        if not all(isinstance(v, str) and v for v in spec.values()):
+            raise ValueError(f"{where}: every value must be a non-empty string, got {dict(spec)!r}")
+        location = spec["url"] if source == "url" else spec["path"]
+        if source == "url" and urllib.parse.urlsplit(location).scheme not in ("http", "https"):
+            # urllib would also open file:// and ftp://; the url source is for the web only.
+            raise ValueError(f"{where}: url must be http(s), got {_redact(location)!r}")
+        digest = spec.get("sha256")
+        if digest is not None:
+            digest = digest.lower()
+            if not _SHA256_RE.fullmatch(digest):
+                raise ValueError(f"{where}: sha256 must be 64 hex digits, got {spec['sha256']!r}")
+        member = spec.get("member")
+        if member is not None:
+            member = _check_member_name(member, where=where)
+        elif _looks_like_archive(location):
+            raise ValueError(f"{where}: {_redact(location)!r} is an archive; name the file inside it with 'member'")
+        if location in archive_sha and archive_sha[location] != digest:
+            raise ValueError(f"{where}: {_redact(location)!r} is listed with different sha256 values")
+        archive_sha[location] = digest
+        specs.append(_Spec(role, location, digest, member))
+    return specs
+
+
+def download_file(
+    url: str,
+    dest: Path,
+    *,
+    sha256: str,
+    retries: int = 5,
+    timeout_s: float = 60.0,
+    backoff_s: float = 1.0,
+    label: str | None = None,
+) -> Path:
+    """Download ``url`` to ``dest`` and verify it; return ``dest``.
+
+    Bytes accumulate in ``dest + ".part"``, which a later call resumes with an
+    HTTP Range request (a server that ignores Range is read from the start).
+    ``dest`` itself only ever appears complete and verified: a checksum
+    mismatch deletes the part file and raises ``ChecksumError``.
+    """
+    label = label or _redact(url)
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    resumed = _download_with_retries(url, part, retries=retries, timeout_s=timeout_s, backoff_s=backoff_s, label=label)
+    actual = _sha256_file(part)
+    if actual != sha256 and resumed:
+        # The kept prefix may come from another version of the file: one fresh try before blaming the source.
+        log.warning("%s: sha256 mismatch after a resumed download; downloading again from the start", label)
+        part.unlink()
+        _download_with_retries(url, part, retries=retries, timeout_s=timeout_s, backoff_s=backoff_s, label=label)
+        actual = _sha256_file(part)
+    if actual != sha256:
+        part.unlink()
+        raise ChecksumError(f"sha256 mismatch for {label}: expected {sha256}, got {actual}")
+    os.replace(part, dest)
+    return dest
+
+
+def _download_all(
+    specs: list[_Spec], cache: Path, *, retries: int, timeout_s: float, backoff_s: float
+) -> dict[str, Path]:
+    """Download each distinct url once (keyed by its sha256); reuse a verified cached copy."""
+    roles: dict[str, list[str]] = {}
+    for spec in specs:
+        roles.setdefault(spec.location, []).append(spec.role)
+    sha = {spec.location: spec.sha256 for spec in specs}
+    local: dict[str, Path] = {}
+    for url, names in roles.items():
+        label = f"{'+'.join(names)} ({_redact(url)})"
+        dest = cache / sha[url]  # a validated hex digest: the url never becomes a path
+        if dest.exists():
+            if _sha256_file(dest) == sha[url]:
+                log.info("%s: using verified copy in %s", label, cache)
+                local[url] = dest
+                continue
+            log.warning("%s: cached copy is corrupt; downloading again", label)
+            dest.unlink()
+        local[url] = download_file(url, dest, sha256=sha[url], retries=retries, timeout_s=timeout_s,
+                                   backoff_s=backoff_s, label=label)
+    return local
+
+
+def _download_with_retries(
+    url: str, part: Path, *, retries: int, timeout_s: float, backoff_s: float, label: str
+) -> bool:
+    """Run attempts until one completes; return whether any resumed from kept bytes."""
+    resumed = False
+    for attempt in range(retries + 1):
+        try:
+            resumed |= _attempt(url, part, timeout_s=timeout_s, label=label)
+            return resumed
+        except urllib.error.HTTPError as e:
+            if e.code not in _RETRY_HTTP_CODES:
+                raise FetchError(f"{label}: HTTP {e.code} {e.reason}") from e
+            error: Exception = e
+        except (_Retryable, OSError, http.client.HTTPException) as e:  # OSError covers timeouts and resets
+            error = e
+        if attempt == retries:
+            raise FetchError(f"{label}: giving up after {retries + 1} attempt(s): {error}") from error
+        delay = min(backoff_s * 2**attempt, _MAX_BACKOFF_S)
+        log.warning("%s: attempt %d/%d failed (%s); retrying in %.1fs", label, attempt + 1, retries + 1, error, delay)
+        time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _attempt(url: str, part: Path, *, timeout_s: float, label: str) -> bool:
+    """One GET appending to ``part`` from its current size; return whether it resumed.
+
+    Raises ``_Retryable`` when the body ends short, so the caller tries again
+    from the new, longer part file.
+    """
+    offset = part.stat().st_size if part.exists() else 0
+    # identity: a transparently gzipped body would make byte offsets meaningless for Range.
+    headers = {"User-Agent": "clickdog-fetch", "Accept-Encoding": "identity"}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+    try:
+        response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout_s)
+    except urllib.error.HTTPError as e:
+        if e.code != 416 or not offset:
+            raise
+        _, total = _content_range(e.headers.get("Content-Range"))
+        if total == offset:  # complete already (a run stopped before verifying it)
+            return True
+        part.unlink()  # longer than the file: not a prefix of it
+        raise _Retryable(f"kept {offset} bytes but the server refuses that range; restarting") from e
+    with response:
+        total = _int_or_none(response.headers.get("Content-Length"))
+        if offset and response.status == 206:
+            start, total = _content_range(response.headers.get("Content-Range"))
+            if start != offset:
+                part.unlink()
+                raise _Retryable(f"asked for bytes from {offset}, server sent from {start}; restarting")
+            log.info("%s: resuming at byte %d", label, offset)
+        elif response.status == 200:
+            if offset:
+                log.info("%s: server ignored the Range request; restarting from byte 0", label)
+            offset = 0
+        else:
+            raise FetchError(f"{label}: unexpected HTTP status {response.status}")
+        started = time.monotonic()
+        with open(part, "ab" if offset else "wb") as f, tqdm(
+            total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
+            desc=label, leave=False, disable=None,
+        ) as bar:
+            while chunk := response.read(_CHUNK_BYTES):
+                f.write(chunk)
+                bar.update(len(chunk))
+    size = part.stat().st_size
+    # http.client returns b"" (no error) when a server closes before Content-Length: check ourselves.
+    if total is not None and size != total:
+        raise _Retryable(f"connection ended at byte {size} of {total}")
+    elapsed = max(time.monotonic() - started, 1e-9)
+    log.info("%s: %d bytes in %.1fs (%.1f MB/s)", label, size, elapsed, (size - offset) / elapsed / 1e6)
+    return bool(offset)
+
+
+def _extract_member(archive: Path, member: str, target: Path) -> str:
+    """Stream one regular-file ``member`` of a tar or zip ``archive`` to ``target``; return its sha256."""
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as zf:
+            infos = [i for i in zf.infolist() if _normalise(i.filename) == member]
+            if len(infos) != 1:
+                raise FetchError(f"{archive}: member {member!r} found {len(infos)} times in the zip, need exactly once")
+            info = infos[0]
+            _check_member_name(info.filename, where=str(archive))
+            # Unix file type in the high bits; 0 (zips made on Windows, or without a type) means a plain file.
+            kind = stat.S_IFMT(info.external_attr >> 16)
+            if info.is_dir() or kind not in (0, stat.S_IFREG):
+                raise FetchError(f"{archive}: member {member!r} is not a regular file (a link or device?)")
+            with zf.open(info) as src:
+                return _stream_to(src, target)
+    if not tarfile.is_tarfile(archive):
+        raise FetchError(f"{archive}: a member {member!r} was asked for, but this is neither a tar nor a zip archive")
+    digest = None
+    with tarfile.open(archive, "r:*") as tf:
+        # One pass in archive order: a .tar.gz is never decompressed twice for one member.
+        for info in tf:
+            if _normalise(info.name) != member:
+                continue
+            if digest is not None:
+                raise FetchError(f"{archive}: member {member!r} appears more than once")
+            if not info.isreg():
+                raise FetchError(f"{archive}: member {member!r} is not a regular file (a link or device?)")
+            # The same rules as extractall(filter="data"): no absolute names, no "..", no special modes.
+            tarfile.data_filter(info, str(target.parent))
+            with tf.extractfile(info) as src:
+                digest = _stream_to(src, target)
+    if digest is None:
+        raise FetchError(f"{archive}: no member {member!r}")
+    return digest
+
+
+def _copy(src: Path, target: Path, *, expected: str | None, label: str) -> str:
+    """Copy ``src`` to ``target`` atomically, verifying ``expected`` before the rename."""
+    if not src.is_file():
+        raise FetchError(f"{label}: not a file")
+    with open(src, "rb") as f:
+        return _stream_to(f, target, expected=expected, label=label)
+
+
+def _stream_to(src: BinaryIO, target: Path, *, expected: str | None = None, label: str = "") -> str:
+    """Write ``src`` to ``target`` via a temporary sibling; a failed check leaves nothing."""
+    h = hashlib.sha256()
+    with atomic_file(target, "wb") as out:
+        while chunk := src.read(_CHUNK_BYTES):
+            h.update(chunk)
+            out.write(chunk)
+        if expected is not None and h.hexdigest() != expected:
+            raise ChecksumError(f"sha256 mismatch for {label or target.name}: expected {expected}, got {h.hexdigest()}")
+    return h.hexdigest()
+
+
+def _verify(path: Path, expected: str, *, label: str) -> None:
+    if not path.is_file():
+        raise FetchError(f"{label}: not a file")
+    actual = _sha256_file(path)
+    if actual != expected:
+        raise ChecksumError(f"sha256 mismatch for {label}: expected {expected}, got {actual}")
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK_BYTES):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _check_member_name(name: str, *, where: str) -> str:
+    """Return the normalised member name, or refuse one that could point outside a folder."""
+    if "\x00" in name or "\\" in name or name.startswith("/") or re.match(r"[A-Za-z]:", name):
+        raise ValueError(f"{where}: unsafe archive member name {name!r} (absolute or odd characters)")
+    if ".." in name.split("/"):
+        raise ValueError(f"{where}: unsafe archive member name {name!r} (contains '..')")
+    normalised = _normalise(name)
+    if not normalised or normalised == ".":
+        raise ValueError(f"{where}: empty archive member name {name!r}")
+    return normalised
+
+
+def _normalise(name: str) -> str:
+    # "./a/b" and "a//b" name the same member. A name with ".." is left as is (so it never
+    # matches a requested name, which cannot hold one): resolving it is what zip-slip exploits.
+    return name if ".." in name.split("/") else posixpath.normpath(name)
+
+
+def _looks_like_archive(location: str) -> bool:
+    path = urllib.parse.urlsplit(location).path if "://" in location else location
+    return path.lower().endswith(ARCHIVE_SUFFIXES)
+
+
+def _content_range(value: str | None) -> tuple[int | None, int | None]:
+    """Parse ``bytes START-END/TOTAL`` or ``bytes */TOTAL`` into (start, total)."""
+    m = re.fullmatch(r"\s*bytes\s+(?:(\d+)-\d+|\*)/(\d+|\*)\s*", value or "")
+    if not m:
+        return None, None
+    return _int_or_none(m.group(1)), _int_or_none(m.group(2))
+
+
+def _int_or_none(value: str | None) -> int | None:
+    return int(value) if value is not None and value.isdigit() else None
+
+
+def _redact(url: str) -> str:
+    """The url without credentials or query string, for messages and logs."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))

@@ -1,0 +1,224 @@
+"""decode stage: bad rows, layouts, shards, size cap, determinism, failure."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+
+from stages.decode import DecodeConfig, DecodeError, Reject, decode_dataset, decode_image
+from stages.lib import layout
+from stages.lib.shards import ShardReader, read_index
+
+REPO = Path(__file__).resolve().parents[1]
+
+PARAMS = {
+    "columns": ["key", "image"],
+    "header": False,
+    "max_short_side": 0,
+    "max_pixels": 20_000,
+    "max_line_bytes": 50_000,
+    "jpeg_quality": 90,
+    "shard_mb": 256,
+    "workers": 1,
+    "block_lines": 4,
+    "max_reject_fraction": 1.0,
+}
+
+
+def image_bytes(w: int, h: int, seed: int = 0, fmt: str = "JPEG", mode: str = "RGB",
+                **save: object) -> bytes:
+    """A small deterministic image with structure (so resizes are visible)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w]
+    base = np.stack([x * 255 // max(w - 1, 1), y * 255 // max(h - 1, 1),
+                     np.full_like(x, seed * 37 % 256)], -1)
+    arr = np.clip(base + rng.normal(0, 8, base.shape), 0, 255).astype(np.uint8)
+    img = Image.fromarray(arr, "RGB")
+    # an adaptive palette: a dithered web palette would be mostly noise
+    img = img.convert(mode, palette=Image.Palette.ADAPTIVE) if mode == "P" else img.convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, fmt, **save)
+    return buf.getvalue()
+
+
+def b64(data: bytes) -> bytes:
+    return base64.b64encode(data)
+
+
+def write_tsv(path: Path, lines: list[bytes]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"".join(line + b"\n" for line in lines))
+
+
+def good_lines(prefix: str, n: int, size: tuple[int, int] = (40, 30)) -> list[bytes]:
+    return [f"{prefix}{i}".encode() + b"\t" + b64(image_bytes(*size, seed=i)) for i in range(n)]
+
+
+def make_raw(tmp_path: Path, train: list[bytes], test: list[bytes] | None = None) -> Path:
+    raw = tmp_path / "raw"
+    write_tsv(raw / layout.TRAIN_IMAGES, train)
+    write_tsv(raw / layout.TEST_IMAGES, test if test is not None else good_lines("t", 2))
+    return raw
+
+
+def read_rejects(images: Path) -> pd.DataFrame:
+    return pd.read_csv(images / layout.REJECTS, sep="\t", dtype=str, keep_default_na=False)
+
+
+def test_every_bad_row_kind_is_rejected_with_its_reason(tmp_path: Path) -> None:
+    jpeg = image_bytes(40, 30, seed=1)
+    bad = {
+        "wrong_columns": b"k_cols\t" + b64(jpeg) + b"\textra",
+        "bad_base64": b"k_b64\t" + b"!!notbase64" + b64(jpeg),
+        "not_an_image": b"k_noimg\t" + b64(b"GIF89a? not really" * 20),
+        "truncated_image": b"k_trunc\t" + b64(jpeg[:-50]),  # cut inside the scan
+        "empty_image": b"k_empty\t",
+        "too_many_pixels": b"k_big\t" + b64(image_bytes(200, 150)),  # 30,000 > 20,000
+        "duplicate_key": b"a0\t" + b64(jpeg),
+        "line_too_long": b"k_long\t" + b"A" * 60_000,
+        "not_utf8": b"k_\xff\xfe\t" + b64(jpeg),
+        "empty_key": b" \t" + b64(jpeg),
+        "blank_line": b"",
+    }
+    train = good_lines("a", 3) + list(bad.values()) + good_lines("z", 2)
+    raw = make_raw(tmp_path, train)
+    stats = decode_dataset(raw, tmp_path / "images", PARAMS)
+
+    rejects = read_rejects(tmp_path / "images")
+    assert list(rejects.columns) == ["file", "line", "key", "reason"]
+    assert list(rejects["reason"]) == list(bad)
+    assert list(rejects["line"].astype(int)) == list(range(4, 4 + len(bad)))
+    assert set(rejects["file"]) == {layout.TRAIN_IMAGES}
+    keys = dict(zip(rejects["reason"], rejects["key"]))
+    assert keys["line_too_long"] == "k_long" and keys["not_utf8"] == "k_\\xff\\xfe"
+
+    index = read_index(tmp_path / "images")
+    assert list(index["key"]) == ["a0", "a1", "a2", "z0", "z1", "t0", "t1"]
+    assert list(index["split"]) == ["train"] * 5 + ["test"] * 2
+    assert stats["splits"]["train"] == {**stats["splits"]["train"], "lines": 16, "images": 5,
+                                        "rejected": 11}
+    assert stats["rejects"] == {reason: 1 for reason in bad}
+    on_disk = json.loads((tmp_path / "images" / layout.STATS).read_text())
+    assert on_disk["images"] == 7 and on_disk["rejects"] == stats["rejects"]
+
+
+def test_a_jpeg_cut_inside_its_header_is_truncated_too() -> None:
+    jpeg = image_bytes(40, 30)
+    with pytest.raises(Reject, match="truncated_image"):
+        decode_image(jpeg[:300], DecodeConfig.from_params(PARAMS))
+
+
+def test_header_and_three_column_layout_with_crlf(tmp_path: Path) -> None:
+    jpeg = image_bytes(40, 30)
+    train = [b"breed\tkey\timage"] + [
+        f"beagle\tb{i}\t".encode() + b64(jpeg) + b"\r" for i in range(3)
+    ] + [b"beagle\tb9\t" + b64(jpeg) + b"\tspare"]
+    test = [b"breed\tkey\timage", b"pug\tp0\t" + b64(jpeg)]
+    raw = make_raw(tmp_path, train, test)
+    params = {**PARAMS, "columns": ["breed", "key", "image"], "header": True}
+    decode_dataset(raw, tmp_path / "images", params)
+    assert list(read_index(tmp_path / "images")["key"]) == ["b0", "b1", "b2", "p0"]
+    rejects = read_rejects(tmp_path / "images")
+    assert rejects.to_dict("records") == [
+        {"file": layout.TRAIN_IMAGES, "line": "5", "key": "b9", "reason": "wrong_columns"}]
+
+
+def test_shards_round_trip_and_roll(tmp_path: Path) -> None:
+    originals = {
+        "rgb": image_bytes(40, 30, seed=1),                              # copied as is
+        "gray": image_bytes(40, 30, seed=2, mode="L"),                   # -> RGB
+        "png": image_bytes(40, 30, seed=3, fmt="PNG"),                   # -> JPEG
+        "rgba": image_bytes(40, 30, seed=4, fmt="PNG", mode="RGBA"),
+        "gif": image_bytes(40, 30, seed=5, fmt="GIF", mode="P"),
+        "progressive": image_bytes(40, 30, seed=6, progressive=True),   # re-encoded
+    }
+    raw = make_raw(tmp_path, [k.encode() + b"\t" + b64(v) for k, v in originals.items()])
+    # ~1.5 KB shards: every image or two starts a new shard.
+    stats = decode_dataset(raw, tmp_path / "images", {**PARAMS, "shard_mb": 1.5 / 1024})
+    index = read_index(tmp_path / "images")
+    assert stats["shards"] == index["shard"].nunique() > 2
+    assert sorted(p.name for p in (tmp_path / "images").glob("shard-*.bin")) == [
+        f"shard-{i:05d}.bin" for i in range(stats["shards"])]
+    assert stats["how"] == {"copied": 3, "reencoded": 5}  # rgb + the 2 test images
+
+    reader = ShardReader(tmp_path / "images")
+    for row in index.itertuples():
+        img = reader.open_image(row)
+        assert img.mode == "RGB" and img.size == (row.width, row.height) == (40, 30)
+        if row.key in originals:
+            expected = np.asarray(Image.open(io.BytesIO(originals[row.key])).convert("RGB"), float)
+            # re-encoding at quality 90 changes pixels only a little
+            assert np.abs(np.asarray(img, float) - expected).mean() < 6
+    row = index.set_index("key").loc["rgb"]
+    assert reader.read(row["shard"], row["offset"], row["length"]) == originals["rgb"]
+    # a reader handed to another process (DataLoader workers) opens its own files
+    clone = pickle.loads(pickle.dumps(reader))
+    assert clone.open_image(index.iloc[0]).size == (40, 30)
+    reader.close()
+
+
+def test_size_cap_downscales_only_large_images(tmp_path: Path) -> None:
+    raw = make_raw(tmp_path, [b"wide\t" + b64(image_bytes(100, 60)),
+                              b"tall\t" + b64(image_bytes(45, 120, fmt="PNG")),
+                              b"small\t" + b64(image_bytes(20, 16))])
+    decode_dataset(raw, tmp_path / "images", {**PARAMS, "max_short_side": 32})
+    index = read_index(tmp_path / "images").set_index("key")
+    assert index.loc["wide", ["width", "height"]].tolist() == [53, 32]
+    assert index.loc["tall", ["width", "height"]].tolist() == [32, 85]
+    assert index.loc["small", ["width", "height"]].tolist() == [20, 16]
+    reader = ShardReader(tmp_path / "images")
+    assert reader.open_image(index.loc["wide"]).size == (53, 32)
+
+
+def test_output_is_deterministic_whatever_the_workers(tmp_path: Path) -> None:
+    train = good_lines("a", 10) + [b"bad\t!!"] + [
+        f"g{i}".encode() + b"\t" + b64(image_bytes(50, 40, seed=i, fmt="PNG")) for i in range(6)]
+    raw = make_raw(tmp_path, train)
+    params = {**PARAMS, "shard_mb": 4 / 1024, "block_lines": 3}
+    decode_dataset(raw, tmp_path / "one", {**params, "workers": 1})
+    decode_dataset(raw, tmp_path / "two", {**params, "workers": 2})
+    names = sorted(p.name for p in (tmp_path / "one").iterdir() if p.name != layout.STATS)
+    assert len([n for n in names if n.startswith("shard-")]) > 1
+    assert names == sorted(p.name for p in (tmp_path / "two").iterdir() if p.name != layout.STATS)
+    for name in names:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+
+
+def test_fails_past_max_reject_fraction_and_leaves_nothing(tmp_path: Path) -> None:
+    raw = make_raw(tmp_path, good_lines("a", 8) + [b"x\t!!", b"y\t!!"])  # 20% bad
+    out = tmp_path / "out" / "images"
+    with pytest.raises(DecodeError, match=r"2 of 10 lines rejected.*bad_base64: 2"):
+        decode_dataset(raw, out, {**PARAMS, "max_reject_fraction": 0.1})
+    assert list((tmp_path / "out").iterdir()) == []  # no output, no temporary left
+    decode_dataset(raw, out, {**PARAMS, "max_reject_fraction": 0.2})  # at the limit: passes
+    assert len(read_index(out)) == 10
+
+
+def test_cli_reads_params_yaml(tmp_path: Path) -> None:
+    make_raw(tmp_path, good_lines("a", 3) + [b"bad\t!!"])
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+
+    def run(max_reject_fraction: float) -> subprocess.CompletedProcess:
+        params = {"decode": {**PARAMS, "workers": 2, "max_reject_fraction": max_reject_fraction}}
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+        return subprocess.run([sys.executable, "-m", "stages.decode", "raw", "images"],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+
+    failed = run(0.1)
+    assert failed.returncode == 1 and "1 of 4 lines rejected" in failed.stderr
+    assert not (tmp_path / "images").exists()
+    ok = run(0.5)
+    assert ok.returncode == 0, ok.stderr
+    assert list(read_index(tmp_path / "images")["key"]) == ["a0", "a1", "a2", "t0", "t1"]
+    assert json.loads((tmp_path / "images" / layout.STATS).read_text())["workers"] == 2

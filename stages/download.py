@@ -53,7 +53,9 @@ def download(params: dict, out_dir: Path) -> None:
         else:
             from stages.lib.fetch import fetch_raw
 
-            fetch_raw(params["files"], tmp, source=source, retries=params["retries"], timeout_s=params["timeout_s"])
+            # partial downloads live beside the output, so an interrupted run resumes them
+            fetch_raw(params["files"], tmp, source=source, retries=params["retries"], timeout_s=params["timeout_s"],
+                      cache_dir=out_dir.parent / ".download-cache")
         sums = write_checksums(tmp)
     log.info("wrote %d files to %s in %.1fs", len(sums), out_dir, time.time() - start)
 

@@ -1,0 +1,353 @@
+"""The training loop shared by the naive and siamese stages (and cross-fitting).
+
+In the spirit of torchvision's ``references/classification/train.py``: plain
+functions (``train_one_epoch``, ``evaluate``, ``fit``), explicit errors for bad
+choices, checkpoints as a dict of model / optimizer / scheduler / epoch / args,
+and resume. The loss is a callable ``loss_fn(model, batch, device) ->
+(loss, {name: value}, batch_size)`` so the siamese stage extends the loop
+instead of copying it.
+
+Device and precision are chosen at run time: CUDA with fp16/bf16 autocast and
+channels_last; on CPU, bf16 autocast only where the CPU has native bf16 (on
+AVX-512 without it bf16 measured slower than fp32 here). Several processes:
+``torchrun`` + DistributedDataParallel (gloo on CPU, nccl on CUDA); only rank 0
+writes.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from stages.lib.data import EpochSampler
+
+log = logging.getLogger("engine")
+
+LossFn = Callable[[nn.Module, Any, "RunContext"], tuple[torch.Tensor, dict[str, float], int]]
+STOP_ENV = "CLICKDOG_STOP_AFTER_EPOCH"  # simulates an interruption (tests of resume)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf: the run stops instead of training on garbage."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """Raised after the checkpoint of the epoch named by ``CLICKDOG_STOP_AFTER_EPOCH``."""
+
+
+# ---------------------------------------------------------------- environment
+def init_distributed() -> tuple[int, int]:
+    """(rank, world_size); joins the process group when started by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def is_main_process() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def choose_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("device: cuda was asked for but no CUDA GPU is visible")
+        return torch.device("cuda", torch.cuda.current_device())
+    if name != "cpu":
+        raise ValueError(f"device must be auto, cpu or cuda, got {name!r}")
+    return torch.device("cpu")
+
+
+def _cpu_has_native_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """The autocast dtype for ``precision`` (auto | fp32 | bf16 | fp16), None = fp32."""
+    if precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+    if precision == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if _cpu_has_native_bf16() else None
+    if precision == "fp16" and device.type == "cpu":
+        raise ValueError("precision fp16 is for CUDA; use bf16 or fp32 on CPU")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+# ---------------------------------------------------------------- optimisation
+def build_optimizer(model: nn.Module, cfg: dict[str, Any]) -> torch.optim.Optimizer:
+    """SGD (momentum, nesterov) or AdamW; no weight decay on norms and biases."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
+    name = cfg["optimizer"]
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg["lr"], momentum=cfg.get("momentum", 0.9), nesterov=True)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg["lr"])
+    raise ValueError(f"optimizer must be sgd or adamw, got {name!r}")
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: dict[str, Any], steps_per_epoch: int):
+    """Linear warm-up, then cosine decay to zero, stepped every batch."""
+    total = max(1, cfg["epochs"] * steps_per_epoch)
+    warmup = min(total - 1, int(cfg.get("warmup_epochs", 0) * steps_per_epoch))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ---------------------------------------------------------------- loops
+@dataclass
+class RunContext:
+    """What the loops need besides the model and data."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    clip_grad_norm: float = 0.0
+    channels_last: bool = True
+    log_every: int = 0
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+
+def to_device(x: torch.Tensor, ctx: RunContext) -> torch.Tensor:
+    x = x.to(ctx.device, non_blocking=True)
+    if ctx.channels_last and x.ndim == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def classification_loss(label_smoothing: float = 0.0) -> LossFn:
+    criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+
+    def loss_fn(model, batch, ctx: RunContext):
+        images, labels = batch
+        images, labels = to_device(images, ctx), labels.to(ctx.device, non_blocking=True)
+        logits = model(images)
+        loss = criterion(logits.float(), labels)
+        acc = (logits.argmax(1) == labels).float().mean().item()
+        return loss, {"loss": loss.item(), "acc": acc}, len(labels)
+
+    return loss_fn
+
+
+def train_one_epoch(model: nn.Module, loss_fn: LossFn, loader: DataLoader, optimizer, scheduler,
+                    scaler: torch.amp.GradScaler | None, ctx: RunContext, epoch: int) -> dict[str, float]:
+    """One pass over ``loader``; returns the sample-weighted mean of each logged value."""
+    model.train()
+    sums: dict[str, float] = {}
+    seen, start = 0, time.time()
+    for step, batch in enumerate(loader):
+        with ctx.autocast():
+            loss, logs, n = loss_fn(model, batch, ctx)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(f"loss is {loss.item()} at epoch {epoch} step {step}: lower the learning "
+                                     f"rate, raise warm-up, or set clip_grad_norm")
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if ctx.clip_grad_norm:
+            nn.utils.clip_grad_norm_(model.parameters(), ctx.clip_grad_norm)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        scheduler.step()
+        for k, v in logs.items():
+            sums[k] = sums.get(k, 0.0) + v * n
+        seen += n
+        if ctx.log_every and step % ctx.log_every == 0:
+            log.info("epoch %d step %d/%d %s", epoch, step, len(loader),
+                     " ".join(f"{k}={v:.4f}" for k, v in logs.items()))
+    out = {k: v / max(1, seen) for k, v in sums.items()}
+    out["images_per_s"] = seen / max(1e-9, time.time() - start)
+    out["lr"] = optimizer.param_groups[0]["lr"]
+    return out
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, loader: DataLoader, ctx: RunContext) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax probabilities and labels over ``loader`` (batches of (images, labels))."""
+    model.eval()
+    probs, labels = [], []
+    for images, y in loader:
+        with ctx.autocast():
+            logits = model(to_device(images, ctx))
+        probs.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
+        labels.append(np.asarray(y))
+    if not probs:
+        return np.zeros((0, 0), dtype=np.float32), np.zeros(0, dtype=np.int64)
+    return np.concatenate(probs), np.concatenate(labels)
+
+
+def evaluate(model: nn.Module, loader: DataLoader, ctx: RunContext) -> dict[str, float]:
+    """Top-1 accuracy and mean negative log-likelihood."""
+    probs, labels = predict(model, loader, ctx)
+    if len(labels) == 0:
+        return {"acc": float("nan"), "nll": float("nan")}
+    p_true = probs[np.arange(len(labels)), labels]
+    return {"acc": float((probs.argmax(1) == labels).mean()), "nll": float(-np.log(np.maximum(p_true, 1e-12)).mean())}
+
+
+# ---------------------------------------------------------------- data loaders
+def make_loader(dataset: Dataset, *, batch_size: int, train: bool, seed: int, workers: int,
+                device: torch.device, collate_fn=None) -> DataLoader:
+    """Training loaders shard across DDP ranks through ``EpochSampler``;
+    evaluation loaders see everything on every rank (small, and simpler than
+    gathering)."""
+    kwargs: dict[str, Any] = dict(batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda",
+                                  persistent_workers=workers > 0, collate_fn=collate_fn,
+                                  # its own generator: drawing worker seeds must not move the global
+                                  # RNG (dropout), or a resumed run would diverge from a straight one
+                                  generator=torch.Generator().manual_seed(seed))
+    if workers > 0:
+        kwargs["prefetch_factor"] = 4
+    if train:
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        sampler = EpochSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        return DataLoader(dataset, sampler=sampler, drop_last=True, **kwargs)
+    return DataLoader(dataset, shuffle=False, **kwargs)
+
+
+# ---------------------------------------------------------------- checkpoints
+def save_checkpoint(path: Path, *, model: nn.Module, optimizer, scheduler, scaler, epoch: int,
+                    args: dict[str, Any], history: list[dict[str, float]]) -> None:
+    """Atomically write a resumable checkpoint (loadable with weights_only=True)."""
+    state = {
+        "model": unwrap(model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "epoch": epoch,
+        "args": args,
+        "history": history,
+        "rng_cpu": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, args: dict[str, Any]) -> dict[str, Any] | None:
+    """The checkpoint at ``path`` if it was made with the same ``args``; a
+    checkpoint of other settings (params changed since) is ignored, not resumed."""
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a torn or foreign file: start over rather than crash
+        log.warning("ignoring unreadable checkpoint %s: %s", path, exc)
+        return None
+    if state.get("args") != args:
+        log.info("checkpoint %s was made with other settings: starting from scratch", path)
+        return None
+    return state
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+# ---------------------------------------------------------------- the whole run
+def fit(model: nn.Module, loss_fn: LossFn, train_loader: DataLoader, val_loader: DataLoader | None,
+        cfg: dict[str, Any], ctx: RunContext, *, checkpoint: Path | None = None, args: dict[str, Any] | None = None,
+        on_epoch: Callable[[int, dict[str, float], nn.Module], None] | None = None) -> list[dict[str, float]]:
+    """Train ``model`` for ``cfg['epochs']`` epochs, resuming from ``checkpoint``
+    when it was written with the same ``args``; returns the per-epoch history.
+
+    ``on_epoch(epoch, metrics, model)`` runs on rank 0 after each epoch, also for
+    the epochs replayed from a checkpoint (so loggers see the whole run).
+    """
+    model.to(ctx.device)
+    if ctx.channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, len(train_loader))
+    scaler = torch.amp.GradScaler("cuda") if ctx.amp_dtype == torch.float16 else None
+    args = args if args is not None else {}
+    history: list[dict[str, float]] = []
+    start_epoch = 0
+    state = load_checkpoint(checkpoint, args) if checkpoint is not None else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state["scaler"] is not None:
+            scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng_cpu"])
+        if state["rng_cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        history, start_epoch = list(state["history"]), state["epoch"] + 1
+        log.info("resumed from %s at epoch %d", checkpoint, start_epoch)
+        if on_epoch is not None and is_main_process():
+            for e, metrics in enumerate(history):
+                on_epoch(e, metrics, None)
+    train_model = model
+    if dist.is_initialized():
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    stop_after = int(os.environ.get(STOP_ENV, "0"))
+    for epoch in range(start_epoch, cfg["epochs"]):
+        train_loader.sampler.set_epoch(epoch)
+        start = time.time()
+        metrics = {f"train_{k}": v for k, v in train_one_epoch(
+            train_model, loss_fn, train_loader, optimizer, scheduler, scaler, ctx, epoch).items()}
+        if val_loader is not None:
+            metrics.update({f"val_{k}": v for k, v in evaluate(model, val_loader, ctx).items()})
+        metrics["epoch_s"] = time.time() - start
+        history.append(metrics)
+        log.info("epoch %d/%d %s", epoch + 1, cfg["epochs"], " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+        if is_main_process():
+            if on_epoch is not None:
+                on_epoch(epoch, metrics, model)
+            if checkpoint is not None:
+                save_checkpoint(checkpoint, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                                epoch=epoch, args=args, history=history)
+        if dist.is_initialized():
+            dist.barrier()
+        if stop_after and epoch + 1 == stop_after and epoch + 1 < cfg["epochs"]:
+            raise TrainingInterrupted(f"stopped after epoch {epoch + 1} as {STOP_ENV} asks")
+    return history

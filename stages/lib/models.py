@@ -1,0 +1,167 @@
+"""Backbones, initial weights, and the model file that carries everything
+needed to use a trained model without ``params.yaml``.
+
+A ``Classifier`` is a torchvision trunk (the network up to its pooled
+features) plus a linear head; the siamese stage adds an optional projection
+head for the embedding. Model files hold plain tensors and python values only,
+so they load with ``torch.load(..., weights_only=True)``.
+"""
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+MODEL_FORMAT = "clickdog-model/1"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Classifier(nn.Module):
+    """``trunk`` -> pooled features -> ``head`` logits; ``embed`` gives the
+    (optionally projected and L2-normalised) embedding used by the siamese loss."""
+
+    def __init__(self, trunk: nn.Module, feature_dim: int, num_classes: int, *,
+                 embedding_dim: int = 0, normalize: bool = False) -> None:
+        super().__init__()
+        self.trunk = trunk
+        self.head = nn.Linear(feature_dim, num_classes)
+        self.projection = nn.Linear(feature_dim, embedding_dim) if embedding_dim > 0 else None
+        self.normalize = normalize
+        self.feature_dim = feature_dim
+
+    def forward(self, x: torch.Tensor, with_embedding: bool = False):
+        """Logits, or (logits, embedding): one method so DDP's hooks see both."""
+        features = self.trunk(x)
+        logits = self.head(features)
+        if not with_embedding:
+            return logits
+        emb = self.projection(features) if self.projection is not None else features
+        if self.normalize:
+            emb = F.normalize(emb.float(), dim=1)
+        return logits, emb
+
+
+def _split_last_linear(model: nn.Module) -> tuple[nn.Module, int]:
+    """Replace the model's last ``nn.Linear`` by an identity: what remains is the
+    trunk. Works for the torchvision families (fc, classifier[-1], heads.head)."""
+    last_name, last = None, None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            last_name, last = name, module
+    if last is None:
+        raise ValueError(f"{type(model).__name__} has no final nn.Linear to replace")
+    parent = model.get_submodule(last_name.rpartition(".")[0]) if "." in last_name else model
+    child = last_name.rpartition(".")[2]
+    if isinstance(parent, nn.Sequential):
+        parent[int(child)] = nn.Identity()
+    else:
+        setattr(parent, child, nn.Identity())
+    return model, last.in_features
+
+
+def build_model(backbone: str, num_classes: int, *, embedding_dim: int = 0, normalize: bool = False) -> Classifier:
+    """A randomly initialised ``Classifier`` on a torchvision backbone."""
+    available = torchvision.models.list_models(module=torchvision.models)
+    if backbone not in available:
+        raise ValueError(f"model.backbone {backbone!r} is not a torchvision classification model; "
+                         f"choose one of: {', '.join(sorted(available))}")
+    trunk, dim = _split_last_linear(torchvision.models.get_model(backbone, weights=None))
+    return Classifier(trunk, dim, num_classes, embedding_dim=embedding_dim, normalize=normalize)
+
+
+def _imagenet_state_dict(backbone: str) -> dict[str, torch.Tensor]:
+    weights = torchvision.models.get_model_weights(backbone).DEFAULT
+    try:  # fail at once when offline instead of hanging in urlopen
+        socket.create_connection(("download.pytorch.org", 443), timeout=5).close()
+        return weights.get_state_dict(progress=True)
+    except OSError as exc:
+        raise RuntimeError(
+            f"model.weights: imagenet needs internet to fetch {weights.url} ({exc}). Download that file "
+            f"on a machine with internet, copy it here and set model.weights to its path.") from exc
+
+
+def _file_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(f"model.weights: no such file {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt or not a torch file: say which file
+        raise ValueError(f"model.weights: {path} is not a readable weights file: {exc}") from exc
+    if isinstance(obj, dict) and obj.get("format") == MODEL_FORMAT:
+        return {k.removeprefix("trunk."): v for k, v in obj["state_dict"].items() if k.startswith("trunk.")}
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):  # a training checkpoint
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"model.weights: {path} holds no state dict")
+    return obj
+
+
+def load_initial_weights(model: Classifier, weights: str) -> None:
+    """Load ``none`` | ``imagenet`` | a path into the trunk; the head stays new
+    because its class count is ours."""
+    if weights in (None, "", "none"):
+        return
+    backbone_name = getattr(model, "backbone_name", None)
+    if weights == "imagenet":
+        if backbone_name is None:
+            raise ValueError("imagenet weights need the backbone name")
+        state = _imagenet_state_dict(backbone_name)
+    else:
+        state = _file_state_dict(Path(weights))
+    trunk_keys = set(model.trunk.state_dict())
+    state = {k: v for k, v in state.items() if k in trunk_keys}
+    missing = trunk_keys - set(state)
+    if not state or missing:
+        raise ValueError(f"model.weights {weights!r} does not fit backbone {backbone_name}: "
+                         f"{len(missing)} of {len(trunk_keys)} trunk tensors missing (e.g. {sorted(missing)[:3]})")
+    try:
+        model.trunk.load_state_dict(state, strict=True)
+    except RuntimeError as exc:  # shape mismatch
+        raise ValueError(f"model.weights {weights!r} does not fit backbone {backbone_name}: {exc}") from exc
+
+
+def create_model(backbone: str, num_classes: int, weights: str = "none", **kwargs: Any) -> Classifier:
+    model = build_model(backbone, num_classes, **kwargs)
+    model.backbone_name = backbone
+    load_initial_weights(model, weights)
+    return model
+
+
+def model_file(model: Classifier, *, backbone: str, classes: list[str], image_size: int,
+               mean=IMAGENET_MEAN, std=IMAGENET_STD, extra: dict | None = None) -> dict[str, Any]:
+    """The saved form of a trained model: weights plus what is needed to use it."""
+    return {
+        "format": MODEL_FORMAT,
+        "backbone": backbone,
+        "classes": list(classes),
+        "image_size": int(image_size),
+        "mean": list(mean),
+        "std": list(std),
+        "embedding_dim": model.projection.out_features if model.projection is not None else 0,
+        "normalize": bool(model.normalize),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        **(extra or {}),
+    }
+
+
+def load_model_file(path: str | Path, device: torch.device | str = "cpu") -> tuple[Classifier, dict[str, Any]]:
+    """Rebuild a model from its file alone; returns (model in eval mode, metadata)."""
+    path = Path(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"{path} is not a readable clickdog model file: {exc}") from exc
+    if not isinstance(obj, dict) or obj.get("format") != MODEL_FORMAT:
+        raise ValueError(f"{path} is not a clickdog model file ({MODEL_FORMAT})")
+    model = build_model(obj["backbone"], len(obj["classes"]), embedding_dim=obj["embedding_dim"],
+                        normalize=obj["normalize"])
+    model.load_state_dict(obj["state_dict"])
+    model.backbone_name = obj["backbone"]
+    meta = {k: v for k, v in obj.items() if k != "state_dict"}
+    return model.to(device).eval(), meta

@@ -1,0 +1,54 @@
+"""What the training stages write besides checkpoints: dvclive curves, model
+files, and the input fingerprint that decides whether a checkpoint resumes."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from stages.lib.atomic import atomic_file
+from stages.lib.models import Classifier, model_file
+
+
+def file_digest(*paths: Path) -> str:
+    """Fingerprint of the inputs: a checkpoint made from other data is not resumed."""
+    h = hashlib.sha256()
+    for p in paths:
+        with open(p, "rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
+def save_model(path: Path, model: Classifier, *, backbone: str, image_size: int, classes: list[str],
+               **extra: Any) -> None:
+    """Atomically write the model file (see ``stages.lib.models.model_file``)."""
+    state = model_file(model, backbone=backbone, classes=classes, image_size=image_size, extra=extra)
+    with atomic_file(path, "wb") as f:
+        torch.save(state, f)
+
+
+class EpochLogger:
+    """Per-epoch dvclive logging (rank 0), plus an optional model snapshot
+    after epoch ``snapshot_epoch`` (1-based) through ``snapshot(model)``."""
+
+    def __init__(self, live_dir: Path, *, snapshot_epoch: int = 0,
+                 snapshot: Callable[[Classifier], None] | None = None) -> None:
+        from dvclive import Live
+
+        self.live = Live(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None)
+        self.snapshot_epoch, self.snapshot = snapshot_epoch, snapshot
+
+    def __call__(self, epoch: int, metrics: dict[str, float], model: Classifier | None) -> None:
+        for name, value in metrics.items():
+            self.live.log_metric(name.replace("_", "/", 1), value)  # train_loss -> train/loss
+        self.live.next_step()
+        if model is not None and self.snapshot is not None and epoch + 1 == self.snapshot_epoch:
+            self.snapshot(model)
+
+    def end(self, **summary: float) -> None:
+        for name, value in summary.items():
+            self.live.summary[name] = value
+        self.live.end()

@@ -1,0 +1,63 @@
+"""Small data the tests make themselves: a decoded-image folder (shards +
+index) of solid-colour-plus-noise images, one colour per class, and the
+label files the training stages read."""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+
+from stages.lib import layout
+from stages.lib.shards import IndexWriter, ShardWriter
+
+COLOURS = [(220, 40, 40), (40, 200, 40), (40, 60, 220), (230, 210, 40)]
+
+
+def tiny_image(label: int, rng: np.random.Generator, size: int = 32) -> bytes:
+    base = np.array(COLOURS[label], dtype=np.float32)
+    arr = np.clip(base + rng.normal(0, 25, size=(size, size, 3)), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr, "RGB").save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def write_images(images_dir: Path, rows: list[tuple[str, str, int]], seed: int = 0) -> None:
+    """rows: (key, split, label) -> shards + index.parquet in ``images_dir``."""
+    images_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    with ShardWriter(images_dir, 1 << 20) as shards, IndexWriter(images_dir / layout.INDEX) as index:
+        for key, split, label in rows:
+            data = tiny_image(label, rng)
+            shard, offset = shards.write(data)
+            index.add(key, split, shard, offset, len(data), 32, 32)
+
+
+@pytest.fixture
+def tiny_pipeline(tmp_path: Path) -> Path:
+    """A work tree with data/images, data/filtered and a params.yaml for
+    fast training (3 classes, 20 training images each)."""
+    classes = ["red dog", "green dog", "blue dog"]
+    rows = [(f"k{c}_{i}", "train", c) for c in range(3) for i in range(20)]
+    rows += [(f"t{c}_{i}", "test", c) for c in range(3) for i in range(5)]
+    write_images(tmp_path / "data" / "images", rows)
+    filtered = tmp_path / "data" / "filtered"
+    filtered.mkdir(parents=True)
+    train = pd.DataFrame([(k, lab, classes[lab], 3, 1.0) for k, s, lab in rows if s == "train"],
+                         columns=["key", "label", "breed", "clicks", "share"])
+    train.to_csv(filtered / layout.LABELS, sep="\t", index=False)
+    (filtered / layout.CLASSES).write_text(json.dumps(classes))
+    params = {
+        "model": {"backbone": "resnet18", "weights": "none", "image_size": 32},
+        "train": {"device": "cpu", "precision": "fp32", "epochs": 4, "batch_size": 16, "optimizer": "sgd",
+                  "lr": 0.05, "momentum": 0.9, "weight_decay": 0.0005, "warmup_epochs": 1, "label_smoothing": 0.1,
+                  "clip_grad_norm": 5.0, "val_fraction": 0.2, "early_epoch": 2, "workers": 0, "seed": 0,
+                  "augment": {"scale_min": 0.6, "hflip": True, "brightness": 0.1, "contrast": 0.1}},
+    }
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    return tmp_path

@@ -1,0 +1,152 @@
+"""The naive training stage and the shared loop: tiny end-to-end training,
+resume == uninterrupted, NaN guard, DDP with gloo, initial weights."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from stages import train_naive
+from stages.lib import engine
+from stages.lib.models import build_model, create_model, load_model_file
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_stage(workdir: Path, out: str = "models/naive", env: dict | None = None) -> None:
+    old = Path.cwd()
+    os.chdir(workdir)
+    try:
+        train_naive.main(["data/filtered", "data/images", out])
+    finally:
+        os.chdir(old)
+
+
+def state(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def test_tiny_training_writes_a_usable_model(tiny_pipeline: Path) -> None:
+    run_stage(tiny_pipeline)
+    out = tiny_pipeline / "models" / "naive"
+    for name in ("model.pt", "early.pt", "val_predictions.tsv", "checkpoints/last.pt", "live/metrics.json"):
+        assert (out / name).exists(), name
+    model, meta = load_model_file(out / "model.pt")
+    assert meta["classes"] == ["red dog", "green dog", "blue dog"]
+    assert meta["image_size"] == 32 and meta["backbone"] == "resnet18"
+    # three solid colours are easy: the validation split must be learnt
+    val = (out / "val_predictions.tsv").read_text().splitlines()[1:]
+    correct = sum(line.split("\t")[1] == line.split("\t")[2] for line in val)
+    assert correct / len(val) >= 0.75
+    # the early model is the snapshot after train.early_epoch, not the final one
+    assert torch.load(out / "early.pt", weights_only=True)["epochs"] == 2
+    assert any(not torch.equal(a, b) for a, b in zip(state(out / "early.pt").values(), state(out / "model.pt").values()))
+
+
+def test_resume_after_interruption_equals_uninterrupted_run(tiny_pipeline: Path, monkeypatch) -> None:
+    run_stage(tiny_pipeline, "models/straight")
+    monkeypatch.setenv(engine.STOP_ENV, "2")
+    with pytest.raises(engine.TrainingInterrupted):
+        run_stage(tiny_pipeline, "models/resumed")
+    assert not (tiny_pipeline / "models/resumed/model.pt").exists()
+    assert torch.load(tiny_pipeline / "models/resumed/checkpoints/last.pt", weights_only=True)["epoch"] == 1
+    monkeypatch.delenv(engine.STOP_ENV)
+    shutil.rmtree(tiny_pipeline / "models/resumed/live")  # DVC removes non-persistent outputs before a re-run
+    run_stage(tiny_pipeline, "models/resumed")
+    straight, resumed = state(tiny_pipeline / "models/straight/model.pt"), state(tiny_pipeline / "models/resumed/model.pt")
+    assert straight.keys() == resumed.keys()
+    for k in straight:
+        assert torch.equal(straight[k], resumed[k]), k
+    early_a, early_b = state(tiny_pipeline / "models/straight/early.pt"), state(tiny_pipeline / "models/resumed/early.pt")
+    assert all(torch.equal(early_a[k], early_b[k]) for k in early_a)
+
+
+def test_checkpoint_of_other_settings_is_not_resumed(tiny_pipeline: Path, monkeypatch) -> None:
+    monkeypatch.setenv(engine.STOP_ENV, "2")
+    with pytest.raises(engine.TrainingInterrupted):
+        run_stage(tiny_pipeline)
+    monkeypatch.delenv(engine.STOP_ENV)
+    params = (tiny_pipeline / "params.yaml").read_text().replace("lr: 0.05", "lr: 0.04")
+    (tiny_pipeline / "params.yaml").write_text(params)
+    run_stage(tiny_pipeline)
+    ckpt = torch.load(tiny_pipeline / "models/naive/checkpoints/last.pt", weights_only=True)
+    assert ckpt["args"]["train"]["lr"] == 0.04 and len(ckpt["history"]) == 4
+
+
+def test_non_finite_loss_stops_with_a_clear_error(tiny_pipeline: Path) -> None:
+    params = (tiny_pipeline / "params.yaml").read_text()
+    params = params.replace("lr: 0.05", "lr: 1.0e+30").replace("clip_grad_norm: 5.0", "clip_grad_norm: 0.0")
+    (tiny_pipeline / "params.yaml").write_text(params)
+    with pytest.raises(engine.NonFiniteLossError, match="loss is"):
+        run_stage(tiny_pipeline)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo over loopback")
+def test_ddp_with_two_gloo_processes(tiny_pipeline: Path) -> None:
+    torchrun = Path(sys.executable).with_name("torchrun")
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
+         "-m", "stages.train_naive", "data/filtered", "data/images", "models/ddp"],
+        cwd=tiny_pipeline, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    model, meta = load_model_file(tiny_pipeline / "models/ddp/model.pt")
+    assert meta["classes"] == ["red dog", "green dog", "blue dog"]
+    ckpt = torch.load(tiny_pipeline / "models/ddp/checkpoints/last.pt", weights_only=True)
+    assert len(ckpt["history"]) == 4
+    # each rank saw half of each epoch: 48 training images / 2 ranks / batch 16 = 1 step (drop_last)
+    assert "rank 1" not in proc.stdout
+
+
+def test_weights_from_a_local_file_fill_the_trunk_and_keep_a_new_head(tmp_path: Path) -> None:
+    donor = build_model("resnet18", 10)
+    path = tmp_path / "resnet18.pth"
+    torch.save({f"{k}": v for k, v in donor.trunk.state_dict().items()} | {"fc.weight": torch.zeros(1000, 512)}, path)
+    model = create_model("resnet18", 3, str(path))
+    for k, v in donor.trunk.state_dict().items():
+        assert torch.equal(model.trunk.state_dict()[k], v), k
+    assert model.head.out_features == 3
+
+
+def test_bad_weights_files_give_clear_errors(tmp_path: Path) -> None:
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a torch file at all")
+    with pytest.raises(ValueError, match="corrupt.pt"):
+        create_model("resnet18", 3, str(corrupt))
+    other = tmp_path / "other.pt"
+    torch.save(build_model("shufflenet_v2_x0_5", 3).trunk.state_dict(), other)
+    with pytest.raises(ValueError, match="does not fit"):
+        create_model("resnet18", 3, str(other))
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        create_model("resnet18", 3, str(tmp_path / "missing.pt"))
+    with pytest.raises(ValueError, match="not a torchvision"):
+        create_model("resnet9000", 3)
+
+
+def test_imagenet_weights_offline_fail_at_once_with_advice(monkeypatch) -> None:
+    def offline(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", offline)
+    with pytest.raises(RuntimeError, match="set model.weights to its path"):
+        create_model("resnet18", 3, "imagenet")
+
+
+def test_bad_choices_are_refused() -> None:
+    with pytest.raises(ValueError, match="precision"):
+        engine.autocast_dtype(torch.device("cpu"), "fp8")
+    with pytest.raises(ValueError, match="fp16 is for CUDA"):
+        engine.autocast_dtype(torch.device("cpu"), "fp16")
+    with pytest.raises(ValueError, match="optimizer"):
+        engine.build_optimizer(torch.nn.Linear(2, 2), {"optimizer": "rmsprop", "lr": 0.1, "weight_decay": 0})
+    with pytest.raises(ValueError, match="device"):
+        engine.choose_device("tpu")

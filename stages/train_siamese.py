@@ -1,0 +1,141 @@
+"""train_siamese stage: fine-tune the naive model as a siamese network.
+
+    python -m stages.train_siamese data/pairs data/images models/naive models/siamese
+    torchrun --nproc_per_node 4 -m stages.train_siamese data/pairs data/images models/naive models/siamese
+
+Two weight-sharing branches (one network run on both images of each pair)
+start from the naive model. Loss = CE(a) + CE(b) + ``contrastive_weight`` x
+contrastive(d(emb_a, emb_b), same) with the margin loss of Hadsell, Chopra &
+LeCun (2006). The training loop is the naive stage's (``stages.lib.engine``);
+validation is on the naive run's validation split, so the two are compared on
+the same images. Output layout as the naive stage: ``model.pt``, ``live/``,
+``checkpoints/last.pt`` (persisted, resumable).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from stages.lib import engine
+from stages.lib.classifier import eval_loader, run_context
+from stages.lib.data import ShardDataset, build_transform, load_labels
+from stages.lib.losses import ContrastiveLoss
+from stages.lib.models import Classifier, build_model, load_model_file
+from stages.lib.params import load_params
+from stages.lib.shards import read_index
+from stages.lib.tracking import EpochLogger, file_digest, save_model
+
+log = logging.getLogger("train_siamese")
+
+
+class PairDataset(Dataset):
+    """Items ``(img_a, img_b, label_a, label_b, same)`` over a pair list; images
+    come from one ``ShardDataset`` over the clean set (augmentation seeded per
+    pair and epoch)."""
+
+    def __init__(self, images: ShardDataset, pairs: pd.DataFrame) -> None:
+        pos = {k: i for i, k in enumerate(images.keys)}
+        self.images = images
+        self.a = pairs["key_a"].map(pos).to_numpy()
+        self.b = pairs["key_b"].map(pos).to_numpy()
+        if np.isnan(self.a.astype(float)).any() or np.isnan(self.b.astype(float)).any():
+            raise KeyError("pair list names images that are not in the clean set")
+        self.same = pairs["same"].to_numpy(dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.same)
+
+    def __getitem__(self, item):
+        i, epoch = item if isinstance(item, tuple) else (item, 0)
+        # distinct seeds for the two images of one pair, and per pair, not per image
+        xa, ya = self.images[(int(self.a[i]), 2 * (epoch * len(self) + i))]
+        xb, yb = self.images[(int(self.b[i]), 2 * (epoch * len(self) + i) + 1)]
+        return xa, xb, ya, yb, int(self.same[i])
+
+
+def siamese_loss(*, contrastive_weight: float, margin: float, label_smoothing: float) -> engine.LossFn:
+    ce = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    contrastive = ContrastiveLoss(margin)
+
+    def loss_fn(model, batch, ctx: engine.RunContext):
+        xa, xb, ya, yb, same = batch
+        n = len(same)
+        # one forward pass over both branches: the weights are shared by construction
+        logits, emb = model(engine.to_device(torch.cat([xa, xb]), ctx), with_embedding=True)
+        ya, yb, same = (t.to(ctx.device, non_blocking=True) for t in (ya, yb, same))
+        ce_a, ce_b = ce(logits[:n].float(), ya), ce(logits[n:].float(), yb)
+        con = contrastive(emb[:n], emb[n:], same)
+        loss = ce_a + ce_b + contrastive_weight * con
+        acc = (logits.argmax(1) == torch.cat([ya, yb])).float().mean().item()
+        return loss, {"loss": loss.item(), "ce": (ce_a + ce_b).item() / 2, "contrastive": con.item(), "acc": acc}, n
+
+    return loss_fn
+
+
+def siamese_from_naive(naive_path: Path, cfg: dict[str, Any]) -> tuple[Classifier, dict[str, Any]]:
+    """The naive model's trunk and head, plus a new projection head if asked."""
+    naive, meta = load_model_file(naive_path)
+    model = build_model(meta["backbone"], len(meta["classes"]), embedding_dim=cfg["embedding_dim"],
+                        normalize=cfg["normalize"])
+    missing, unexpected = model.load_state_dict(naive.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("projection.") for k in missing):
+        raise ValueError(f"{naive_path} does not fit: missing {missing}, unexpected {unexpected}")
+    model.backbone_name = meta["backbone"]
+    return model, meta
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name in ("pairs_dir", "images_dir", "naive_dir", "out_dir"):
+        parser.add_argument(name, type=Path)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    cfg = load_params("siamese", path=args.params)
+    engine.init_distributed()
+    engine.seed_everything(cfg["seed"])
+    ctx = run_context(cfg)
+
+    model, meta = siamese_from_naive(args.naive_dir / "model.pt", cfg)
+    clean = load_labels(args.pairs_dir / "clean.tsv")
+    pairs = pd.read_csv(args.pairs_dir / "pairs.tsv", sep="\t", dtype={"key_a": str, "key_b": str})
+    val = pd.read_csv(args.naive_dir / "val_predictions.tsv", sep="\t", dtype={"key": str})
+    index = read_index(args.images_dir)
+    size = meta["image_size"]
+    images = ShardDataset(args.images_dir, clean["key"].tolist(), clean["label"].tolist(),
+                          build_transform(size, meta["mean"], meta["std"], train=True, augment=cfg.get("augment")),
+                          seed=cfg["seed"], index=index)
+    train_loader = engine.make_loader(PairDataset(images, pairs), batch_size=cfg["batch_size"], train=True,
+                                      seed=cfg["seed"], workers=cfg["workers"], device=ctx.device)
+    val_loader = eval_loader(args.images_dir, val, image_size=size, batch_size=2 * cfg["batch_size"], workers=0,
+                             device=ctx.device, index=index, mean=meta["mean"], std=meta["std"])
+    log.info("%d clean images, %d pairs %s, %d validation images", len(clean), len(pairs),
+             pairs["kind"].value_counts().to_dict(), len(val))
+
+    out = args.out_dir
+    logger = None
+    if engine.is_main_process():
+        out.mkdir(parents=True, exist_ok=True)
+        logger = EpochLogger(out / "live")
+    loss_fn = siamese_loss(contrastive_weight=cfg["contrastive_weight"], margin=cfg["margin"],
+                           label_smoothing=cfg["label_smoothing"])
+    run_args = {"siamese": cfg, "data": file_digest(args.pairs_dir / "pairs.tsv", args.naive_dir / "model.pt")}
+    history = engine.fit(model, loss_fn, train_loader, val_loader, cfg, ctx,
+                         checkpoint=out / "checkpoints" / "last.pt", args=run_args, on_epoch=logger)
+    if engine.is_main_process():
+        save_model(out / "model.pt", model, backbone=meta["backbone"], image_size=size, classes=meta["classes"],
+                   epochs=cfg["epochs"])
+        logger.end(**{"val/acc": history[-1]["val_acc"]})
+        log.info("validation top-1 %.4f after %d epochs", history[-1]["val_acc"], len(history))
+
+
+if __name__ == "__main__":
+    main()

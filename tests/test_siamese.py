@@ -1,0 +1,121 @@
+"""make_pairs and train_siamese: the contrastive loss against brute force, pair
+mining, and a tiny siamese run."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from stages import make_pairs as make_pairs_stage
+from stages import train_naive, train_siamese
+from stages.lib import engine
+from stages.lib.losses import ContrastiveLoss
+from stages.lib.models import load_model_file
+from stages.lib.pairs import HARD_NEGATIVE, NEGATIVE, POSITIVE, confusable_classes, confusion_counts, make_pairs
+
+
+def brute_force_contrastive(a: torch.Tensor, b: torch.Tensor, same: torch.Tensor, margin: float) -> float:
+    total = 0.0
+    for i in range(len(a)):
+        d = float(np.sqrt(sum((float(x) - float(y)) ** 2 for x, y in zip(a[i], b[i]))))
+        total += d ** 2 if same[i] else max(0.0, margin - d) ** 2
+    return total / len(a)
+
+
+@pytest.mark.parametrize("margin", [0.5, 1.0, 2.0])
+def test_contrastive_loss_matches_brute_force(margin: float) -> None:
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(16, 5, generator=g), torch.randn(16, 5, generator=g) * 0.3
+    same = torch.randint(0, 2, (16,), generator=g)
+    loss = ContrastiveLoss(margin, eps=0.0)(a, b, same)
+    assert loss.item() == pytest.approx(brute_force_contrastive(a, b, same, margin), rel=1e-5)
+
+
+def test_contrastive_loss_gradient_and_its_two_sides() -> None:
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(6, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    same = torch.tensor([1, 0, 1, 0, 1, 0])
+    assert torch.autograd.gradcheck(lambda x, y: ContrastiveLoss(3.0)(x, y, same).double(), (a, b))
+    # far-apart negatives cost nothing; identical positives cost nothing and keep a finite gradient
+    far = torch.tensor([[0.0, 0.0]]), torch.tensor([[5.0, 0.0]])
+    assert ContrastiveLoss(1.0)(*far, torch.tensor([0])).item() == 0.0
+    x = torch.zeros(1, 2, requires_grad=True)
+    ContrastiveLoss(1.0)(x, torch.zeros(1, 2), torch.tensor([1])).backward()
+    assert torch.isfinite(x.grad).all()
+    with pytest.raises(ValueError):
+        ContrastiveLoss(0.0)
+
+
+def test_confusable_classes_come_from_both_directions() -> None:
+    c = confusion_counts(np.array([0, 0, 0, 1, 1, 2, 2, 2]), np.array([0, 1, 2, 1, 0, 2, 2, 1]), 3)
+    assert c.tolist() == [[1, 1, 1], [1, 1, 0], [0, 1, 2]]
+    assert confusable_classes(c, 1) == {0: [1], 1: [0], 2: [0]}  # 1 and 2 tie at 1 -> lower label
+    assert confusable_classes(np.eye(3, dtype=int), 2) == {0: [], 1: [], 2: []}
+
+
+def test_pairs_proportions_no_self_pairs_and_hard_negatives() -> None:
+    labels = np.repeat(np.arange(4), 25)
+    confusable = {0: [1], 1: [0], 2: [3], 3: [2]}
+    pairs = make_pairs(labels, per_image=8, pos_fraction=0.5, hard_fraction=0.5, confusable=confusable, seed=0)
+    assert len(pairs) == 8 * len(labels)
+    assert (pairs["a"] != pairs["b"]).all()
+    kinds = pairs["kind"].value_counts().to_dict()
+    assert kinds == {POSITIVE: 400, HARD_NEGATIVE: 200, NEGATIVE: 200}
+    la, lb = labels[pairs["a"]], labels[pairs["b"]]
+    assert ((la == lb) == (pairs["same"] == 1)).all()
+    hard = pairs["kind"] == HARD_NEGATIVE
+    assert all(lb[i] in confusable[la[i]] for i in np.flatnonzero(hard))
+    assert (la[pairs["kind"] == NEGATIVE] != lb[pairs["kind"] == NEGATIVE]).all()
+    again = make_pairs(labels, per_image=8, pos_fraction=0.5, hard_fraction=0.5, confusable=confusable, seed=0)
+    assert again.equals(pairs)
+
+
+def test_hard_negatives_fall_back_to_uniform_without_confusion() -> None:
+    labels = np.array([0, 0, 1, 1])
+    pairs = make_pairs(labels, per_image=2, pos_fraction=0.5, hard_fraction=1.0, confusable={}, seed=0)
+    assert set(pairs["kind"]) == {POSITIVE, NEGATIVE}
+
+
+def test_tiny_siamese_run_lowers_the_contrastive_loss(tiny_pipeline: Path, monkeypatch) -> None:
+    params = yaml.safe_load((tiny_pipeline / "params.yaml").read_text())
+    params["train"]["epochs"] = 3
+    params["pairs"] = {"scorer": "early", "folds": 2, "crossfit_epochs": 1, "min_prob": 0.05, "per_image": 4,
+                       "pos_fraction": 0.5, "hard_fraction": 0.5, "confusable_breeds": 1, "seed": 0}
+    params["siamese"] = {**params["train"], "epochs": 4, "lr": 0.02, "warmup_epochs": 0, "batch_size": 16,
+                         "contrastive_weight": 1.0, "margin": 1.0, "embedding_dim": 16, "normalize": True}
+    (tiny_pipeline / "params.yaml").write_text(yaml.safe_dump(params))
+    raw = tiny_pipeline / "data" / "raw"
+    raw.mkdir()
+    filtered = tiny_pipeline / "data" / "filtered"
+    labels = pd.read_csv(filtered / "labels.tsv", sep="\t")
+    labels.to_csv(filtered / "raw_labels.tsv", sep="\t", index=False)
+    monkeypatch.chdir(tiny_pipeline)
+    train_naive.main(["data/filtered", "data/images", "models/naive"])
+    make_pairs_stage.main(["data/raw", "data/filtered", "data/images", "models/naive", "data/pairs"])
+    pairs = pd.read_csv(tiny_pipeline / "data/pairs/pairs.tsv", sep="\t")
+    val_keys = set(pd.read_csv(tiny_pipeline / "models/naive/val_predictions.tsv", sep="\t")["key"])
+    assert not (set(pairs["key_a"]) | set(pairs["key_b"])) & val_keys  # validation stays out of training
+    train_siamese.main(["data/pairs", "data/images", "models/naive", "models/siamese"])
+    ckpt = torch.load(tiny_pipeline / "models/siamese/checkpoints/last.pt", weights_only=True)
+    con = [h["train_contrastive"] for h in ckpt["history"]]
+    assert con[-1] < con[0]
+    model, meta = load_model_file(tiny_pipeline / "models/siamese/model.pt")
+    assert meta["embedding_dim"] == 16 and meta["classes"] == ["red dog", "green dog", "blue dog"]
+    logits, emb = model(torch.zeros(2, 3, 32, 32), with_embedding=True)
+    assert logits.shape == (2, 3) and torch.allclose(emb.norm(dim=1), torch.ones(2), atol=1e-4)
+
+    # resume works as in the naive stage
+    straight = torch.load(tiny_pipeline / "models/siamese/model.pt", weights_only=True)["state_dict"]
+    monkeypatch.setenv(engine.STOP_ENV, "2")
+    with pytest.raises(engine.TrainingInterrupted):
+        train_siamese.main(["data/pairs", "data/images", "models/naive", "models/resumed"])
+    monkeypatch.delenv(engine.STOP_ENV)
+    train_siamese.main(["data/pairs", "data/images", "models/naive", "models/resumed"])
+    resumed = torch.load(tiny_pipeline / "models/resumed/model.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)

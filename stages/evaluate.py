@@ -1,0 +1,406 @@
+"""evaluate stage: both models on the clean test set, and reports people can look at.
+
+    python -m stages.evaluate data/raw data/images data/filtered data/pairs \
+        models/naive models/siamese reports
+
+Reads params ``evaluate.*``; ``raw/test_labels.tsv`` (key, breed) and the
+decode index (``split == "test"`` rows are the test images); each model's
+``model.pt`` and dvclive curves (``live/plots/metrics``); the filters'
+``report.json`` and label tables; ``raw/truth.tsv`` where it exists (sample
+data: captions of the gallery say whether a label is right).
+
+Test breeds map to a model's classes by name; a test image whose breed is not
+a class of the model is counted (``n_not_scored``), not scored. Writes to the
+output folder, each file atomically:
+
+* ``metrics.json``: a block per model (top1, top5, mean_class_accuracy,
+  n_test, n_not_scored) and a ``data`` block (images left after each filter,
+  label precision / recall after each filter where truth exists, test counts);
+* ``per_class.tsv``: breed, support, per model precision and recall (= the
+  breed's accuracy);
+* ``confusion_<model>.csv``: actual,predicted per scored test image (dvc plots'
+  confusion template);
+* ``figures/``: confusion matrices, per-class accuracy, training curves, and a
+  gallery of what each filter dropped and kept;
+* ``ablation.md``: the filters and the models side by side.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import pandas as pd
+
+from stages.lib import engine, figures, layout
+from stages.lib.atomic import atomic_dir, atomic_file, write_json
+from stages.lib.classifier import eval_loader, run_context
+from stages.lib.metrics import summarize
+from stages.lib.models import load_model_file
+from stages.lib.params import load_params
+from stages.lib.shards import ShardReader, read_index
+
+log = logging.getLogger("evaluate")
+
+CHUNK_ROWS = 200_000     # label tables are streamed in chunks of this many rows
+THUMB_PX = 128           # gallery thumbnails are at most this size
+HASH_KEY = "clickdog-gallery"  # 16 characters, as pandas' row hash wants
+
+
+@dataclass
+class ModelResult:
+    """One model's scores on the test set."""
+
+    name: str
+    classes: list[str]
+    block: dict[str, Any]
+    per_class: pd.DataFrame
+    actual: list[str]
+    predicted: list[str]
+
+
+# ------------------------------------------------------------------ test set
+def read_tsv_chunks(path: Path, **kwargs: Any) -> Iterable[pd.DataFrame]:
+    """A pipeline TSV (header, tab-separated, no quoting) in chunks of rows:
+    label tables of the real data do not have to fit in memory."""
+    return pd.read_csv(path, sep="\t", quoting=3, dtype={"key": str}, keep_default_na=False,
+                       chunksize=CHUNK_ROWS, **kwargs)
+
+
+def read_test_set(raw_dir: Path, index: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int]]:
+    """The labelled test images that decode kept (key, breed), and counts of
+    what was lost on the way (labels without a decoded image, test images
+    without a label)."""
+    labels = pd.read_csv(raw_dir / layout.TEST_LABELS, sep="\t", header=None, names=["key", "breed"],
+                         dtype=str, quoting=3, keep_default_na=False)
+    duplicates = int(labels["key"].duplicated().sum())
+    labels = labels.drop_duplicates("key")
+    test_keys = set(index.loc[index["split"] == "test", "key"])
+    decoded = labels[labels["key"].isin(test_keys)].reset_index(drop=True)
+    counts = {"labelled": len(labels), "decoded": len(decoded), "not_decoded": len(labels) - len(decoded),
+              "unlabelled_images": len(test_keys - set(labels["key"])), "duplicate_labels": duplicates,
+              "breeds": int(decoded["breed"].nunique())}
+    if counts["not_decoded"]:
+        log.warning("%d labelled test images have no decoded image (see decode's rejects.tsv)",
+                    counts["not_decoded"])
+    return decoded, counts
+
+
+def evaluate_model(name: str, path: Path, test: pd.DataFrame, images_dir: Path, index: pd.DataFrame,
+                   cfg: dict[str, Any]) -> ModelResult:
+    """Score one model file on the test images whose breed is one of its classes."""
+    # fp32: reported numbers must not depend on whether this CPU has bf16
+    ctx = run_context({"device": cfg["device"], "precision": "fp32"})
+    model, meta = load_model_file(path, ctx.device)
+    classes = list(meta["classes"])
+    position = {c: i for i, c in enumerate(classes)}
+    known = test["breed"].isin(position).to_numpy()
+    scored = test[known].assign(label=lambda d: d["breed"].map(position)).reset_index(drop=True)
+    unknown = test.loc[~known, "breed"].value_counts()
+    if len(unknown):
+        log.warning("%s: %d test images of %d breeds that are not model classes are not scored: %s", name,
+                    int(unknown.sum()), len(unknown), {b: int(n) for b, n in unknown.head(10).items()})
+    start = time.time()
+    if len(scored):
+        loader = eval_loader(images_dir, scored, image_size=meta["image_size"], batch_size=cfg["batch_size"],
+                             workers=0, device=ctx.device, index=index, mean=meta["mean"], std=meta["std"])
+        probs, labels = engine.predict(model, loader, ctx)
+    else:
+        probs, labels = np.zeros((0, len(classes)), np.float32), np.zeros(0, np.int64)
+    block, per_class = summarize(probs, labels, classes)
+    block["n_not_scored"] = int((~known).sum())
+    predicted = [classes[i] for i in probs.argmax(axis=1)] if len(labels) else []
+    log.info("%s: %s (%.1f s)", name, block, time.time() - start)
+    return ModelResult(name, classes, block, per_class, scored["breed"].tolist(), predicted)
+
+
+# ------------------------------------------------------------------ data block
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        log.warning("%s not found: its numbers are left out of the reports", path)
+        return {}
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def data_block(filter_report: dict[str, Any], pairs_report: dict[str, Any],
+               test_counts: dict[str, int]) -> dict[str, Any]:
+    """Images left after each filter and, where the reports have it (truth.tsv
+    exists), label precision and recall after each filter."""
+    images = filter_report.get("images", {})
+    quality = filter_report.get("quality") or {}
+    steps: dict[str, dict[str, Any]] = {
+        "decoded_train": {"images": images.get("decoded_train")},
+        "raw_clicks": {"images": images.get("raw_labelled"), **_precision_recall(quality.get("raw"))},
+        "click_filter": {"images": images.get("kept"), **_precision_recall(quality.get("filtered"))},
+    }
+    scorer = pairs_report.get("scorer")
+    prob_quality = (pairs_report.get("label_quality") or {}).get(f"click+prob_filter ({scorer})")
+    steps["prob_filter"] = {"images": pairs_report.get("images", {}).get("clean"),
+                            **_precision_recall(prob_quality)}
+    out = {k: {m: v for m, v in step.items() if v is not None} for k, step in steps.items()}
+    return {**{k: v for k, v in out.items() if v}, "test": test_counts}
+
+
+def _precision_recall(quality: dict[str, Any] | None) -> dict[str, Any]:
+    quality = quality or {}
+    return {"precision": quality.get("precision"), "recall": quality.get("recall")}
+
+
+# ------------------------------------------------------------------ gallery
+def sample_by_group(path: Path, n: int, group_of: Callable[[pd.DataFrame], pd.Series],
+                    showable: Callable[[pd.DataFrame], pd.Series] | None = None) -> tuple[pd.DataFrame, pd.Series]:
+    """Up to ``n`` rows per group of a TSV, streamed, and each group's size.
+
+    The rows are those with the smallest hash of their key: the same whatever
+    the chunking, the same from run to run, and spread over the table rather
+    than its first lines (which are often one breed). Only ``showable`` rows
+    are sampled (e.g. those with a decoded image), but all are counted."""
+    best, sizes = [], pd.Series(dtype=np.int64)
+    for chunk in read_tsv_chunks(path):
+        chunk = chunk.assign(_group=group_of(chunk).to_numpy())
+        sizes = sizes.add(chunk["_group"].value_counts(), fill_value=0)
+        if showable is not None:
+            chunk = chunk[showable(chunk).to_numpy()]
+        chunk = chunk.assign(_rank=pd.util.hash_pandas_object(chunk["key"], index=False, hash_key=HASH_KEY))
+        best.append(chunk)
+        best = [pd.concat(best).sort_values(["_rank", "key"]).groupby("_group", sort=False).head(n)]
+    rows = pd.concat(best) if best else pd.DataFrame(columns=["key", "_group"])
+    return rows.drop(columns="_rank", errors="ignore"), sizes.astype(np.int64)
+
+
+def lookup(path: Path, keys: set[str], column: str, names: list[str] | None = None) -> dict[str, Any]:
+    """``column`` of the rows of ``keys`` in a (possibly large) TSV, streamed."""
+    header = None if names else "infer"
+    out: dict[str, Any] = {}
+    for chunk in pd.read_csv(path, sep="\t", quoting=3, dtype=str, keep_default_na=False, header=header,
+                             names=names, chunksize=CHUNK_ROWS):
+        if column not in chunk:
+            log.warning("%s has no column %r: left out of the figures", path, column)
+            return {}
+        hit = chunk[chunk["key"].isin(keys)]
+        out.update(zip(hit["key"], hit[column]))
+    return out
+
+
+def _number(value: Any, fmt: str) -> str:
+    num = pd.to_numeric(value, errors="coerce")
+    return "?" if pd.isna(num) else format(num, fmt)
+
+
+def make_thumbs(rows: pd.DataFrame, reader: ShardReader, locations: pd.DataFrame, truth: dict[str, str] | None,
+                caption: Callable[[Any], str]) -> list[figures.Thumb]:
+    """Thumbnails with captions; a label is judged right or wrong where truth is known."""
+    thumbs = []
+    for row in rows.itertuples(index=False):
+        if row.key not in locations.index:
+            continue  # e.g. dropped because it has no decoded image: nothing to show
+        image = reader.open_image(locations.loc[row.key])
+        image.thumbnail((THUMB_PX, THUMB_PX))
+        text, correct = caption(row), None
+        true = truth.get(row.key) if truth is not None else None
+        if true is not None:
+            text += f"\ntrue: {true[:18]}"
+            correct = row.breed == true if row.breed else None  # no label: nothing to judge
+        thumbs.append(figures.Thumb(image, text, correct))
+    return thumbs
+
+
+def click_caption(row: Any) -> str:
+    """Click label, its clicks and its share of the image's breed clicks."""
+    breed = (row.breed or "(no breed)")[:18]
+    return f"{breed}\n{_number(row.clicks, 'g')} clicks, share {_number(row.share, '.2f')}"
+
+
+def click_gallery(filtered_dir: Path, reader: ShardReader, locations: pd.DataFrame,
+                  truth: Callable[[set[str]], dict[str, str] | None], n: int, path: Path) -> None:
+    """What the click filter kept, and what it dropped for each reason."""
+    kept, kept_n = sample_by_group(filtered_dir / layout.LABELS, n, lambda d: pd.Series("kept", d.index))
+    dropped, dropped_n = sample_by_group(filtered_dir / layout.DROPPED, n, lambda d: d["reason"],
+                                         showable=lambda d: d["key"].isin(locations.index))
+    known = truth(set(kept["key"]) | set(dropped["key"]))
+    rows = [(f"kept\n({int(kept_n.get('kept', 0))} images)", make_thumbs(kept, reader, locations, known,
+                                                                          click_caption))]
+    for reason in sorted(dropped_n.index):
+        rows.append((f"{reason}\n({int(dropped_n[reason])} dropped)",
+                     make_thumbs(dropped[dropped["_group"] == reason], reader, locations, known, click_caption)))
+    figures.gallery_figure(rows, "click filter: what it kept and what it dropped, by reason", path, n)
+
+
+def prob_gallery(filtered_dir: Path, pairs_dir: Path, pairs_report: dict[str, Any], reader: ShardReader,
+                 locations: pd.DataFrame, truth: Callable[[set[str]], dict[str, str] | None], n: int,
+                 path: Path) -> None:
+    """What the probability filter kept and dropped among the click-filtered
+    images (dropped = in labels.tsv, not in clean.tsv), with p(label)."""
+    clean = set()
+    for chunk in read_tsv_chunks(pairs_dir / "clean.tsv", usecols=["key"]):
+        clean.update(chunk["key"])
+    dropped_name = f"dropped\np < {pairs_report.get('min_prob', 'min_prob')}"
+    rows_df, sizes = sample_by_group(filtered_dir / layout.LABELS, n, lambda d: pd.Series(
+        np.where(d["key"].isin(clean), "kept", dropped_name), d.index))
+    # scores.tsv has p(label) of every click-filtered image under each scorer
+    p_col = f"p_{pairs_report.get('scorer', 'label')}"
+    p_label = lookup(pairs_dir / "scores.tsv", set(rows_df["key"]), p_col) if len(rows_df) else {}
+    known = truth(set(rows_df["key"]))
+
+    def caption(row: Any) -> str:
+        return f"{row.breed[:18]}\n{_number(row.clicks, 'g')} clicks, p {_number(p_label.get(row.key), '.2f')}"
+
+    rows = [(f"{g}\n({int(sizes.get(g, 0))} images)",
+             make_thumbs(rows_df[rows_df["_group"] == g], reader, locations, known, caption))
+            for g in ("kept", dropped_name)]
+    figures.gallery_figure(rows, "probability filter: what it kept and dropped (p = out-of-sample p(label))",
+                           path, n)
+
+
+# ------------------------------------------------------------------ curves
+def read_curves(live_dir: Path) -> dict[str, pd.DataFrame]:
+    """dvclive's per-epoch TSVs (``plots/metrics/train/loss.tsv``: step, loss)
+    as {"train/loss": table of (step, value)}."""
+    root = live_dir / "plots" / "metrics"
+    if not root.is_dir():
+        log.warning("no training curves in %s", root)
+        return {}
+    curves = {}
+    for path in sorted(root.rglob("*.tsv")):
+        df = pd.read_csv(path, sep="\t")
+        if "step" in df and len(df.columns) == 2:
+            name = path.relative_to(root).with_suffix("").as_posix()
+            curves[name] = df.set_axis(["step", "value"], axis=1)
+    return curves
+
+
+# ------------------------------------------------------------------ outputs
+def per_class_table(results: list[ModelResult], test: pd.DataFrame) -> pd.DataFrame:
+    """breed, support, then each model's precision and recall; a breed that is
+    not a class of a model has empty cells for it."""
+    breeds = list(dict.fromkeys(b for r in results for b in r.classes))
+    table = pd.DataFrame({"breed": breeds})
+    table["support"] = table["breed"].map(test["breed"].value_counts()).fillna(0).astype(int)
+    for r in results:
+        scores = r.per_class.set_index("breed")
+        for col in ("precision", "recall"):
+            table[f"{r.name}_{col}"] = table["breed"].map(scores[col]).round(4)
+    return table
+
+
+def write_tables(out: Path, results: list[ModelResult], table: pd.DataFrame) -> None:
+    """per_class.tsv and the confusion CSVs that dvc plots reads."""
+    with atomic_file(out / "per_class.tsv") as f:
+        table.to_csv(f, sep="\t", index=False, na_rep="", lineterminator="\n")
+    for r in results:
+        with atomic_file(out / f"confusion_{r.name}.csv") as f:
+            pd.DataFrame({"actual": r.actual, "predicted": r.predicted}).to_csv(f, index=False, lineterminator="\n")
+
+
+def _fmt(value: Any, fmt: str = ".3f") -> str:
+    return "–" if value is None or (isinstance(value, float) and np.isnan(value)) else format(value, fmt)
+
+
+def ablation_markdown(metrics: dict[str, Any], results: list[ModelResult], filter_report: dict[str, Any],
+                      pairs_report: dict[str, Any]) -> str:
+    """ablation.md: images and label quality after each filter, what each
+    filter removed, and the models on the test set."""
+    data = metrics["data"]
+    names = {"decoded_train": "decoded training images", "raw_clicks": "raw click labels (top-clicked breed)",
+             "click_filter": "click filter", "prob_filter": "click + probability filter"}
+    lines = ["# Ablation", "", "Generated by `stages/evaluate.py` from the reports of this run; do not edit.", "",
+             "## Training data after each filter", "",
+             "| step | images | label precision | label recall |", "|---|---:|---:|---:|"]
+    for key, name in names.items():
+        step = data.get(key, {})
+        lines.append(f"| {name} | {_fmt(step.get('images'), 'd')} | {_fmt(step.get('precision'))} "
+                     f"| {_fmt(step.get('recall'))} |")
+    lines += ["", "Precision: share of the labelled images whose label is their true breed; recall: share of the "
+              "correctly clicked images that keep their label. Both need `truth.tsv` (sample data only): "
+              "– where it is absent.", "", "## What each filter removed", "",
+              "| filter | reason | images |", "|---|---|---:|"]
+    for reason, count in sorted((filter_report.get("images", {}).get("dropped") or {}).items()):
+        lines.append(f"| click filter | {reason} | {count} |")
+    if "images" in pairs_report:
+        lines.append(f"| probability filter | p(label) < {pairs_report.get('min_prob')} "
+                     f"({pairs_report.get('scorer')} scorer) | {pairs_report['images'].get('dropped')} |")
+    lines += ["", "## Test set", "", "| model | top-1 | top-5 | mean per-class accuracy | scored images |",
+              "|---|---:|---:|---:|---:|"]
+    for r in results:
+        b = r.block
+        lines.append(f"| {r.name} | {_fmt(b['top1'])} | {_fmt(b['top5'])} | {_fmt(b['mean_class_accuracy'])} "
+                     f"| {b['n_test']} |")
+    if len(results) == 2 and all(results[i].block["top1"] is not None for i in (0, 1)):
+        a, b = results[0].block, results[1].block
+        lines.append(f"| {results[1].name} − {results[0].name} | " + " | ".join(
+            _fmt(b[m] - a[m], "+.3f") if None not in (a[m], b[m]) else "–"
+            for m in ("top1", "top5", "mean_class_accuracy")) + " | |")
+    test = data["test"]
+    lines += ["", f"{test['labelled']} labelled test images, {test['not_decoded']} without a decoded image; "
+              + "; ".join(f"{r.name}: {r.block['n_not_scored']} of breeds outside its classes (not scored)"
+                          for r in results) + ".",
+              "One training run (one seed) per model: differences of a few points can be seed noise.", ""]
+    return "\n".join(lines)
+
+
+def write_figures(out: Path, dirs: dict[str, Path], results: list[ModelResult], table: pd.DataFrame,
+                  index: pd.DataFrame, pairs_report: dict[str, Any], gallery_n: int) -> None:
+    """All PNGs, into ``figures/`` (replaced as a whole)."""
+    truth_path = dirs["raw"] / layout.TRUTH
+
+    def truth(keys: set[str]) -> dict[str, str] | None:
+        return lookup(truth_path, keys, "breed", ["key", "breed"]) if truth_path.is_file() and keys else None
+
+    with atomic_dir(out / "figures") as tmp:
+        for r in results:
+            figures.confusion_figure(r.actual, r.predicted, r.classes, f"{r.name}: confusion on the test set",
+                                     tmp / f"confusion_{r.name}.png")
+        figures.per_class_accuracy_figure(table, [r.name for r in results], tmp / "per_class_accuracy.png")
+        figures.training_curves_figure({r.name: read_curves(dirs[r.name] / "live") for r in results},
+                                       tmp / "training_curves.png")
+        if gallery_n <= 0:
+            log.info("evaluate.gallery_per_reason is 0: no galleries")
+            return
+        locations = index.drop_duplicates("key").set_index("key")
+        with ShardReader(dirs["images"]) as reader:
+            click_gallery(dirs["filtered"], reader, locations, truth, gallery_n, tmp / "gallery_click_filter.png")
+            prob_gallery(dirs["filtered"], dirs["pairs"], pairs_report, reader, locations, truth, gallery_n,
+                         tmp / "gallery_prob_filter.png")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name in ("raw", "images", "filtered", "pairs", "naive", "siamese", "out"):
+        parser.add_argument(name, type=Path)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cfg = load_params("evaluate", path=args.params)
+    dirs = {k: getattr(args, k) for k in ("raw", "images", "filtered", "pairs", "naive", "siamese")}
+
+    index = read_index(args.images)
+    test, test_counts = read_test_set(args.raw, index)
+    log.info("test set: %s", test_counts)
+    results = [evaluate_model(name, dirs[name] / "model.pt", test, args.images, index, cfg)
+               for name in ("naive", "siamese")]
+    filter_report = _read_json(args.filtered / layout.REPORT)
+    pairs_report = _read_json(args.pairs / layout.REPORT)
+    metrics = {r.name: r.block for r in results}
+    metrics["data"] = data_block(filter_report, pairs_report, test_counts)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    table = per_class_table(results, test)
+    write_tables(args.out, results, table)
+    start = time.time()
+    write_figures(args.out, dirs, results, table, index, pairs_report, int(cfg["gallery_per_reason"]))
+    log.info("figures written in %.1f s", time.time() - start)
+    with atomic_file(args.out / "ablation.md") as f:
+        f.write(ablation_markdown(metrics, results, filter_report, pairs_report))
+    # last: metrics.json is what CI compares, so it appears only with the rest
+    write_json(args.out / "metrics.json", metrics)
+    log.info("reports written to %s", args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,211 @@
+"""evaluate: the scores against hand-computed values, and the stage end to end
+on a tiny pipeline tree (shards, index, filter reports, two model files)."""
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+
+from stages import evaluate
+from stages.lib import layout
+from stages.lib.metrics import mean_class_accuracy, per_class_scores, summarize, topk_accuracy
+from stages.lib.models import build_model
+from stages.lib.shards import IndexWriter, ShardWriter
+from stages.lib.tracking import save_model
+
+# 5 images, 4 classes; the rank of the true class is 1, 2, 4, 1, 1
+PROBS = np.array([[0.7, 0.1, 0.1, 0.1],
+                  [0.4, 0.3, 0.2, 0.1],
+                  [0.1, 0.2, 0.3, 0.4],
+                  [0.2, 0.5, 0.2, 0.1],
+                  [0.3, 0.1, 0.4, 0.2]])
+LABELS = np.array([0, 1, 0, 1, 2])
+CLASSES = ["a", "b", "c", "d"]
+
+
+def test_topk_by_hand():
+    assert topk_accuracy(PROBS, LABELS, 1) == pytest.approx(3 / 5)
+    assert topk_accuracy(PROBS, LABELS, 2) == pytest.approx(4 / 5)
+    assert topk_accuracy(PROBS, LABELS, 3) == pytest.approx(4 / 5)
+    assert topk_accuracy(PROBS, LABELS, 5) == 1.0  # fewer classes than k: every image is a hit
+
+
+def test_topk_ties_follow_argmax():
+    probs = np.array([[0.5, 0.5]])
+    assert topk_accuracy(probs, np.array([1]), 1) == 0.0  # argmax picks class 0
+    assert topk_accuracy(probs, np.array([0]), 1) == 1.0
+
+
+def test_mean_class_accuracy_and_per_class_by_hand():
+    pred = PROBS.argmax(1)  # [0, 0, 3, 1, 2]
+    # class a: 1 of 2, b: 1 of 2, c: 1 of 1, d: no test image (left out of the mean)
+    assert mean_class_accuracy(LABELS, pred, 4) == pytest.approx((0.5 + 0.5 + 1.0) / 3)
+    table = per_class_scores(LABELS, pred, CLASSES).set_index("breed")
+    assert table["support"].tolist() == [2, 2, 1, 0]
+    assert table["recall"].iloc[:3].tolist() == pytest.approx([0.5, 0.5, 1.0])
+    assert math.isnan(table.loc["d", "recall"])
+    # a predicted for images 0, 1 (one right); d predicted once, wrongly
+    assert table["precision"].tolist() == pytest.approx([0.5, 1.0, 1.0, 0.0])
+
+
+def test_summarize_block():
+    block, table = summarize(PROBS, LABELS, CLASSES)
+    assert block == {"top1": 0.6, "top5": 1.0, "mean_class_accuracy": 0.6667, "n_test": 5}
+    assert list(table.columns) == ["breed", "precision", "recall", "support"]
+    empty, _ = summarize(np.zeros((0, 4)), np.zeros(0, np.int64), CLASSES)
+    assert empty["top1"] is None and empty["n_test"] == 0  # JSON null, never NaN
+
+
+# ------------------------------------------------------------------ a tiny pipeline tree
+BREEDS = ["red dog", "green dog", "blue dog", "yellow dog"]  # yellow: a test breed no model knows
+COLOURS = [(220, 40, 40), (40, 200, 40), (40, 60, 220), (230, 210, 40)]
+
+
+def _jpeg(colour: int, rng: np.random.Generator) -> bytes:
+    arr = np.clip(np.array(COLOURS[colour]) + rng.normal(0, 20, (32, 32, 3)), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr, "RGB").save(buf, format="JPEG", quality=85)
+    return buf.getvalue()
+
+
+def _tsv(path: Path, rows: list[tuple], columns: list[str] | None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows, columns=columns).to_csv(path, sep="\t", index=False, header=columns is not None)
+
+
+def _write_images(images: Path, rows: list[tuple[str, str, int]]) -> None:
+    images.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    with ShardWriter(images, 1 << 20) as shards, IndexWriter(images / layout.INDEX) as index:
+        for key, split, colour in rows:
+            data = _jpeg(colour, rng)
+            shard, offset = shards.write(data)
+            index.add(key, split, shard, offset, len(data), 32, 32)
+
+
+def _write_model(path: Path, embedding_dim: int = 0) -> None:
+    import torch
+    torch.manual_seed(0)
+    model = build_model("shufflenet_v2_x0_5", 3, embedding_dim=embedding_dim, normalize=embedding_dim > 0)
+    save_model(path, model, backbone="shufflenet_v2_x0_5", image_size=32, classes=BREEDS[:3])
+
+
+def _write_curves(live: Path, names: list[str]) -> None:
+    for name in names:
+        split, metric = name.split("/")
+        _tsv(live / "plots" / "metrics" / split / f"{metric}.tsv",
+             [(s, 1.0 / (s + 1)) for s in range(3)], ["step", metric])
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    train = [(f"k{c}_{i}", "train", c) for c in range(3) for i in range(4)] + [("d0", "train", 0), ("d1", "train", 2)]
+    test = [(f"t{c}_{i}", "test", c) for c in range(4) for i in range(2)]
+    _write_images(tmp_path / "data/images", train + test)
+    raw = tmp_path / "data/raw"
+    _tsv(raw / layout.TEST_LABELS, [(k, BREEDS[c]) for k, _, c in test] + [("never_decoded", "red dog")], None)
+    _tsv(raw / layout.TRUTH, [(k, BREEDS[c]) for k, _, c in train], None)
+    labels = [(k, c, BREEDS[c], 3, 1.0) for k, _, c in train[:12]]
+    labels[0] = ("k0_0", 1, "green dog", 2, 0.8)  # a wrong click label: red caption in the gallery
+    filtered = tmp_path / "data/filtered"
+    _tsv(filtered / layout.LABELS, labels, ["key", "label", "breed", "clicks", "share"])
+    dropped = [("d0", "too_few_clicks", "red dog", 1, 1.0), ("d1", "ambiguous", "blue dog", 2, 0.5),
+               ("gone", "no_decoded_image", "red dog", 4, 1.0)]  # "gone" has no image: not in the gallery
+    _tsv(filtered / layout.DROPPED, dropped, ["key", "reason", "breed", "clicks", "share"])
+    (filtered / layout.REPORT).write_text(json.dumps({
+        "images": {"decoded_train": 14, "raw_labelled": 14, "kept": 12,
+                   "dropped": {"too_few_clicks": 1, "ambiguous": 1, "no_decoded_image": 1}},
+        "quality": {"raw": {"precision": 0.857, "recall": 1.0}, "filtered": {"precision": 0.917, "recall": 0.9}}}))
+    pairs = tmp_path / "data/pairs"
+    clean = [row + (0.9,) for row in labels[2:]]
+    _tsv(pairs / "clean.tsv", clean, ["key", "label", "breed", "clicks", "share", "p_label"])
+    _tsv(pairs / "scores.tsv", [(k, lab, b, 0.1 if i < 2 else 0.9) for i, (k, lab, b, _, _) in enumerate(labels)],
+         ["key", "label", "breed", "p_early"])
+    (pairs / layout.REPORT).write_text(json.dumps({
+        "scorer": "early", "min_prob": 0.2, "images": {"click_filtered": 12, "clean": 10, "dropped": 2},
+        "label_quality": {"click+prob_filter (early)": {"images": 10, "precision": 1.0, "recall": 0.9}}}))
+    _write_model(tmp_path / "models/naive/model.pt")
+    _write_model(tmp_path / "models/siamese/model.pt", embedding_dim=8)
+    _write_curves(tmp_path / "models/naive/live", ["train/loss", "train/acc", "val/acc"])
+    _write_curves(tmp_path / "models/siamese/live", ["train/loss", "train/ce", "train/contrastive", "val/acc"])
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(
+        {"evaluate": {"device": "cpu", "batch_size": 16, "gallery_per_reason": 2}}))
+    return tmp_path
+
+
+def _run(tree: Path) -> Path:
+    d = tree / "data"
+    evaluate.main([str(d / "raw"), str(d / "images"), str(d / "filtered"), str(d / "pairs"),
+                   str(tree / "models/naive"), str(tree / "models/siamese"), str(tree / "reports"),
+                   "--params", str(tree / "params.yaml")])
+    return tree / "reports"
+
+
+def test_evaluate_end_to_end(tree: Path):
+    out = _run(tree)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) == {"naive", "siamese", "data"}
+    for name in ("naive", "siamese"):
+        block = metrics[name]
+        assert set(block) == {"top1", "top5", "mean_class_accuracy", "n_test", "n_not_scored"}
+        assert block["n_test"] == 6 and block["n_not_scored"] == 2  # the yellow dogs
+        assert block["top5"] == 1.0  # 3 classes
+        confusion = pd.read_csv(out / f"confusion_{name}.csv")
+        assert list(confusion.columns) == ["actual", "predicted"] and len(confusion) == 6
+        assert block["top1"] == pytest.approx((confusion["actual"] == confusion["predicted"]).mean(), abs=1e-4)
+    data = metrics["data"]
+    assert data["click_filter"] == {"images": 12, "precision": 0.917, "recall": 0.9}
+    assert data["prob_filter"] == {"images": 10, "precision": 1.0, "recall": 0.9}
+    assert data["test"]["labelled"] == 9 and data["test"]["not_decoded"] == 1
+    table = pd.read_csv(out / "per_class.tsv", sep="\t")
+    assert list(table.columns) == ["breed", "support", "naive_precision", "naive_recall",
+                                   "siamese_precision", "siamese_recall"]
+    assert table["breed"].tolist() == BREEDS[:3] and table["support"].tolist() == [2, 2, 2]
+    pngs = sorted(p.name for p in (out / "figures").iterdir())
+    assert pngs == ["confusion_naive.png", "confusion_siamese.png", "gallery_click_filter.png",
+                    "gallery_prob_filter.png", "per_class_accuracy.png", "training_curves.png"]
+    for png in pngs:
+        with Image.open(out / "figures" / png) as img:
+            assert img.format == "PNG" and img.size[0] > 100
+    ablation = (out / "ablation.md").read_text()
+    assert "| click filter | 12 | 0.917 | 0.900 |" in ablation
+    assert "| probability filter | p(label) < 0.2 (early scorer) | 2 |" in ablation
+    assert "| siamese − naive |" in ablation
+
+
+def test_evaluate_without_truth_or_curves(tree: Path):
+    """Real data has no truth.tsv; a missing curve folder must not stop the reports."""
+    (tree / "data/raw" / layout.TRUTH).unlink()
+    for f in (tree / "models/siamese/live").rglob("*.tsv"):
+        f.unlink()
+    filt = tree / "data/filtered" / layout.REPORT
+    filt.write_text(json.dumps({**json.loads(filt.read_text()), "quality": None}))
+    out = _run(tree)
+    data = json.loads((out / "metrics.json").read_text())["data"]
+    assert data["click_filter"] == {"images": 12}
+    assert (out / "figures" / "gallery_click_filter.png").is_file()
+
+
+def test_gallery_sample_does_not_depend_on_chunking(tree: Path, monkeypatch):
+    path = tree / "data/filtered" / layout.LABELS
+    big, sizes = evaluate.sample_by_group(path, 3, lambda d: d["breed"])
+    monkeypatch.setattr(evaluate, "CHUNK_ROWS", 2)
+    small, sizes_small = evaluate.sample_by_group(path, 3, lambda d: d["breed"])
+    assert sorted(big["key"]) == sorted(small["key"])
+    assert sizes.to_dict() == sizes_small.to_dict() == {"green dog": 5, "red dog": 3, "blue dog": 4}
+
+
+def test_gallery_counts_rows_it_cannot_show(tree: Path):
+    """A dropped image without a decoded image is counted in its reason's row, not drawn."""
+    decoded = {f"k{c}_{i}" for c in range(3) for i in range(4)} | {"d0", "d1"}
+    rows, sizes = evaluate.sample_by_group(tree / "data/filtered" / layout.DROPPED, 2, lambda d: d["reason"],
+                                           showable=lambda d: d["key"].isin(decoded))
+    assert sizes.to_dict() == {"too_few_clicks": 1, "ambiguous": 1, "no_decoded_image": 1}
+    assert sorted(rows["key"]) == ["d0", "d1"]

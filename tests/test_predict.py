@@ -1,0 +1,76 @@
+"""predict: top-k from the model file alone; bad inputs are reported, the rest predicted."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from stages import predict
+from stages.lib.data import build_transform
+from stages.lib.models import build_model, load_model_file
+from stages.lib.tracking import save_model
+
+CLASSES = ["beagle", "pug", "poodle"]
+
+
+@pytest.fixture
+def model_path(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path / "model.pt"
+    save_model(path, build_model("shufflenet_v2_x0_5", len(CLASSES)), backbone="shufflenet_v2_x0_5",
+               image_size=32, classes=CLASSES)
+    return path
+
+
+def _images(tmp_path: Path) -> tuple[Path, Path]:
+    rng = np.random.default_rng(0)
+    jpg, png = tmp_path / "dog.jpg", tmp_path / "dog.png"
+    Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(jpg, quality=90)
+    rgba = rng.integers(0, 255, (36, 36, 4), dtype=np.uint8)
+    Image.fromarray(rgba, "RGBA").save(png)
+    return jpg, png
+
+
+def test_predict_reports_bad_inputs_and_predicts_the_rest(tmp_path: Path, model_path: Path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no params.yaml here: the model file must be enough
+    jpg, png = _images(tmp_path)
+    text = tmp_path / "notes.txt"
+    text.write_text("not a dog\n")
+    missing = tmp_path / "missing.jpg"
+    code = predict.main([str(model_path), str(jpg), str(missing), str(text), str(png), "--top", "5"])
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert f"error: {missing}: no such file" in err
+    assert f"error: {text}: not an image" in err
+    assert "2 of 4 images could not be read" in err
+    lines = out.splitlines()
+    assert lines[0] == str(jpg) and lines[4] == str(png)
+    assert len(lines) == 8  # 3 classes: top-5 prints all three
+    for block in (lines[1:4], lines[5:8]):
+        probs = [float(line.split()[0]) for line in block]
+        names = [line.split(None, 1)[1] for line in block]
+        assert sorted(names) == sorted(CLASSES)
+        assert probs == sorted(probs, reverse=True) and sum(probs) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_predict_uses_the_eval_preprocessing(tmp_path: Path, model_path: Path, capsys):
+    jpg, _ = _images(tmp_path)
+    assert predict.main([str(model_path), str(jpg), "--top", "1"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    model, meta = load_model_file(model_path)
+    x = build_transform(32, meta["mean"], meta["std"], train=False)(Image.open(jpg).convert("RGB"))
+    with torch.inference_mode():
+        probs = torch.softmax(model(x[None]), dim=1)[0]
+    p, i = probs.max(0)
+    assert out[1].split() == [f"{p.item():.4f}", CLASSES[i.item()]]
+
+
+def test_unreadable_model_file_is_exit_2(tmp_path: Path, capsys):
+    bad = tmp_path / "model.pt"
+    bad.write_bytes(b"not a model")
+    jpg, _ = _images(tmp_path)
+    assert predict.main([str(bad), str(jpg)]) == 2
+    assert "not a readable clickdog model file" in capsys.readouterr().err

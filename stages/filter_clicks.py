@@ -1,0 +1,234 @@
+"""filter_clicks stage: noisy click logs -> weak breed labels for training.
+
+    python -m stages.filter_clicks data/raw data/images data/filtered
+    python -m stages.filter_clicks data/raw data/images --sweep reports/filter_sweep
+
+Reads params ``filter.*``, ``raw/clicks.tsv``, ``raw/breeds.tsv``,
+``images/index.parquet`` (only ``split == "train"`` keys are training images)
+and, where present, ``raw/truth.tsv`` (reports only). Writes the files of
+``stages.lib.layout`` for data/filtered/, atomically. The rules and their
+notation are in :mod:`stages.lib.clicks`.
+
+``--sweep DIR`` applies a grid of ``min_clicks`` x ``min_share`` instead, and
+writes ``filter_sweep.{csv,md,png}`` (precision against kept images) to DIR;
+it needs ``truth.tsv``.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from stages.lib import layout
+from stages.lib.atomic import atomic_dir, atomic_file, write_json
+from stages.lib.clicks import (DROP_REASONS, ClickLogSummary, WeakLabels, aggregate_clicks, check_thresholds,
+                               find_weak_labels, label_quality, read_breeds, read_train_keys, read_truth,
+                               sweep_thresholds)
+from stages.lib.params import load_params
+from stages.lib.queries import BreedMatcher
+
+log = logging.getLogger("filter_clicks")
+
+
+def check_params(p: dict[str, Any]) -> dict[str, Any]:
+    """The ``filter`` section, checked: a typo must fail here, not mid-run."""
+    need = {"min_clicks", "min_share", "min_images_per_class", "max_reject_fraction"}
+    missing = need - set(p)
+    if missing:
+        raise SystemExit(f"params.yaml: filter lacks {sorted(missing)}")
+    aliases = p.get("aliases") or {}
+    if not isinstance(aliases, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                for k, v in aliases.items()):
+        raise SystemExit("params.yaml: filter.aliases must map words to breed names")
+    if not isinstance(p["max_reject_fraction"], (int, float)) or not 0.0 <= p["max_reject_fraction"] <= 1.0:
+        raise SystemExit("params.yaml: filter.max_reject_fraction must be a number in [0, 1]")
+    try:
+        check_thresholds(min_clicks=p["min_clicks"], min_share=p["min_share"],
+                         min_images_per_class=p["min_images_per_class"])
+    except ValueError as err:
+        raise SystemExit(f"params.yaml: filter.{err}") from err
+    return {**p, "aliases": aliases}
+
+
+def load_inputs(raw: Path, images: Path, aliases: dict[str, str]
+                ) -> tuple[list[str], pa.Array, pd.DataFrame, ClickLogSummary, pd.Series | None]:
+    """Read the vocabulary, the training keys and the click log (streamed)."""
+    breeds = read_breeds(raw / layout.BREEDS)
+    # One params.yaml serves the sample and the real data: an alias of a breed
+    # this vocabulary lacks is skipped, not an error.
+    unknown = {a: b for a, b in aliases.items() if b not in set(breeds)}
+    if unknown:
+        log.warning("aliases of breeds not in %s skipped: %s", layout.BREEDS, unknown)
+        aliases = {a: b for a, b in aliases.items() if a not in unknown}
+    try:
+        matcher = BreedMatcher(breeds, aliases)
+    except ValueError as err:
+        raise SystemExit(f"filter.aliases / {layout.BREEDS}: {err}") from err
+    train_keys = read_train_keys(images / layout.INDEX)
+    t0 = time.perf_counter()
+    clicks, summary = aggregate_clicks(raw / layout.CLICKS, matcher, progress=True)
+    dt = time.perf_counter() - t0
+    log.info("click log: %d lines (%d valid, %d malformed, %d duplicates summed) in %.1f s (%.0f lines/s); "
+             "%d distinct queries", summary.lines, summary.valid_lines, sum(summary.malformed.values()),
+             summary.duplicate_lines, dt, summary.lines / max(dt, 1e-9), summary.queries["distinct"])
+    truth = read_truth(raw / layout.TRUTH) if (raw / layout.TRUTH).exists() else None
+    return breeds, train_keys, clicks, summary, truth
+
+
+def check_rejects(summary: ClickLogSummary, max_fraction: float) -> None:
+    """Fail with the counts and examples when too many click lines are malformed."""
+    if summary.malformed_fraction > max_fraction:
+        bad = {k: v for k, v in summary.malformed.items() if v}
+        raise SystemExit(
+            f"filter_clicks: {sum(bad.values())} of {summary.lines} click lines are malformed "
+            f"({summary.malformed_fraction:.2%} > filter.max_reject_fraction {max_fraction:.2%}): {bad}; "
+            f"examples: {summary.malformed_examples}")
+
+
+def build_report(weak: WeakLabels, summary: ClickLogSummary, truth: pd.Series | None,
+                 params: dict[str, Any]) -> dict[str, Any]:
+    """report.json: what was read, what was dropped and why, and label quality."""
+    reasons = weak.dropped["reason"].value_counts()
+    ev = weak.evidence
+    return {
+        "params": {k: params[k] for k in ("min_clicks", "min_share", "min_images_per_class")},
+        "lines": {"total": summary.lines, "valid": summary.valid_lines,
+                  "duplicates_summed": summary.duplicate_lines,
+                  "malformed": summary.malformed, "malformed_fraction": round(summary.malformed_fraction, 6),
+                  "malformed_examples": summary.malformed_examples},
+        "queries": summary.queries,
+        "images": {"clicked": int((ev["breed_clicks"] + ev["other_clicks"] > 0).sum()),
+                   "decoded_train": int(ev["decoded"].sum()), "raw_labelled": len(weak.raw),
+                   "kept": len(weak.kept), "dropped": {r: int(reasons.get(r, 0)) for r in DROP_REASONS}},
+        "classes": {"kept": weak.classes,
+                    "dropped": [b for b in weak.per_class["breed"] if b not in set(weak.classes)]},
+        "per_class": {r.breed: {"raw": int(r.raw), "passed": int(r.passed), "kept": int(r.kept)}
+                      for r in weak.per_class.itertuples()},
+        "quality": label_quality(weak, truth) if truth is not None else None,
+    }
+
+
+def _write_tsv(df: pd.DataFrame, path: Path) -> None:
+    """Header plus rows, tab-separated, no quoting (as every TSV of the pipeline:
+    a key cannot hold a tab or a newline, it was read from one). Vectorised:
+    pandas' to_csv formats each value in Python (seconds per million rows)."""
+    cols = []
+    for name in df.columns:
+        col = pa.array(df[name])
+        if pa.types.is_floating(col.type):
+            col = pc.round(col, 4)
+        cols.append(col.cast(pa.string()))
+    with open(path, "wb") as f:
+        f.write(("\t".join(df.columns) + "\n").encode())
+        for start in range(0, len(df), 1 << 20):  # slices: 32-bit string offsets
+            part = [c.slice(start, 1 << 20) for c in cols]
+            lines = pc.binary_join_element_wise(*part, pa.scalar(""), "\t")  # a trailing tab ...
+            lines = pc.utf8_replace_slice(lines, -1, 2**31 - 1, "\n")      # ... becomes the newline
+            offsets = np.frombuffer(lines.buffers()[1], np.int32)[lines.offset:lines.offset + len(lines) + 1]
+            f.write(memoryview(lines.buffers()[2])[offsets[0]:offsets[-1]])  # the rows, back to back
+
+
+def write_outputs(out: Path, weak: WeakLabels, report: dict[str, Any]) -> None:
+    with atomic_dir(out) as tmp:
+        _write_tsv(weak.kept, tmp / layout.LABELS)
+        _write_tsv(weak.raw, tmp / layout.RAW_LABELS)
+        _write_tsv(weak.dropped, tmp / layout.DROPPED)
+        write_json(tmp / layout.CLASSES, weak.classes)
+        write_json(tmp / layout.REPORT, report)
+
+
+def write_sweep(out: Path, table: pd.DataFrame, params: dict[str, Any]) -> None:
+    """filter_sweep.csv, .md and .png (precision against kept images)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_file(out / "filter_sweep.csv") as f:
+        table.to_csv(f, index=False, lineterminator="\n")
+    cols = list(table.columns)
+    md = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    md += ["| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row) + " |"
+           for row in table.itertuples(index=False)]
+    with atomic_file(out / "filter_sweep.md") as f:
+        f.write("\n".join(md) + "\n")
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    raw, grid = table.iloc[0], table.iloc[1:]
+    for mc, g in grid.groupby("min_clicks"):
+        ax.plot(g["kept"], g["precision"], "o-", ms=4, label=f"min_clicks={mc}")
+    ax.plot(raw["kept"], raw["precision"], "k*", ms=12, label="raw click labels")
+    cur = grid[(grid["min_clicks"] == params["min_clicks"]) & (grid["min_share"] - params["min_share"]).abs().lt(1e-9)]
+    if len(cur):
+        ax.plot(cur["kept"], cur["precision"], "rs", ms=10, mfc="none", label="params.yaml")
+    ax.set_xlabel("kept training images")
+    ax.set_ylabel("label precision")
+    ax.set_title("filter_clicks: min_clicks x min_share (points: min_share 0.5 -> 1.0)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_file(out / "filter_sweep.png", "wb") as f:
+        fig.savefig(f, format="png", dpi=120)
+    plt.close(fig)
+
+
+def run_sweep(out: Path, clicks: pd.DataFrame, breeds: list[str], train_keys: pa.Array,
+              truth: pd.Series | None, params: dict[str, Any]) -> None:
+    """Print and write the min_clicks x min_share trade-off."""
+    if truth is None:
+        raise SystemExit(f"--sweep needs {layout.TRUTH} (true breeds) to measure precision")
+    table = sweep_thresholds(clicks, breeds, truth, train_keys=train_keys,
+                             min_images_per_class=params["min_images_per_class"])
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    write_sweep(out, table, params)
+    log.info("sweep written to %s", out)
+
+
+def filter_and_write(out: Path, clicks: pd.DataFrame, breeds: list[str], train_keys: pa.Array,
+                     truth: pd.Series | None, summary: ClickLogSummary, params: dict[str, Any]) -> None:
+    """Apply the thresholds of params.yaml and write data/filtered/."""
+    weak = find_weak_labels(clicks, breeds, train_keys=train_keys, min_clicks=params["min_clicks"],
+                            min_share=params["min_share"], min_images_per_class=params["min_images_per_class"])
+    if not weak.classes:
+        raise SystemExit("filter_clicks: no class keeps filter.min_images_per_class images; "
+                         "lower filter.min_clicks / min_share / min_images_per_class")
+    report = build_report(weak, summary, truth, params)
+    write_outputs(out, weak, report)
+    log.info("kept %d of %d decoded training images in %d classes; dropped: %s", len(weak.kept),
+             report["images"]["decoded_train"], len(weak.classes),
+             {k: v for k, v in report["images"]["dropped"].items() if v})
+    if report["quality"]:
+        q = report["quality"]
+        log.info("label precision %s -> %s, recall %s -> %s (truth.tsv)", q["raw"]["precision"],
+                 q["filtered"]["precision"], q["raw"]["recall"], q["filtered"]["recall"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("raw", type=Path, help="data/raw: clicks.tsv, breeds.tsv[, truth.tsv]")
+    ap.add_argument("images", type=Path, help="data/images: index.parquet")
+    ap.add_argument("out", type=Path, nargs="?", help="output folder (data/filtered)")
+    ap.add_argument("--sweep", type=Path, metavar="DIR", help="sweep thresholds, write tables and plot to DIR")
+    ap.add_argument("--params", type=Path, default=Path("params.yaml"))
+    args = ap.parse_args(argv)
+    if (args.out is None) == (args.sweep is None):
+        ap.error("give either OUT or --sweep DIR")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    params = check_params(load_params("filter", path=args.params))
+    breeds, train_keys, clicks, summary, truth = load_inputs(args.raw, args.images, params["aliases"])
+    check_rejects(summary, params["max_reject_fraction"])
+    if args.sweep is not None:
+        run_sweep(args.sweep, clicks, breeds, train_keys, truth, params)
+    else:
+        filter_and_write(args.out, clicks, breeds, train_keys, truth, summary, params)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -5,6 +5,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export DVC_NO_ANALYTICS := 1
+# dvc.yaml runs `python -m stages.<name>`: that must be the venv's python
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PYTHONHASHSEED := 0
 
 .PHONY: repro test install bench clean

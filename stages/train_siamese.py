@@ -92,6 +92,29 @@ def siamese_from_naive(naive_path: Path, cfg: dict[str, Any]) -> tuple[Classifie
     return model, meta
 
 
+def fit_siamese(model: Classifier, meta: dict[str, Any], clean: pd.DataFrame, pairs: pd.DataFrame,
+                val: pd.DataFrame, *, images_dir: Path, index: pd.DataFrame, cfg: dict[str, Any],
+                checkpoint: Path | None = None, args: dict[str, Any] | None = None,
+                on_epoch=None) -> list[dict[str, float]]:
+    """Fine-tune ``model`` on ``pairs`` of ``clean`` images, validating on ``val``."""
+    engine.seed_everything(cfg["seed"])
+    ctx = run_context(cfg)
+    size = meta["image_size"]
+    images = ShardDataset(images_dir, clean["key"].tolist(), clean["label"].tolist(),
+                          build_transform(size, meta["mean"], meta["std"], train=True, augment=cfg.get("augment")),
+                          seed=cfg["seed"], index=index)
+    train_loader = engine.make_loader(PairDataset(images, pairs), batch_size=cfg["batch_size"], train=True,
+                                      seed=cfg["seed"], workers=cfg["workers"], device=ctx.device)
+    val_loader = eval_loader(images_dir, val, image_size=size, batch_size=2 * cfg["batch_size"], workers=0,
+                             device=ctx.device, index=index, mean=meta["mean"], std=meta["std"])
+    log.info("%d clean images, %d pairs %s, %d validation images", len(clean), len(pairs),
+             pairs["kind"].value_counts().to_dict(), len(val))
+    loss_fn = siamese_loss(contrastive_weight=cfg["contrastive_weight"], margin=cfg["margin"],
+                           label_smoothing=cfg["label_smoothing"])
+    return engine.fit(model, loss_fn, train_loader, val_loader, cfg, ctx, checkpoint=checkpoint, args=args,
+                      on_epoch=on_epoch)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for name in ("pairs_dir", "images_dir", "naive_dir", "out_dir"):
@@ -101,38 +124,24 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cfg = load_params("siamese", path=args.params)
     engine.init_distributed()
-    engine.seed_everything(cfg["seed"])
-    ctx = run_context(cfg)
 
     model, meta = siamese_from_naive(args.naive_dir / "model.pt", cfg)
     clean = load_labels(args.pairs_dir / "clean.tsv")
-    pairs = pd.read_csv(args.pairs_dir / "pairs.tsv", sep="\t", dtype={"key_a": str, "key_b": str})
-    val = pd.read_csv(args.naive_dir / "val_predictions.tsv", sep="\t", dtype={"key": str})
-    index = read_index(args.images_dir)
-    size = meta["image_size"]
-    images = ShardDataset(args.images_dir, clean["key"].tolist(), clean["label"].tolist(),
-                          build_transform(size, meta["mean"], meta["std"], train=True, augment=cfg.get("augment")),
-                          seed=cfg["seed"], index=index)
-    train_loader = engine.make_loader(PairDataset(images, pairs), batch_size=cfg["batch_size"], train=True,
-                                      seed=cfg["seed"], workers=cfg["workers"], device=ctx.device)
-    val_loader = eval_loader(args.images_dir, val, image_size=size, batch_size=2 * cfg["batch_size"], workers=0,
-                             device=ctx.device, index=index, mean=meta["mean"], std=meta["std"])
-    log.info("%d clean images, %d pairs %s, %d validation images", len(clean), len(pairs),
-             pairs["kind"].value_counts().to_dict(), len(val))
-
+    pairs = pd.read_csv(args.pairs_dir / "pairs.tsv", sep="\t", dtype={"key_a": str, "key_b": str},
+                        keep_default_na=False)
+    val = pd.read_csv(args.naive_dir / "val_predictions.tsv", sep="\t", dtype={"key": str}, keep_default_na=False)
     out = args.out_dir
     logger = None
     if engine.is_main_process():
         out.mkdir(parents=True, exist_ok=True)
         logger = EpochLogger(out / "live")
-    loss_fn = siamese_loss(contrastive_weight=cfg["contrastive_weight"], margin=cfg["margin"],
-                           label_smoothing=cfg["label_smoothing"])
     run_args = {"siamese": cfg, "data": file_digest(args.pairs_dir / "pairs.tsv", args.naive_dir / "model.pt")}
-    history = engine.fit(model, loss_fn, train_loader, val_loader, cfg, ctx,
-                         checkpoint=out / "checkpoints" / "last.pt", args=run_args, on_epoch=logger)
+    history = fit_siamese(model, meta, clean, pairs, val, images_dir=args.images_dir,
+                          index=read_index(args.images_dir), cfg=cfg, checkpoint=out / "checkpoints" / "last.pt",
+                          args=run_args, on_epoch=logger)
     if engine.is_main_process():
-        save_model(out / "model.pt", model, backbone=meta["backbone"], image_size=size, classes=meta["classes"],
-                   epochs=cfg["epochs"])
+        save_model(out / "model.pt", model, backbone=meta["backbone"], image_size=meta["image_size"],
+                   classes=meta["classes"], epochs=cfg["epochs"])
         logger.end(**{"val/acc": history[-1]["val_acc"]})
         log.info("validation top-1 %.4f after %d epochs", history[-1]["val_acc"], len(history))
 

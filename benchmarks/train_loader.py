@@ -1,0 +1,82 @@
+"""Loader efficiency of the naive training step (a benchmark, not a test).
+
+Images/s of the real pipeline (shard reads, JPEG decode, augmentation in
+DataLoader workers, forward/backward/step) against the same step on
+in-memory random tensors of the same shape. Ratio = real / in-memory; 1.0
+means the loader costs nothing. Run after `make repro` (needs data/filtered
+and data/images):
+
+    python benchmarks/train_loader.py --steps 30 --workers 0 1 2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from stages.lib import engine, layout
+from stages.lib.classifier import run_context
+from stages.lib.data import ShardDataset, build_transform, load_labels
+from stages.lib.models import IMAGENET_MEAN, IMAGENET_STD, create_model
+from stages.lib.params import load_params
+
+
+def time_steps(model, loss_fn, batches, optimizer, ctx, steps: int, warmup: int = 3) -> float:
+    model.train()
+    it = iter(batches)
+    for i in range(warmup + steps):
+        if i == warmup:
+            start = time.perf_counter()
+        batch = next(it)
+        with ctx.autocast():
+            loss, _, n = loss_fn(model, batch, ctx)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return steps * n / (time.perf_counter() - start)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--data", type=Path, default=Path("data"))
+    args = p.parse_args()
+    params = load_params("model", "train")
+    model_cfg, cfg = params["model"], params["train"]
+    ctx = run_context(cfg)
+    labels = load_labels(args.data / "filtered" / layout.LABELS)
+    classes = json.loads((args.data / "filtered" / layout.CLASSES).read_text())
+    size, bs = model_cfg["image_size"], cfg["batch_size"]
+    ds = ShardDataset(args.data / "images", labels["key"].tolist(), labels["label"].tolist(),
+                      build_transform(size, IMAGENET_MEAN, IMAGENET_STD, train=True, augment=cfg["augment"]))
+    model = create_model(model_cfg["backbone"], len(classes)).to(ctx.device, memory_format=torch.channels_last)
+    optimizer = engine.build_optimizer(model, cfg)
+    loss_fn = engine.classification_loss(cfg["label_smoothing"])
+    g = torch.Generator().manual_seed(0)
+    fake = [(torch.randn(bs, 3, size, size, generator=g), torch.randint(0, len(classes), (bs,), generator=g))
+            for _ in range(4)]
+    ideal = time_steps(model, loss_fn, (fake[i % 4] for i in range(10**9)), optimizer, ctx, args.steps)
+    print(f"backbone {model_cfg['backbone']}, {size}px, batch {bs}, precision {ctx.amp_dtype or 'fp32'}, "
+          f"{torch.get_num_threads()} threads")
+    print("| loader | images/s | ratio to in-memory |\n|---|---|---|")
+    print(f"| in-memory random tensors | {ideal:.0f} | 1.00 |")
+    for workers in args.workers:
+        loader = engine.make_loader(ds, batch_size=bs, train=True, seed=0, workers=workers, device=ctx.device)
+
+        def forever():
+            epoch = 0
+            while True:
+                loader.sampler.set_epoch(epoch)
+                yield from loader
+                epoch += 1
+
+        real = time_steps(model, loss_fn, forever(), optimizer, ctx, args.steps)
+        print(f"| shards, {workers} workers | {real:.0f} | {real / ideal:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

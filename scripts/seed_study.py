@@ -1,0 +1,132 @@
+"""Seed study: how much of a difference between label sets / models is more
+than seed noise. Not part of `make repro` (it trains 5 x len(seeds) models).
+
+    python scripts/seed_study.py --seeds 0 1 2            # after `make repro`
+    python scripts/seed_study.py --configs truth raw --seeds 0
+
+Configurations (all with the naive recipe of params.yaml unless noted):
+  truth     true breeds from truth.tsv (sample only): the calibration ceiling
+  raw       top-clicked breed, no filter (data/filtered/raw_labels.tsv)
+  click     click-filtered labels (data/filtered/labels.tsv) = the naive stage
+  clickprob click + probability filtered (data/pairs/clean.tsv)
+  siamese   the `click` model of the same seed fine-tuned by train_siamese on
+            data/pairs/pairs.tsv (the pipeline's pair list, fixed across seeds)
+Each run's test top-1 and mean per-class accuracy go to
+reports/seed_study.json; the table (mean +- standard error over seeds) to
+reports/seed_study.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from stages import evaluate
+from stages.lib import layout
+from stages.lib.classifier import train_classifier
+from stages.lib.data import load_labels, split_train_val
+from stages.lib.params import load_params
+from stages.lib.shards import read_index
+from stages.lib.tracking import save_model
+from stages.train_siamese import fit_siamese, siamese_from_naive
+
+CONFIGS = ("truth", "raw", "click", "clickprob", "siamese")
+log = logging.getLogger("seed_study")
+
+
+def label_set(name: str, data: Path, classes: list[str]) -> pd.DataFrame:
+    position = {c: i for i, c in enumerate(classes)}
+    if name == "truth":
+        df = pd.read_csv(data / "raw" / layout.TRUTH, sep="\t", names=["key", "breed"], dtype=str,
+                         keep_default_na=False)
+    else:
+        path = {"raw": data / "filtered" / layout.RAW_LABELS, "click": data / "filtered" / layout.LABELS,
+                "clickprob": data / "pairs" / "clean.tsv"}[name]
+        df = load_labels(path)
+    df = df[df["breed"].isin(position)].copy()
+    df["label"] = df["breed"].map(position)
+    return df.reset_index(drop=True)
+
+
+def run_seed(seed: int, configs: list[str], data: Path, params: dict, tmp: Path) -> list[dict]:
+    images = data / "images"
+    index = read_index(images)
+    classes = json.loads((data / "filtered" / layout.CLASSES).read_text())
+    test, _ = evaluate.read_test_set(data / "raw", index)
+    model_cfg, train_cfg = params["model"], {**params["train"], "seed": seed}
+    eval_cfg = {"device": train_cfg["device"], "batch_size": 256}
+    results, click_model = [], None
+    for name in [c for c in configs if c != "siamese"] + (["siamese"] if "siamese" in configs else []):
+        start = time.time()
+        if name == "siamese":
+            if click_model is None:
+                click_model = train_naive_on("click", seed, data, classes, model_cfg, train_cfg, index, tmp)
+            cfg = {**params["siamese"], "seed": seed}
+            model, meta = siamese_from_naive(click_model, cfg)
+            clean = load_labels(data / "pairs" / "clean.tsv")
+            pairs = pd.read_csv(data / "pairs" / "pairs.tsv", sep="\t", dtype={"key_a": str, "key_b": str},
+                                keep_default_na=False)
+            _, val = split_train_val(label_set("click", data, classes), train_cfg["val_fraction"], seed)
+            fit_siamese(model, meta, clean, pairs, val, images_dir=images, index=index, cfg=cfg)
+            path = tmp / f"siamese-{seed}.pt"
+            save_model(path, model, backbone=meta["backbone"], image_size=meta["image_size"], classes=classes)
+        else:
+            path = train_naive_on(name, seed, data, classes, model_cfg, train_cfg, index, tmp)
+            if name == "click":
+                click_model = path
+        result = evaluate.evaluate_model(name, path, test, images, index, eval_cfg)
+        results.append({"config": name, "seed": seed, **result.block, "seconds": round(time.time() - start, 1)})
+        log.info("seed %d %s: %s", seed, name, results[-1])
+    return results
+
+
+def train_naive_on(name, seed, data, classes, model_cfg, train_cfg, index, tmp: Path) -> Path:
+    train_df, val_df = split_train_val(label_set(name, data, classes), train_cfg["val_fraction"], seed)
+    model, _ = train_classifier(train_df, val_df, images_dir=data / "images", num_classes=len(classes),
+                                model_cfg=model_cfg, train_cfg=train_cfg, index=index)
+    path = tmp / f"{name}-{seed}.pt"
+    save_model(path, model, backbone=model_cfg["backbone"], image_size=model_cfg["image_size"], classes=classes)
+    return path
+
+
+def summary_table(runs: pd.DataFrame) -> str:
+    """Mean +- standard error over seeds, per configuration."""
+    lines = ["| labels / model | seeds | test top-1 | mean per-class acc | top-5 |", "|---|---|---|---|---|"]
+    for name in [c for c in CONFIGS if c in set(runs["config"])]:
+        r = runs[runs["config"] == name]
+
+        def cell(col: str) -> str:
+            se = r[col].std(ddof=1) / np.sqrt(len(r)) if len(r) > 1 else float("nan")
+            return f"{r[col].mean():.3f} ± {se:.3f}"
+
+        lines.append(f"| {name} | {len(r)} | {cell('top1')} | {cell('mean_class_accuracy')} | {cell('top5')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--data", type=Path, default=Path("data"))
+    p.add_argument("--out", type=Path, default=Path("reports"))
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    params = load_params("model", "train", "siamese")
+    runs: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in args.seeds:
+            runs += run_seed(seed, args.configs, args.data, params, Path(tmp))
+            args.out.mkdir(parents=True, exist_ok=True)  # after every seed: a long study can be read early
+            (args.out / "seed_study.json").write_text(json.dumps(runs, indent=2))
+            (args.out / "seed_study.md").write_text(summary_table(pd.DataFrame(runs)))
+    print(summary_table(pd.DataFrame(runs)))
+
+
+if __name__ == "__main__":
+    main()

@@ -30,7 +30,7 @@ import pandas as pd
 from stages import evaluate
 from stages.lib import layout
 from stages.lib.classifier import train_classifier
-from stages.lib.data import load_labels, split_train_val
+from stages.lib.data import load_labels, read_table, split_train_val
 from stages.lib.params import load_params
 from stages.lib.shards import read_index
 from stages.lib.tracking import save_model
@@ -47,9 +47,10 @@ def label_set(name: str, data: Path, classes: list[str]) -> pd.DataFrame:
                          keep_default_na=False)
     else:
         path = {"raw": data / "filtered" / layout.RAW_LABELS, "click": data / "filtered" / layout.LABELS,
-                "clickprob": data / "pairs" / "clean.tsv"}[name]
+                "clickprob": data / "pairs" / layout.CLEAN}[name]
         df = load_labels(path)
-    df = df[df["breed"].isin(position)].copy()
+    decoded = set(read_index(data / "images").query("split == 'train'")["key"])
+    df = df[df["breed"].isin(position) & df["key"].isin(decoded)].copy()
     df["label"] = df["breed"].map(position)
     return df.reset_index(drop=True)
 
@@ -69,9 +70,8 @@ def run_seed(seed: int, configs: list[str], data: Path, params: dict, tmp: Path)
                 click_model = train_naive_on("click", seed, data, classes, model_cfg, train_cfg, index, tmp)
             cfg = {**params["siamese"], "seed": seed}
             model, meta = siamese_from_naive(click_model, cfg)
-            clean = load_labels(data / "pairs" / "clean.tsv")
-            pairs = pd.read_csv(data / "pairs" / "pairs.tsv", sep="\t", dtype={"key_a": str, "key_b": str},
-                                keep_default_na=False)
+            clean = load_labels(data / "pairs" / layout.CLEAN)
+            pairs = read_table(data / "pairs" / layout.PAIRS)
             _, val = split_train_val(label_set("click", data, classes), train_cfg["val_fraction"], seed)
             fit_siamese(model, meta, clean, pairs, val, images_dir=images, index=index, cfg=cfg)
             path = tmp / f"siamese-{seed}.pt"

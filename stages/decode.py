@@ -393,7 +393,7 @@ def decode_split(path: Path, split: str, cfg: DecodeConfig, out: OutputWriter,
              path.name, counts["lines"], counts["images"], counts["rejected"], seconds,
              counts["images"] / max(seconds, 1e-9), total / 1e6 / max(seconds, 1e-9))
     return {"file": path.name, "lines": counts["lines"], "images": counts["images"],
-            "rejected": counts["rejected"], "bytes": total, "seconds": round(seconds, 3)}
+            "rejected": counts["rejected"], "bytes": total}
 
 
 def check_rejects(split_stats: dict[str, Any], cfg: DecodeConfig, out: OutputWriter) -> None:
@@ -450,18 +450,17 @@ def decode_dataset(raw_dir: str | Path, out_dir: str | Path,
             rejects=dict(sorted(out.reasons.items())),
             how=dict(sorted(out.how.items())),
             shards=out.shards.n_shards, bytes_in=bytes_in, bytes_out=out.shards.bytes_written,
-            workers=workers, seconds=round(seconds, 3),
-            images_per_s=round(images / max(seconds, 1e-9), 1),
-            mb_per_s=round(bytes_in / 1e6 / max(seconds, 1e-9), 2),
-        )
+        )  # no timings here: stats.json is part of an output that later stages depend on
+        speed = {"seconds": round(seconds, 3), "images_per_s": round(images / max(seconds, 1e-9), 1),
+                 "mb_per_s": round(bytes_in / 1e6 / max(seconds, 1e-9), 2)}
         write_json(tmp / layout.STATS, stats)
         if pool is not None:
             pool.close()
             pool.join()
-    log.info("%d images in %d shards, %d rejected %s; %.1f s, %.0f images/s, %.1f MB/s",
+    log.info("%d images in %d shards, %d rejected %s; %.1f s, %.0f images/s, %.1f MB/s (%d workers)",
              images, stats["shards"], stats["rejected"], stats["rejects"], seconds,
-             stats["images_per_s"], stats["mb_per_s"])
-    return stats
+             speed["images_per_s"], speed["mb_per_s"], workers)
+    return {**stats, **speed}
 
 
 def _pool_init(max_pixels: int) -> None:

@@ -50,13 +50,14 @@ def download(params: dict, out_dir: Path) -> None:
 
             counts = generate_sample(tmp, seed=params["seed"], **params["sample"])
             log.info("generated sample: %s", counts)
+            sums = write_checksums(tmp)
         else:
             from stages.lib.fetch import fetch_raw
 
-            # partial downloads live beside the output, so an interrupted run resumes them
-            fetch_raw(params["files"], tmp, source=source, retries=params["retries"], timeout_s=params["timeout_s"],
-                      cache_dir=out_dir.parent / ".download-cache")
-        sums = write_checksums(tmp)
+            # partial downloads live beside the output, so an interrupted run resumes them;
+            # fetch_raw verifies and writes SHA256SUMS itself
+            sums = fetch_raw(params["files"], tmp, source=source, retries=params["retries"],
+                             timeout_s=params["timeout_s"], cache_dir=out_dir.parent / ".download-cache")
     log.info("wrote %d files to %s in %.1fs", len(sums), out_dir, time.time() - start)
 
 

@@ -237,14 +237,14 @@ def prob_gallery(filtered_dir: Path, pairs_dir: Path, pairs_report: dict[str, An
     """What the probability filter kept and dropped among the click-filtered
     images (dropped = in labels.tsv, not in clean.tsv), with p(label)."""
     clean = set()
-    for chunk in read_tsv_chunks(pairs_dir / "clean.tsv", usecols=["key"]):
+    for chunk in read_tsv_chunks(pairs_dir / layout.CLEAN, usecols=["key"]):
         clean.update(chunk["key"])
     dropped_name = f"dropped\np < {pairs_report.get('min_prob', 'min_prob')}"
     rows_df, sizes = sample_by_group(filtered_dir / layout.LABELS, n, lambda d: pd.Series(
         np.where(d["key"].isin(clean), "kept", dropped_name), d.index))
     # scores.tsv has p(label) of every click-filtered image under each scorer
     p_col = f"p_{pairs_report.get('scorer', 'label')}"
-    p_label = lookup(pairs_dir / "scores.tsv", set(rows_df["key"]), p_col) if len(rows_df) else {}
+    p_label = lookup(pairs_dir / layout.SCORES, set(rows_df["key"]), p_col) if len(rows_df) else {}
     known = truth(set(rows_df["key"]))
 
     def caption(row: Any) -> str:
@@ -356,7 +356,7 @@ def write_figures(out: Path, dirs: dict[str, Path], results: list[ModelResult], 
             figures.confusion_figure(r.actual, r.predicted, r.classes, f"{r.name}: confusion on the test set",
                                      tmp / f"confusion_{r.name}.png")
         figures.per_class_accuracy_figure(table, [r.name for r in results], tmp / "per_class_accuracy.png")
-        figures.training_curves_figure({r.name: read_curves(dirs[r.name] / "live") for r in results},
+        figures.training_curves_figure({r.name: read_curves(dirs[r.name] / layout.LIVE) for r in results},
                                        tmp / "training_curves.png")
         if gallery_n <= 0:
             log.info("evaluate.gallery_per_reason is 0: no galleries")
@@ -381,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     index = read_index(args.images)
     test, test_counts = read_test_set(args.raw, index)
     log.info("test set: %s", test_counts)
-    results = [evaluate_model(name, dirs[name] / "model.pt", test, args.images, index, cfg)
+    results = [evaluate_model(name, dirs[name] / layout.MODEL, test, args.images, index, cfg)
                for name in ("naive", "siamese")]
     filter_report = _read_json(args.filtered / layout.REPORT)
     pairs_report = _read_json(args.pairs / layout.REPORT)

@@ -34,8 +34,8 @@ from sklearn.model_selection import StratifiedKFold
 from stages.lib import engine, layout
 from stages.lib.atomic import atomic_dir, write_json
 from stages.lib.classifier import eval_loader, run_context, train_classifier
-from stages.lib.data import load_labels
-from stages.lib.models import load_model_file
+from stages.lib.data import load_labels, read_table
+from stages.lib.models import IMAGENET_MEAN, IMAGENET_STD, load_model_file
 from stages.lib.pairs import confusable_classes, confusion_counts, make_pairs
 from stages.lib.params import load_params
 from stages.lib.shards import read_index
@@ -43,15 +43,22 @@ from stages.lib.shards import read_index
 log = logging.getLogger("make_pairs")
 
 
+def p_label(model, df: pd.DataFrame, images: Path, index: pd.DataFrame, ctx: engine.RunContext, *,
+            image_size: int, batch_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:
+    """The model's probability for each row's own label (eval transforms, no gradients)."""
+    loader = eval_loader(images, df, image_size=image_size, batch_size=batch_size, workers=0, device=ctx.device,
+                         index=index, mean=mean, std=std)
+    probs, labels = engine.predict(model, loader, ctx)
+    return probs[np.arange(len(labels)), labels]
+
+
 def score_with_model(model_path: Path, df: pd.DataFrame, images: Path, index: pd.DataFrame,
                      train_cfg: dict[str, Any]) -> np.ndarray:
     """p(label) of each row of ``df`` under a saved model."""
     ctx = run_context(train_cfg)
     model, meta = load_model_file(model_path, ctx.device)
-    loader = eval_loader(images, df, image_size=meta["image_size"], batch_size=train_cfg["batch_size"],
-                         workers=0, device=ctx.device, index=index, mean=meta["mean"], std=meta["std"])
-    probs, labels = engine.predict(model, loader, ctx)
-    return probs[np.arange(len(labels)), labels]
+    return p_label(model, df, images, index, ctx, image_size=meta["image_size"], batch_size=train_cfg["batch_size"],
+                   mean=meta["mean"], std=meta["std"])
 
 
 def score_crossfit(df: pd.DataFrame, *, folds: int, epochs: int, seed: int, images: Path, index: pd.DataFrame,
@@ -67,11 +74,8 @@ def score_crossfit(df: pd.DataFrame, *, folds: int, epochs: int, seed: int, imag
         log.info("cross-fit fold %d/%d: train on %d, score %d", k + 1, folds, len(fit_idx), len(score_idx))
         model, _ = train_classifier(df.iloc[fit_idx], None, images_dir=images, num_classes=num_classes,
                                     model_cfg=model_cfg, train_cfg={**cfg, "seed": cfg["seed"] + k}, index=index)
-        held = df.iloc[score_idx]
-        probs, labels = engine.predict(model, eval_loader(images, held, image_size=model_cfg["image_size"],
-                                                          batch_size=cfg["batch_size"], workers=0,
-                                                          device=ctx.device, index=index), ctx)
-        p[score_idx] = probs[np.arange(len(labels)), labels]
+        p[score_idx] = p_label(model, df.iloc[score_idx], images, index, ctx, image_size=model_cfg["image_size"],
+                               batch_size=cfg["batch_size"])
     return p
 
 
@@ -82,9 +86,10 @@ def label_quality(kept: pd.DataFrame, raw: pd.DataFrame, truth: pd.Series) -> di
     kept_true = kept["key"].map(truth)
     correct_raw = set(raw.loc[raw["breed"].to_numpy() == raw["key"].map(truth).to_numpy(), "key"])
     n_correct = int((kept["breed"].to_numpy() == kept_true.to_numpy()).sum())
+    n_known = int(kept_true.notna().sum())  # images without a truth entry do not count
     kept_keys = set(kept["key"])
     return {"images": len(kept), "correct": n_correct,
-            "precision": n_correct / len(kept) if len(kept) else None,
+            "precision": n_correct / n_known if n_known else None,
             "recall": len(correct_raw & kept_keys) / len(correct_raw) if correct_raw else None}
 
 
@@ -114,12 +119,12 @@ def main(argv: list[str] | None = None) -> None:
     classes = json.loads((args.filtered_dir / layout.CLASSES).read_text())
     labels = load_labels(args.filtered_dir / layout.LABELS)
     index = read_index(args.images_dir)
-    val_pred = pd.read_csv(args.naive_dir / "val_predictions.tsv", sep="\t", dtype={"key": str})
+    val_pred = read_table(args.naive_dir / layout.VAL_PREDICTIONS)
 
     scores = labels[["key", "label", "breed"]].copy()
     cost: dict[str, float] = {}
     start = time.time()
-    scores["p_early"] = score_with_model(args.naive_dir / "early.pt", labels, args.images_dir, index, train_cfg)
+    scores["p_early"] = score_with_model(args.naive_dir / layout.EARLY_MODEL, labels, args.images_dir, index, train_cfg)
     cost["early_s"] = round(time.time() - start, 1)
     if p["scorer"] == "crossfit":
         start = time.time()
@@ -151,9 +156,9 @@ def main(argv: list[str] | None = None) -> None:
             kept = labels[scores[name].to_numpy() >= p["min_prob"]]
             report["label_quality"][f"click+prob_filter ({name[2:]})"] = label_quality(kept, raw, truth)
     with atomic_dir(args.out_dir) as tmp:
-        clean.to_csv(tmp / "clean.tsv", sep="\t", index=False)
-        scores.to_csv(tmp / "scores.tsv", sep="\t", index=False)
-        pairs.to_csv(tmp / "pairs.tsv", sep="\t", index=False)
+        clean.to_csv(tmp / layout.CLEAN, sep="\t", index=False)
+        scores.to_csv(tmp / layout.SCORES, sep="\t", index=False)
+        pairs.to_csv(tmp / layout.PAIRS, sep="\t", index=False)
         write_json(tmp / layout.REPORT, report)
     log.info("kept %d of %d images (min_prob %.2f, %s scorer); %d pairs %s", len(clean), len(labels), p["min_prob"],
              p["scorer"], len(pairs), report["pairs"])

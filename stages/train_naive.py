@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     model_cfg, train_cfg = params["model"], params["train"]
     if not 1 <= train_cfg["early_epoch"] <= train_cfg["epochs"]:
         raise ValueError(f"train.early_epoch must be in 1..train.epochs, got {train_cfg['early_epoch']}")
-    engine.init_distributed()
+    engine.init_distributed(train_cfg["device"])
 
     labels_path = args.filtered_dir / layout.LABELS
     classes = json.loads((args.filtered_dir / layout.CLASSES).read_text())
@@ -70,26 +70,28 @@ def main(argv: list[str] | None = None) -> None:
     log.info("%d training / %d validation images, %d classes", len(train_df), len(val_df), len(classes))
 
     out = args.out_dir
+    checkpoints = out / layout.CHECKPOINTS
     model_meta = {"backbone": model_cfg["backbone"], "image_size": model_cfg["image_size"], "classes": classes}
     logger = None
     if engine.is_main_process():
         out.mkdir(parents=True, exist_ok=True)
         # early.pt lives with the persisted checkpoints until the end, so a run
         # resumed past the early epoch still has it
-        logger = EpochLogger(out / "live", snapshot_epoch=train_cfg["early_epoch"],
-                             snapshot=lambda m: save_model(out / "checkpoints" / "early.pt", m, **model_meta,
+        logger = EpochLogger(out / layout.LIVE, snapshot_epoch=train_cfg["early_epoch"],
+                             snapshot=lambda m: save_model(checkpoints / layout.EARLY_MODEL, m, **model_meta,
                                                            epochs=train_cfg["early_epoch"]))
     run_args = {"model": model_cfg, "train": train_cfg, "data": file_digest(labels_path, args.images_dir / layout.INDEX)}
     model, history = train_classifier(train_df, val_df, images_dir=args.images_dir, num_classes=len(classes),
                                       model_cfg=model_cfg, train_cfg=train_cfg,
-                                      checkpoint=out / "checkpoints" / "last.pt", args=run_args,
+                                      checkpoint=checkpoints / "last.pt", args=run_args,
                                       index=index, on_epoch=logger)
     if engine.is_main_process():
-        val_acc = write_val_predictions(out / "val_predictions.tsv", model, val_df, args.images_dir,
+        val_acc = write_val_predictions(out / layout.VAL_PREDICTIONS, model, val_df, args.images_dir,
                                         model_cfg, train_cfg, index)
-        save_model(out / "model.pt", model, **model_meta, epochs=train_cfg["epochs"])
-        shutil.copyfile(out / "checkpoints" / "early.pt", out / "early.pt")
-        logger.end(**{"val/acc": val_acc})
+        save_model(out / layout.MODEL, model, **model_meta, epochs=train_cfg["epochs"])
+        with open(checkpoints / layout.EARLY_MODEL, "rb") as src, atomic_file(out / layout.EARLY_MODEL, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        logger.end()
         log.info("validation top-1 %.4f after %d epochs (%.0f s of training)", val_acc, len(history),
                  sum(h["epoch_s"] for h in history))
 

@@ -24,9 +24,9 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from stages.lib import engine
+from stages.lib import engine, layout
 from stages.lib.classifier import eval_loader, run_context
-from stages.lib.data import ShardDataset, build_transform, load_labels
+from stages.lib.data import ShardDataset, build_transform, load_labels, read_table
 from stages.lib.losses import ContrastiveLoss
 from stages.lib.models import Classifier, build_model, load_model_file
 from stages.lib.params import load_params
@@ -82,6 +82,7 @@ def siamese_loss(*, contrastive_weight: float, margin: float, label_smoothing: f
 
 def siamese_from_naive(naive_path: Path, cfg: dict[str, Any]) -> tuple[Classifier, dict[str, Any]]:
     """The naive model's trunk and head, plus a new projection head if asked."""
+    engine.seed_everything(cfg["seed"])  # the projection head's initial weights
     naive, meta = load_model_file(naive_path)
     model = build_model(meta["backbone"], len(meta["classes"]), embedding_dim=cfg["embedding_dim"],
                         normalize=cfg["normalize"])
@@ -101,7 +102,7 @@ def fit_siamese(model: Classifier, meta: dict[str, Any], clean: pd.DataFrame, pa
     ctx = run_context(cfg)
     size = meta["image_size"]
     images = ShardDataset(images_dir, clean["key"].tolist(), clean["label"].tolist(),
-                          build_transform(size, meta["mean"], meta["std"], train=True, augment=cfg.get("augment")),
+                          build_transform(size, meta["mean"], meta["std"], train=True, augment=cfg["augment"]),
                           seed=cfg["seed"], index=index)
     train_loader = engine.make_loader(PairDataset(images, pairs), batch_size=cfg["batch_size"], train=True,
                                       seed=cfg["seed"], workers=cfg["workers"], device=ctx.device)
@@ -123,26 +124,25 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cfg = load_params("siamese", path=args.params)
-    engine.init_distributed()
+    engine.init_distributed(cfg["device"])
 
-    model, meta = siamese_from_naive(args.naive_dir / "model.pt", cfg)
-    clean = load_labels(args.pairs_dir / "clean.tsv")
-    pairs = pd.read_csv(args.pairs_dir / "pairs.tsv", sep="\t", dtype={"key_a": str, "key_b": str},
-                        keep_default_na=False)
-    val = pd.read_csv(args.naive_dir / "val_predictions.tsv", sep="\t", dtype={"key": str}, keep_default_na=False)
+    model, meta = siamese_from_naive(args.naive_dir / layout.MODEL, cfg)
+    clean = load_labels(args.pairs_dir / layout.CLEAN)
+    pairs = read_table(args.pairs_dir / layout.PAIRS)
+    val = read_table(args.naive_dir / layout.VAL_PREDICTIONS)
     out = args.out_dir
     logger = None
     if engine.is_main_process():
         out.mkdir(parents=True, exist_ok=True)
-        logger = EpochLogger(out / "live")
-    run_args = {"siamese": cfg, "data": file_digest(args.pairs_dir / "pairs.tsv", args.naive_dir / "model.pt")}
+        logger = EpochLogger(out / layout.LIVE)
+    run_args = {"siamese": cfg, "data": file_digest(args.pairs_dir / layout.PAIRS, args.naive_dir / layout.MODEL)}
     history = fit_siamese(model, meta, clean, pairs, val, images_dir=args.images_dir,
-                          index=read_index(args.images_dir), cfg=cfg, checkpoint=out / "checkpoints" / "last.pt",
+                          index=read_index(args.images_dir), cfg=cfg, checkpoint=out / layout.CHECKPOINTS / "last.pt",
                           args=run_args, on_epoch=logger)
     if engine.is_main_process():
-        save_model(out / "model.pt", model, backbone=meta["backbone"], image_size=meta["image_size"],
+        save_model(out / layout.MODEL, model, backbone=meta["backbone"], image_size=meta["image_size"],
                    classes=meta["classes"], epochs=cfg["epochs"])
-        logger.end(**{"val/acc": history[-1]["val_acc"]})
+        logger.end()
         log.info("validation top-1 %.4f after %d epochs", history[-1]["val_acc"], len(history))
 
 

@@ -221,4 +221,6 @@ def test_cli_reads_params_yaml(tmp_path: Path) -> None:
     ok = run(0.5)
     assert ok.returncode == 0, ok.stderr
     assert list(read_index(tmp_path / "images")["key"]) == ["a0", "a1", "a2", "t0", "t1"]
-    assert json.loads((tmp_path / "images" / layout.STATS).read_text())["workers"] == 2
+    stats = json.loads((tmp_path / "images" / layout.STATS).read_text())
+    assert stats["images"] == 5 and "seconds" not in stats  # stats.json stays the same run to run
+    assert "(2 workers)" in ok.stderr

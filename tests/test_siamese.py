@@ -76,6 +76,15 @@ def test_pairs_proportions_no_self_pairs_and_hard_negatives() -> None:
     assert again.equals(pairs)
 
 
+def test_fractional_counts_keep_their_proportions_on_average() -> None:
+    labels = np.repeat(np.arange(4), 250)
+    confusable = {0: [1], 1: [0], 2: [3], 3: [2]}
+    pairs = make_pairs(labels, per_image=2, pos_fraction=0.5, hard_fraction=0.5, confusable=confusable, seed=0)
+    kinds = pairs["kind"].value_counts()
+    assert len(pairs) == 2000 and kinds[POSITIVE] == 1000
+    assert 0.45 < kinds[HARD_NEGATIVE] / 1000 < 0.55
+
+
 def test_hard_negatives_fall_back_to_uniform_without_confusion() -> None:
     labels = np.array([0, 0, 1, 1])
     pairs = make_pairs(labels, per_image=2, pos_fraction=0.5, hard_fraction=1.0, confusable={}, seed=0)

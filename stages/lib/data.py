@@ -6,7 +6,6 @@ resumed run sees exactly the batches an uninterrupted one would.
 """
 from __future__ import annotations
 
-import io
 import math
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -65,8 +64,7 @@ class ShardDataset(Dataset):
 
     def load(self, i: int) -> Image.Image:
         shard, offset, length = self.locations[i]
-        with Image.open(io.BytesIO(self.reader.read(int(shard), int(offset), int(length)))) as img:
-            return img.convert("RGB")
+        return self.reader.open_image({"shard": shard, "offset": offset, "length": length})
 
     def __getitem__(self, item) -> tuple[torch.Tensor, int]:
         i, epoch = item if isinstance(item, tuple) else (item, 0)
@@ -85,9 +83,15 @@ class EpochSampler(DistributedSampler):
         return ((i, self.epoch) for i in super().__iter__())
 
 
+def read_table(path: str | Path) -> pd.DataFrame:
+    """A TSV table written by a stage (header line, no quoting); keys stay
+    strings, and a key such as "NA" stays a key rather than a missing value."""
+    return pd.read_csv(path, sep="\t", dtype={"key": str, "key_a": str, "key_b": str}, keep_default_na=False)
+
+
 def load_labels(path: str | Path) -> pd.DataFrame:
     """A labels table (key, label, ...) as written by filter_clicks / make_pairs."""
-    df = pd.read_csv(path, sep="\t", dtype={"key": str}, keep_default_na=False)
+    df = read_table(path)
     if not {"key", "label"} <= set(df.columns):
         raise ValueError(f"{path}: needs columns key and label, has {list(df.columns)}")
     return df

@@ -47,11 +47,12 @@ class TrainingInterrupted(RuntimeError):
 
 
 # ---------------------------------------------------------------- environment
-def init_distributed() -> tuple[int, int]:
-    """(rank, world_size); joins the process group when started by torchrun."""
+def init_distributed(device: str = "auto") -> tuple[int, int]:
+    """(rank, world_size); joins the process group when started by torchrun:
+    nccl for CUDA training, gloo for CPU training (also on a GPU host)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = "nccl" if device in ("auto", "cuda") and torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend)

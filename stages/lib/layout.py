@@ -22,3 +22,15 @@ RAW_LABELS = "raw_labels.tsv"       # key, label, breed, clicks, share: top bree
 DROPPED = "dropped.tsv"             # key, reason, breed, clicks, share
 CLASSES = "classes.json"            # ordered class names; label = index in this list
 REPORT = "report.json"
+
+# models/naive/ and models/siamese/ (train_naive, train_siamese)
+MODEL = "model.pt"                  # weights + classes + preprocessing (stages.lib.models)
+EARLY_MODEL = "early.pt"            # naive only: the model after train.early_epoch epochs
+VAL_PREDICTIONS = "val_predictions.tsv"  # naive only: key, label, pred, p_label on the validation split
+CHECKPOINTS = "checkpoints"         # persisted by DVC; last.pt resumes an interrupted run
+LIVE = "live"                       # dvclive: metrics.json, plots/metrics/*.tsv
+
+# data/pairs/ (make_pairs)
+CLEAN = "clean.tsv"                 # key, label, breed, clicks, share, p_label (probability-filtered)
+SCORES = "scores.tsv"               # every click-filtered image with p_label from each scorer
+PAIRS = "pairs.tsv"                 # key_a, key_b, same, kind

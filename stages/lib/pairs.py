@@ -30,14 +30,20 @@ def confusable_classes(confusion: np.ndarray, k: int) -> dict[int, list[int]]:
     return out
 
 
+def _stochastic_round(x: float, rng: np.random.Generator) -> int:
+    low = int(np.floor(x))
+    return low + int(rng.random() < x - low)
+
+
 def make_pairs(labels: np.ndarray, *, per_image: int, pos_fraction: float, hard_fraction: float,
                confusable: dict[int, list[int]], seed: int) -> pd.DataFrame:
     """Partners for every anchor image ``i`` (an index into ``labels``).
 
-    Each anchor gets ``round(per_image * pos_fraction)`` positives (another image
-    of its label), and of the remaining negatives ``round(n_neg * hard_fraction)``
+    Each anchor gets ``per_image * pos_fraction`` positives (another image of
+    its label) and, of the remaining negatives, a ``hard_fraction`` share of
     hard ones (an image of a class in ``confusable[label]``), the rest uniform
-    over the other classes. No self-pairs. A hard negative falls back to a
+    over the other classes. Fractional counts are rounded up or down at random
+    per anchor, so the proportions hold on average even for ``per_image: 2``. No self-pairs. A hard negative falls back to a
     uniform one when its class has no confusable class; a positive is skipped
     when its class has a single image. Returns columns a, b, same, kind.
     """
@@ -47,11 +53,11 @@ def make_pairs(labels: np.ndarray, *, per_image: int, pos_fraction: float, hard_
     rng = np.random.default_rng(seed)
     members = {c: np.flatnonzero(labels == c) for c in np.unique(labels)}
     others = {c: np.flatnonzero(labels != c) for c in members}
-    n_pos = int(round(per_image * pos_fraction))
-    n_hard = int(round((per_image - n_pos) * hard_fraction))
-    n_uni = per_image - n_pos - n_hard
     rows: list[tuple[int, int, int, str]] = []
     for a, c in enumerate(labels):
+        n_pos = _stochastic_round(per_image * pos_fraction, rng)
+        n_hard = _stochastic_round((per_image - n_pos) * hard_fraction, rng)
+        n_uni = per_image - n_pos - n_hard
         same = members[c]
         if len(same) > 1:
             # draw from the class without the anchor: no self-pairs

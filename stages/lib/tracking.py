@@ -43,12 +43,12 @@ class EpochLogger:
 
     def __call__(self, epoch: int, metrics: dict[str, float], model: Classifier | None) -> None:
         for name, value in metrics.items():
-            self.live.log_metric(name.replace("_", "/", 1), value)  # train_loss -> train/loss
+            if name.startswith(("train_", "val_")):
+                name = name.replace("_", "/", 1)  # train_loss -> train/loss: dvclive nests on "/"
+            self.live.log_metric(name, value)
         self.live.next_step()
         if model is not None and self.snapshot is not None and epoch + 1 == self.snapshot_epoch:
             self.snapshot(model)
 
-    def end(self, **summary: float) -> None:
-        for name, value in summary.items():
-            self.live.summary[name] = value
+    def end(self) -> None:
         self.live.end()

@@ -16,6 +16,7 @@ import argparse
 import json
 import logging
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +24,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from stages.lib import engine, layout
+from stages.lib import classifier, data, engine, layout, models
 from stages.lib.atomic import atomic_file
 from stages.lib.classifier import eval_loader, run_context, train_classifier
 from stages.lib.data import load_labels, split_train_val
 from stages.lib.params import load_params
 from stages.lib.shards import read_index
-from stages.lib.tracking import EpochLogger, file_digest, save_model
+from stages.lib.tracking import EpochLogger, code_digest, file_digest, save_model
 
 log = logging.getLogger("train_naive")
 
@@ -80,7 +81,8 @@ def main(argv: list[str] | None = None) -> None:
         logger = EpochLogger(out / layout.LIVE, snapshot_epoch=train_cfg["early_epoch"],
                              snapshot=lambda m: save_model(checkpoints / layout.EARLY_MODEL, m, **model_meta,
                                                            epochs=train_cfg["early_epoch"]))
-    run_args = {"model": model_cfg, "train": train_cfg, "data": file_digest(labels_path, args.images_dir / layout.INDEX)}
+    run_args = {"model": model_cfg, "train": train_cfg, "data": file_digest(labels_path, args.images_dir / layout.INDEX),
+                "code": code_digest(sys.modules[__name__], classifier, engine, data, models)}
     model, history = train_classifier(train_df, val_df, images_dir=args.images_dir, num_classes=len(classes),
                                       model_cfg=model_cfg, train_cfg=train_cfg,
                                       checkpoint=checkpoints / "last.pt", args=run_args,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +25,14 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from stages.lib import engine, layout
+from stages.lib import data, engine, layout, losses, models
 from stages.lib.classifier import eval_loader, run_context
 from stages.lib.data import ShardDataset, build_transform, load_labels, read_table
 from stages.lib.losses import ContrastiveLoss
 from stages.lib.models import Classifier, build_model, load_model_file
 from stages.lib.params import load_params
 from stages.lib.shards import read_index
-from stages.lib.tracking import EpochLogger, file_digest, save_model
+from stages.lib.tracking import EpochLogger, code_digest, file_digest, save_model
 
 log = logging.getLogger("train_siamese")
 
@@ -135,7 +136,8 @@ def main(argv: list[str] | None = None) -> None:
     if engine.is_main_process():
         out.mkdir(parents=True, exist_ok=True)
         logger = EpochLogger(out / layout.LIVE)
-    run_args = {"siamese": cfg, "data": file_digest(args.pairs_dir / layout.PAIRS, args.naive_dir / layout.MODEL)}
+    run_args = {"siamese": cfg, "data": file_digest(args.pairs_dir / layout.PAIRS, args.naive_dir / layout.MODEL),
+                "code": code_digest(sys.modules[__name__], losses, engine, data, models)}
     history = fit_siamese(model, meta, clean, pairs, val, images_dir=args.images_dir,
                           index=read_index(args.images_dir), cfg=cfg, checkpoint=out / layout.CHECKPOINTS / "last.pt",
                           args=run_args, on_epoch=logger)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Callable
 
 import torch
@@ -20,6 +21,13 @@ def file_digest(*paths: Path) -> str:
             while block := f.read(1 << 20):
                 h.update(block)
     return h.hexdigest()[:16]
+
+
+def code_digest(*modules: ModuleType) -> str:
+    """Fingerprint of the training code: DVC re-runs a stage when its code
+    changes, and the persisted checkpoint of the old code must not be resumed
+    (it could hold a finished run of a since-fixed loop)."""
+    return file_digest(*(Path(m.__file__) for m in modules))
 
 
 def save_model(path: Path, model: Classifier, *, backbone: str, image_size: int, classes: list[str],

@@ -61,3 +61,12 @@ def tiny_pipeline(tmp_path: Path) -> Path:
     }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     return tmp_path
+
+
+@pytest.fixture(autouse=True)
+def _restore_pillow_pixel_limit():
+    """decode and predict set Pillow's process-wide pixel limit from their
+    params, as a stage process should; in-process tests must not leak it."""
+    limit = Image.MAX_IMAGE_PIXELS
+    yield
+    Image.MAX_IMAGE_PIXELS = limit

@@ -24,7 +24,11 @@ CASES = [
 
 
 def planned_stages() -> list[str]:
-    out = subprocess.run(["dvc", "repro", "--dry"], capture_output=True, text=True, check=True).stdout
+    """Stages a `dvc repro` would run. Plain `--dry` lists only the stages whose
+    own inputs changed (it cannot know whether their outputs will change);
+    `--force-downstream` adds everything that depends on them."""
+    out = subprocess.run(["dvc", "repro", "--dry", "--force-downstream"], capture_output=True, text=True,
+                         check=True).stdout
     return re.findall(r"Running stage '([\w-]+)'", out)
 
 

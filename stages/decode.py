@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from stages.lib import layout
 from stages.lib.atomic import atomic_dir, write_json
+from stages.lib.images import to_rgb
 from stages.lib.params import load_params
 from stages.lib.shards import IndexWriter, ShardWriter
 
@@ -174,17 +175,6 @@ def capped_size(width: int, height: int, max_short_side: int) -> tuple[int, int]
     return max(1, round(width * scale)), max_short_side
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    # Transparent pixels hold arbitrary colours: composite them on white
-    # rather than letting convert("RGB") expose them.
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        canvas = Image.new("RGB", rgba.size, (255, 255, 255))
-        canvas.paste(rgba, mask=rgba.getchannel("A"))
-        return canvas
-    return img.convert("RGB")
-
-
 def _is_truncation(e: Exception) -> bool:
     return isinstance(e, EOFError) or "truncated" in str(e).lower()
 
@@ -231,7 +221,7 @@ def decode_image(data: bytes, cfg: DecodeConfig) -> tuple[bytes, int, int, str]:
         if copy:
             return data, width, height, "copied"
         try:
-            out = _to_rgb(img)
+            out = to_rgb(img)
             if out.size != target:
                 out = out.resize(target, Image.Resampling.BICUBIC)
         except Exception:

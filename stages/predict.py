@@ -21,6 +21,7 @@ from PIL import Image, UnidentifiedImageError
 
 from stages.lib.data import build_transform
 from stages.lib.engine import choose_device
+from stages.lib.images import to_rgb
 from stages.lib.models import load_model_file
 
 MAX_PIXELS = 40_000_000  # as decode.max_pixels: larger images are refused before decoding (bombs)
@@ -29,17 +30,6 @@ BATCH = 32
 
 class ImageError(ValueError):
     """An input that is not a readable image; the message says why."""
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """RGB as the decode stage makes it: transparent pixels on white (their
-    hidden colours are arbitrary), everything else converted."""
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        canvas = Image.new("RGB", rgba.size, (255, 255, 255))
-        canvas.paste(rgba, mask=rgba.getchannel("A"))
-        return canvas
-    return img.convert("RGB")
 
 
 def load_image(path: Path) -> Image.Image:

@@ -2,7 +2,6 @@
 mining, and a tiny siamese run."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np

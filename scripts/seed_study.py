@@ -103,10 +103,29 @@ def summary_table(runs: pd.DataFrame) -> str:
         r = runs[runs["config"] == name]
 
         def cell(col: str) -> str:
-            se = r[col].std(ddof=1) / np.sqrt(len(r)) if len(r) > 1 else float("nan")
-            return f"{r[col].mean():.3f} ± {se:.3f}"
+            if len(r) < 2:
+                return f"{r[col].mean():.3f} (one seed)"
+            return f"{r[col].mean():.3f} ± {r[col].std(ddof=1) / np.sqrt(len(r)):.3f}"
 
         lines.append(f"| {name} | {len(r)} | {cell('top1')} | {cell('mean_class_accuracy')} | {cell('top5')} |")
+    return "\n".join(lines) + "\n\n" + paired_differences(runs)
+
+
+def paired_differences(runs: pd.DataFrame, baseline: str = "click") -> str:
+    """Test top-1 of each configuration minus the pipeline's naive model, paired
+    by seed; a difference counts only when it exceeds two standard errors."""
+    top1 = runs.pivot_table(index="seed", columns="config", values="top1")
+    if baseline not in top1:
+        return ""
+    lines = ["| difference in test top-1 (paired by seed) | seeds | mean ± s.e. | beyond 2 s.e.? |", "|---|---|---|---|"]
+    for name in [c for c in CONFIGS if c in top1 and c != baseline]:
+        d = (top1[name] - top1[baseline]).dropna()
+        if len(d) < 2:
+            lines.append(f"| {name} − {baseline} | {len(d)} | {d.mean():+.3f} | one seed: cannot tell |")
+            continue
+        se = d.std(ddof=1) / np.sqrt(len(d))
+        verdict = "yes" if abs(d.mean()) > 2 * se else "no: within seed noise"
+        lines.append(f"| {name} − {baseline} | {len(d)} | {d.mean():+.3f} ± {se:.3f} | {verdict} |")
     return "\n".join(lines) + "\n"
 
 
@@ -118,7 +137,13 @@ def main() -> None:
                    help="run the truth configuration only for these seeds (default: all seeds)")
     p.add_argument("--data", type=Path, default=Path("data"))
     p.add_argument("--out", type=Path, default=Path("reports"))
+    p.add_argument("--summarize", action="store_true", help="only rewrite seed_study.md from seed_study.json")
     args = p.parse_args()
+    if args.summarize:
+        runs_df = pd.DataFrame(json.loads((args.out / "seed_study.json").read_text()))
+        (args.out / "seed_study.md").write_text(summary_table(runs_df))
+        print(summary_table(runs_df))
+        return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     params = load_params("model", "train", "siamese")
     runs: list[dict] = []

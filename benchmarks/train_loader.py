@@ -20,8 +20,14 @@ import torch
 from stages.lib import engine, layout
 from stages.lib.classifier import run_context
 from stages.lib.data import ShardDataset, build_transform, load_labels
-from stages.lib.models import IMAGENET_MEAN, IMAGENET_STD, create_model
+from stages.lib.models import create_model
 from stages.lib.params import load_params
+
+
+def sync(device: torch.device) -> None:
+    # CUDA kernels run asynchronously: without this the clock stops before the GPU does
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def time_steps(model, loss_fn, batches, optimizer, ctx, steps: int, warmup: int = 3) -> float:
@@ -29,6 +35,7 @@ def time_steps(model, loss_fn, batches, optimizer, ctx, steps: int, warmup: int 
     it = iter(batches)
     for i in range(warmup + steps):
         if i == warmup:
+            sync(ctx.device)
             start = time.perf_counter()
         batch = next(it)
         with ctx.autocast():
@@ -36,6 +43,7 @@ def time_steps(model, loss_fn, batches, optimizer, ctx, steps: int, warmup: int 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+    sync(ctx.device)
     return steps * n / (time.perf_counter() - start)
 
 
@@ -52,12 +60,13 @@ def main() -> None:
     classes = json.loads((args.data / "filtered" / layout.CLASSES).read_text())
     size, bs = model_cfg["image_size"], cfg["batch_size"]
     ds = ShardDataset(args.data / "images", labels["key"].tolist(), labels["label"].tolist(),
-                      build_transform(size, IMAGENET_MEAN, IMAGENET_STD, train=True, augment=cfg["augment"]))
+                      build_transform(size, train=True, augment=cfg["augment"]))
     model = create_model(model_cfg["backbone"], len(classes)).to(ctx.device, memory_format=torch.channels_last)
     optimizer = engine.build_optimizer(model, cfg)
     loss_fn = engine.classification_loss(cfg["label_smoothing"])
     g = torch.Generator().manual_seed(0)
-    fake = [(torch.randn(bs, 3, size, size, generator=g), torch.randint(0, len(classes), (bs,), generator=g))
+    fake = [(torch.randint(0, 256, (bs, 3, size, size), dtype=torch.uint8, generator=g),
+             torch.randint(0, len(classes), (bs,), generator=g))
             for _ in range(4)]
     ideal = time_steps(model, loss_fn, (fake[i % 4] for i in range(10**9)), optimizer, ctx, args.steps)
     print(f"backbone {model_cfg['backbone']}, {size}px, batch {bs}, precision {ctx.amp_dtype or 'fp32'}, "

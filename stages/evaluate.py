@@ -108,7 +108,7 @@ def evaluate_model(name: str, path: Path, test: pd.DataFrame, images_dir: Path, 
     start = time.time()
     if len(scored):
         loader = eval_loader(images_dir, scored, image_size=meta["image_size"], batch_size=cfg["batch_size"],
-                             workers=0, device=ctx.device, index=index, mean=meta["mean"], std=meta["std"])
+                             workers=0, device=ctx.device, index=index)
         probs, labels = engine.predict(model, loader, ctx)
     else:
         probs, labels = np.zeros((0, len(classes)), np.float32), np.zeros(0, np.int64)

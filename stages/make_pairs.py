@@ -35,7 +35,7 @@ from stages.lib import engine, layout
 from stages.lib.atomic import atomic_dir, write_json
 from stages.lib.classifier import eval_loader, run_context, train_classifier
 from stages.lib.data import load_labels, read_table
-from stages.lib.models import IMAGENET_MEAN, IMAGENET_STD, load_model_file
+from stages.lib.models import load_model_file
 from stages.lib.pairs import confusable_classes, confusion_counts, make_pairs
 from stages.lib.params import load_params
 from stages.lib.shards import read_index
@@ -44,10 +44,10 @@ log = logging.getLogger("make_pairs")
 
 
 def p_label(model, df: pd.DataFrame, images: Path, index: pd.DataFrame, ctx: engine.RunContext, *,
-            image_size: int, batch_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:
+            image_size: int, batch_size: int) -> np.ndarray:
     """The model's probability for each row's own label (eval transforms, no gradients)."""
     loader = eval_loader(images, df, image_size=image_size, batch_size=batch_size, workers=0, device=ctx.device,
-                         index=index, mean=mean, std=std)
+                         index=index)
     probs, labels = engine.predict(model, loader, ctx)
     return probs[np.arange(len(labels)), labels]
 
@@ -57,8 +57,7 @@ def score_with_model(model_path: Path, df: pd.DataFrame, images: Path, index: pd
     """p(label) of each row of ``df`` under a saved model."""
     ctx = run_context(train_cfg)
     model, meta = load_model_file(model_path, ctx.device)
-    return p_label(model, df, images, index, ctx, image_size=meta["image_size"], batch_size=train_cfg["batch_size"],
-                   mean=meta["mean"], std=meta["std"])
+    return p_label(model, df, images, index, ctx, image_size=meta["image_size"], batch_size=train_cfg["batch_size"])
 
 
 def score_crossfit(df: pd.DataFrame, *, folds: int, epochs: int, seed: int, images: Path, index: pd.DataFrame,

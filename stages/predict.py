@@ -73,7 +73,7 @@ def predict_paths(model_path: Path, paths: Sequence[Path], k: int = 5) -> int:
     """Print the top-``k`` breeds of each image; return the number of failures."""
     device = choose_device("auto")
     model, meta = load_model_file(model_path, device)
-    transform = build_transform(meta["image_size"], meta["mean"], meta["std"], train=False)
+    transform = build_transform(meta["image_size"], train=False)
     classes = meta["classes"]
     failures = 0
     for group in batches(paths, BATCH):

@@ -86,7 +86,7 @@ def siamese_from_naive(naive_path: Path, cfg: dict[str, Any]) -> tuple[Classifie
     engine.seed_everything(cfg["seed"])  # the projection head's initial weights
     naive, meta = load_model_file(naive_path)
     model = build_model(meta["backbone"], len(meta["classes"]), embedding_dim=cfg["embedding_dim"],
-                        normalize=cfg["normalize"])
+                        normalize=cfg["normalize"], mean=meta["mean"], std=meta["std"])
     missing, unexpected = model.load_state_dict(naive.state_dict(), strict=False)
     if unexpected or any(not k.startswith("projection.") for k in missing):
         raise ValueError(f"{naive_path} does not fit: missing {missing}, unexpected {unexpected}")
@@ -103,12 +103,12 @@ def fit_siamese(model: Classifier, meta: dict[str, Any], clean: pd.DataFrame, pa
     ctx = run_context(cfg)
     size = meta["image_size"]
     images = ShardDataset(images_dir, clean["key"].tolist(), clean["label"].tolist(),
-                          build_transform(size, meta["mean"], meta["std"], train=True, augment=cfg["augment"]),
+                          build_transform(size, train=True, augment=cfg["augment"]),
                           seed=cfg["seed"], index=index)
     train_loader = engine.make_loader(PairDataset(images, pairs), batch_size=cfg["batch_size"], train=True,
                                       seed=cfg["seed"], workers=cfg["workers"], device=ctx.device)
     val_loader = eval_loader(images_dir, val, image_size=size, batch_size=2 * cfg["batch_size"], workers=0,
-                             device=ctx.device, index=index, mean=meta["mean"], std=meta["std"])
+                             device=ctx.device, index=index)
     log.info("%d clean images, %d pairs %s, %d validation images", len(clean), len(pairs),
              pairs["kind"].value_counts().to_dict(), len(val))
     loss_fn = siamese_loss(contrastive_weight=cfg["contrastive_weight"], margin=cfg["margin"],

@@ -61,7 +61,7 @@ def test_predict_uses_the_eval_preprocessing(tmp_path: Path, model_path: Path, c
     assert predict.main([str(model_path), str(jpg), "--top", "1"]) == 0
     out = capsys.readouterr().out.splitlines()
     model, meta = load_model_file(model_path)
-    x = build_transform(32, meta["mean"], meta["std"], train=False)(Image.open(jpg).convert("RGB"))
+    x = build_transform(32, train=False)(Image.open(jpg).convert("RGB"))
     with torch.inference_mode():
         probs = torch.softmax(model(x[None]), dim=1)[0]
     p, i = probs.max(0)

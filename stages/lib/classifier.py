@@ -10,7 +10,7 @@ import torch
 
 from stages.lib import engine
 from stages.lib.data import ShardDataset, build_transform
-from stages.lib.models import IMAGENET_MEAN, IMAGENET_STD, Classifier, create_model
+from stages.lib.models import Classifier, create_model
 
 
 def run_context(cfg: dict[str, Any]) -> engine.RunContext:
@@ -20,12 +20,11 @@ def run_context(cfg: dict[str, Any]) -> engine.RunContext:
 
 
 def eval_loader(images_dir: Path, df: pd.DataFrame, *, image_size: int, batch_size: int, workers: int,
-                device: torch.device, index: pd.DataFrame | None = None,
-                mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.utils.data.DataLoader:
+                device: torch.device, index: pd.DataFrame | None = None) -> torch.utils.data.DataLoader:
     """Deterministic loader (eval transforms) over ``df``'s keys and labels."""
     labels = df["label"] if "label" in df else [0] * len(df)
     ds = ShardDataset(images_dir, df["key"].tolist(), list(labels),
-                      build_transform(image_size, mean, std, train=False), index=index)
+                      build_transform(image_size, train=False), index=index)
     return engine.make_loader(ds, batch_size=batch_size, train=False, seed=0, workers=workers, device=device)
 
 
@@ -39,8 +38,7 @@ def train_classifier(train_df: pd.DataFrame, val_df: pd.DataFrame | None, *, ima
     ctx = run_context(train_cfg)
     size = model_cfg["image_size"]
     train_ds = ShardDataset(images_dir, train_df["key"].tolist(), train_df["label"].tolist(),
-                            build_transform(size, IMAGENET_MEAN, IMAGENET_STD, train=True,
-                                            augment=train_cfg.get("augment")),
+                            build_transform(size, train=True, augment=train_cfg.get("augment")),
                             seed=train_cfg["seed"], index=index)
     train_loader = engine.make_loader(train_ds, batch_size=train_cfg["batch_size"], train=True,
                                       seed=train_cfg["seed"], workers=train_cfg["workers"], device=ctx.device)

@@ -7,6 +7,7 @@ resumed run sees exactly the batches an uninterrupted one would.
 from __future__ import annotations
 
 import math
+import random
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -16,31 +17,106 @@ import torch
 from PIL import Image
 from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset, DistributedSampler
-from torchvision.transforms import v2 as T
 
 from stages.lib.shards import ShardReader, read_index
 
+GREY = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
 
-def build_transform(image_size: int, mean: Sequence[float], std: Sequence[float], *,
-                    train: bool, augment: dict[str, Any] | None = None) -> T.Compose:
-    """Train: random resized crop, flip, brightness/contrast; eval: resize + centre crop."""
-    tail = [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(list(mean), list(std))]
+
+class TrainTransform:
+    """Random resized crop, horizontal flip, brightness/contrast jitter, as
+    torchvision's ``RandomResizedCrop`` + ``RandomHorizontalFlip`` +
+    ``ColorJitter`` (fixed order: brightness, then contrast).
+
+    Returns a uint8 CHW tensor: the model normalises (``Classifier``), so the
+    loader moves a quarter of the bytes of float images and does no float work
+    per image beyond the jitter. The crop and the resize are one Pillow call
+    (``resize(box=...)``). Draws come from the ``random.Random`` passed in,
+    which the dataset seeds per (seed, epoch, sample).
+    """
+
+    def __init__(self, image_size: int, *, scale: tuple[float, float] = (0.5, 1.0),
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: bool = True,
+                 brightness: float = 0.0, contrast: float = 0.0) -> None:
+        if not 0 < scale[0] <= scale[1] <= 1:
+            raise ValueError(f"augment.scale_min must be in (0, 1], got {scale[0]}")
+        if brightness < 0 or contrast < 0:
+            raise ValueError(f"augment brightness/contrast must be >= 0, got {brightness}/{contrast}")
+        self.size, self.scale, self.hflip = image_size, scale, hflip
+        self.log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+        self.brightness, self.contrast = brightness, contrast
+
+    def crop_box(self, width: int, height: int, rng: random.Random) -> tuple[int, int, int, int]:
+        """torchvision's ``RandomResizedCrop.get_params``: (left, top, right, bottom)."""
+        area = width * height
+        for _ in range(10):
+            target = area * rng.uniform(*self.scale)
+            aspect = math.exp(rng.uniform(*self.log_ratio))
+            w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+            if 0 < w <= width and 0 < h <= height:
+                left, top = rng.randint(0, width - w), rng.randint(0, height - h)
+                return left, top, left + w, top + h
+        in_ratio = width / height  # fallback: the central crop of the nearest allowed ratio
+        lo, hi = math.exp(self.log_ratio[0]), math.exp(self.log_ratio[1])
+        w, h = (width, round(width / lo)) if in_ratio < lo else (round(height * hi), height) if in_ratio > hi \
+            else (width, height)
+        left, top = (width - w) // 2, (height - h) // 2
+        return left, top, left + w, top + h
+
+    def __call__(self, img: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
+        rng = rng or random.Random()
+        img = img.resize((self.size, self.size), Image.Resampling.BILINEAR, box=self.crop_box(*img.size, rng))
+        if self.hflip and rng.random() < 0.5:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        a = np.asarray(img)
+        if self.brightness or self.contrast:
+            a = self.jitter(a, rng)
+        return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
+
+    def jitter(self, a: np.ndarray, rng: random.Random) -> np.ndarray:
+        b = rng.uniform(max(0.0, 1 - self.brightness), 1 + self.brightness) if self.brightness else 1.0
+        c = rng.uniform(max(0.0, 1 - self.contrast), 1 + self.contrast) if self.contrast else 1.0
+        # brightness then contrast as one affine map: c * (b * x) + (1 - c) * mean grey of (b * x).
+        # torchvision clips in between; only pixels that brightening saturates differ.
+        x = a.astype(np.float32)
+        grey = float((x.reshape(-1, 3) @ GREY).sum()) / (x.size // 3) * b  # a matrix product: fast on HWC
+        x *= b * c
+        x += (1 - c) * grey + 0.5  # + 0.5: round, not truncate, below
+        np.clip(x, 0, 255, out=x)
+        return x.astype(np.uint8)
+
+
+class EvalTransform:
+    """Resize the short side, centre crop (the 0.875 crop ratio from 128 px up),
+    in one Pillow call; a uint8 CHW tensor, as ``TrainTransform``."""
+
+    def __init__(self, image_size: int) -> None:
+        self.size = image_size
+        self.resize = image_size if image_size < 128 else int(math.ceil(image_size / 0.875))
+
+    def __call__(self, img: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
+        width, height = img.size
+        side = min(width, height) * self.size / self.resize  # the crop, in source pixels
+        left, top = (width - side) / 2, (height - side) / 2
+        img = img.resize((self.size, self.size), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side))
+        return torch.from_numpy(np.ascontiguousarray(np.asarray(img).transpose(2, 0, 1)))
+
+
+def build_transform(image_size: int, *, train: bool,
+                    augment: dict[str, Any] | None = None) -> TrainTransform | EvalTransform:
+    """Train: random resized crop, flip, brightness/contrast (``train.augment``);
+    eval: resize + centre crop. Both give uint8 CHW tensors."""
     if not train:
-        resize = image_size if image_size < 128 else int(math.ceil(image_size / 0.875))
-        return T.Compose([T.Resize(resize, antialias=True), T.CenterCrop(image_size), *tail])
+        return EvalTransform(image_size)
     augment = augment or {}
-    ops: list[Any] = [T.RandomResizedCrop(image_size, scale=(augment.get("scale_min", 0.5), 1.0), antialias=True)]
-    if augment.get("hflip", True):
-        ops.append(T.RandomHorizontalFlip())
-    if augment.get("brightness", 0) or augment.get("contrast", 0):
-        ops.append(T.ColorJitter(brightness=augment.get("brightness", 0), contrast=augment.get("contrast", 0)))
-    return T.Compose([*ops, *tail])
+    return TrainTransform(image_size, scale=(augment.get("scale_min", 0.5), 1.0), hflip=augment.get("hflip", True),
+                          brightness=augment.get("brightness", 0.0), contrast=augment.get("contrast", 0.0))
 
 
 class ShardDataset(Dataset):
     """Images of ``keys`` read by random access from the shards.
 
-    Items are ``(image_tensor, label)``; a sampler may pass ``(index, epoch)``
+    Items are ``(uint8 CHW image, label)``; a sampler may pass ``(index, epoch)``
     instead of an index to seed the augmentation of that draw.
     """
 
@@ -68,11 +144,8 @@ class ShardDataset(Dataset):
 
     def __getitem__(self, item) -> tuple[torch.Tensor, int]:
         i, epoch = item if isinstance(item, tuple) else (item, 0)
-        img = self.load(i)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + i)
-            x = self.transform(img)
-        return x, int(self.labels[i])
+        rng = random.Random((self.seed * 1_000_003 + epoch) * 10_000_019 + i)
+        return self.transform(self.load(i), rng), int(self.labels[i])
 
 
 class EpochSampler(DistributedSampler):

@@ -23,12 +23,23 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class Classifier(nn.Module):
-    """``trunk`` -> pooled features -> ``head`` logits; ``embed`` gives the
-    (optionally projected and L2-normalised) embedding used by the siamese loss."""
+    """``trunk`` -> pooled features -> ``head`` logits; ``with_embedding`` also
+    gives the (optionally projected and L2-normalised) embedding used by the
+    siamese loss.
+
+    Inputs are uint8 images (N, 3, H, W), or floats in [0, 1]; the model
+    subtracts ``mean`` and divides by ``std`` itself, so loaders ship uint8
+    (a quarter of the bytes through worker pipes and to the GPU) and the
+    normalisation runs once per batch on the training device.
+    """
 
     def __init__(self, trunk: nn.Module, feature_dim: int, num_classes: int, *,
-                 embedding_dim: int = 0, normalize: bool = False) -> None:
+                 embedding_dim: int = 0, normalize: bool = False,
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD) -> None:
         super().__init__()
+        # not in the state dict: the model file stores them as plain lists
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.trunk = trunk
         self.head = nn.Linear(feature_dim, num_classes)
         self.projection = nn.Linear(feature_dim, embedding_dim) if embedding_dim > 0 else None
@@ -37,7 +48,9 @@ class Classifier(nn.Module):
 
     def forward(self, x: torch.Tensor, with_embedding: bool = False):
         """Logits, or (logits, embedding): one method so DDP's hooks see both."""
-        features = self.trunk(x)
+        if x.dtype == torch.uint8:
+            x = x.float().div_(255)
+        features = self.trunk((x - self.mean) / self.std)
         logits = self.head(features)
         if not with_embedding:
             return logits
@@ -65,14 +78,15 @@ def _split_last_linear(model: nn.Module) -> tuple[nn.Module, int]:
     return model, last.in_features
 
 
-def build_model(backbone: str, num_classes: int, *, embedding_dim: int = 0, normalize: bool = False) -> Classifier:
+def build_model(backbone: str, num_classes: int, *, embedding_dim: int = 0, normalize: bool = False,
+                mean=IMAGENET_MEAN, std=IMAGENET_STD) -> Classifier:
     """A randomly initialised ``Classifier`` on a torchvision backbone."""
     available = torchvision.models.list_models(module=torchvision.models)
     if backbone not in available:
         raise ValueError(f"model.backbone {backbone!r} is not a torchvision classification model; "
                          f"choose one of: {', '.join(sorted(available))}")
     trunk, dim = _split_last_linear(torchvision.models.get_model(backbone, weights=None))
-    return Classifier(trunk, dim, num_classes, embedding_dim=embedding_dim, normalize=normalize)
+    return Classifier(trunk, dim, num_classes, embedding_dim=embedding_dim, normalize=normalize, mean=mean, std=std)
 
 
 def _imagenet_state_dict(backbone: str) -> dict[str, torch.Tensor]:
@@ -134,15 +148,15 @@ def create_model(backbone: str, num_classes: int, weights: str = "none", **kwarg
 
 
 def model_file(model: Classifier, *, backbone: str, classes: list[str], image_size: int,
-               mean=IMAGENET_MEAN, std=IMAGENET_STD, extra: dict | None = None) -> dict[str, Any]:
+               extra: dict | None = None) -> dict[str, Any]:
     """The saved form of a trained model: weights plus what is needed to use it."""
     return {
         "format": MODEL_FORMAT,
         "backbone": backbone,
         "classes": list(classes),
         "image_size": int(image_size),
-        "mean": list(mean),
-        "std": list(std),
+        "mean": [round(v, 6) for v in model.mean.flatten().tolist()],
+        "std": [round(v, 6) for v in model.std.flatten().tolist()],
         "embedding_dim": model.projection.out_features if model.projection is not None else 0,
         "normalize": bool(model.normalize),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -160,7 +174,7 @@ def load_model_file(path: str | Path, device: torch.device | str = "cpu") -> tup
     if not isinstance(obj, dict) or obj.get("format") != MODEL_FORMAT:
         raise ValueError(f"{path} is not a clickdog model file ({MODEL_FORMAT})")
     model = build_model(obj["backbone"], len(obj["classes"]), embedding_dim=obj["embedding_dim"],
-                        normalize=obj["normalize"])
+                        normalize=obj["normalize"], mean=obj["mean"], std=obj["std"])
     model.load_state_dict(obj["state_dict"])
     model.backbone_name = obj["backbone"]
     meta = {k: v for k, v in obj.items() if k != "state_dict"}

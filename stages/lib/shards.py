@@ -179,8 +179,9 @@ class ShardReader:
     def open_image(self, row: Any) -> Image.Image:
         """Decode the image of an index row (Series, dict or namedtuple) as RGB."""
         data = self.read(_field(row, "shard"), _field(row, "offset"), _field(row, "length"))
-        with Image.open(io.BytesIO(data), formats=["JPEG"]) as img:
-            return img.convert("RGB")
+        img = Image.open(io.BytesIO(data), formats=["JPEG"])
+        img.load()
+        return img if img.mode == "RGB" else img.convert("RGB")  # decode writes RGB: skip the copy
 
     def close(self) -> None:
         for fd in self._fds.values():

@@ -1,0 +1,135 @@
+"""The training transforms, the shard dataset's seeding, and the model-side
+normalisation that lets loaders ship uint8 images."""
+from __future__ import annotations
+
+import io
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
+
+from stages.lib.data import EvalTransform, ShardDataset, TrainTransform, build_transform, split_train_val
+from stages.lib.models import IMAGENET_MEAN, IMAGENET_STD, build_model
+from stages.lib.shards import INDEX, IndexWriter, ShardWriter
+
+
+def _image(width: int, height: int, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    # smooth content, so bilinear resampling differences stay small
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x * 200 / width, y * 200 / height, (x + y) * 100 / (width + height)], axis=-1)
+    return Image.fromarray((base + rng.uniform(0, 40, 3)).astype(np.uint8))
+
+
+def test_crop_boxes_follow_random_resized_crop_bounds() -> None:
+    t = TrainTransform(32, scale=(0.3, 1.0))
+    rng = random.Random(0)
+    for width, height in [(80, 60), (64, 64), (50, 120), (300, 20)]:
+        for _ in range(200):
+            left, top, right, bottom = t.crop_box(width, height, rng)
+            assert 0 <= left < right <= width and 0 <= top < bottom <= height
+            w, h = right - left, bottom - top
+            if (w, h) != (width, height) and not (width / height > 4 / 3 or width / height < 3 / 4):
+                assert 0.3 * width * height * 0.9 <= w * h <= width * height
+                assert 3 / 4 * 0.9 <= w / h <= 4 / 3 * 1.1
+
+
+def test_train_transform_is_uint8_chw_and_seeded() -> None:
+    t = TrainTransform(32, brightness=0.3, contrast=0.3)
+    img = _image(70, 50)
+    a, b = t(img, random.Random(7)), t(img, random.Random(7))
+    assert a.dtype == torch.uint8 and a.shape == (3, 32, 32)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, t(img, random.Random(8)))
+
+
+def test_jitter_matches_torchvision_brightness_then_contrast() -> None:
+    t = TrainTransform(32, brightness=0.4, contrast=0.4)
+    a = np.asarray(_image(32, 32, seed=3))
+    for seed in range(5):
+        rng = random.Random(seed)
+        got = t.jitter(a, random.Random(seed))
+        b = rng.uniform(0.6, 1.4)
+        c = rng.uniform(0.6, 1.4)
+        x = torch.from_numpy(a.astype(np.float32) / 255).permute(2, 0, 1)
+        x = TF.adjust_brightness(x, b)
+        x = TF.adjust_contrast(x, c)
+        want = (x * 255).permute(1, 2, 0).numpy()
+        unsaturated = (a.astype(np.float32) * b < 255).all(axis=-1)  # torchvision clips between the two steps
+        assert np.abs(got.astype(np.float32) - want)[unsaturated].max() <= 1.0
+
+
+def test_no_jitter_keeps_the_resized_crop() -> None:
+    img = _image(40, 40)
+    t = TrainTransform(40, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=False)
+    assert np.array_equal(t(img, random.Random(0)).permute(1, 2, 0).numpy(), np.asarray(img))
+
+
+def test_eval_transform_matches_resize_then_centre_crop() -> None:
+    for size, (w, h) in [(32, (48, 64)), (160, (300, 200))]:
+        img = _image(w, h)
+        got = EvalTransform(size)(img).float()
+        resize = size if size < 128 else math.ceil(size / 0.875)
+        want = TF.center_crop(TF.pil_to_tensor(TF.resize(img, resize, antialias=True)), [size, size]).float()
+        assert got.shape == want.shape == (3, size, size)
+        assert (got - want).abs().mean() < 2.0
+
+
+def test_build_transform_refuses_bad_augment() -> None:
+    with pytest.raises(ValueError, match="scale_min"):
+        build_transform(32, train=True, augment={"scale_min": 0})
+    with pytest.raises(ValueError, match="brightness"):
+        build_transform(32, train=True, augment={"brightness": -0.1})
+
+
+def test_model_normalises_uint8_like_the_float_pipeline() -> None:
+    torch.manual_seed(0)
+    model = build_model("resnet18", 3).eval()
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.inference_mode():
+        want = model.head(model.trunk((x.float() / 255 - mean) / std))
+        assert torch.allclose(model(x), want, atol=1e-5)
+        assert torch.allclose(model(x.float() / 255), want, atol=1e-5)
+    assert "mean" not in model.state_dict()  # kept out of checkpoints and weights files
+
+
+@pytest.fixture()
+def shards(tmp_path: Path) -> Path:
+    with ShardWriter(tmp_path, max_bytes=4000) as writer, IndexWriter(tmp_path / INDEX) as index:
+        for i in range(12):
+            buf = io.BytesIO()
+            _image(40 + i, 36, seed=i).save(buf, format="JPEG", quality=90)
+            shard, offset = writer.write(buf.getvalue())
+            index.add(f"k{i}", "train", shard, offset, len(buf.getvalue()), 40 + i, 36)
+    return tmp_path
+
+
+def test_shard_dataset_seeds_each_draw_by_seed_epoch_and_index(shards: Path) -> None:
+    keys = [f"k{i}" for i in range(12)]
+    ds = ShardDataset(shards, keys, list(range(12)), build_transform(24, train=True), seed=3)
+    x0, y0 = ds[(5, 0)]
+    assert y0 == 5 and x0.shape == (3, 24, 24)
+    assert torch.equal(x0, ds[(5, 0)][0])  # the same draw whatever came before
+    assert not torch.equal(x0, ds[(5, 1)][0])  # a new epoch draws a new crop
+    other = ShardDataset(shards, keys, list(range(12)), build_transform(24, train=True), seed=4)
+    assert not torch.equal(x0, other[(5, 0)][0])
+
+
+def test_shard_dataset_names_missing_keys(shards: Path) -> None:
+    with pytest.raises(KeyError, match="no decoded image"):
+        ShardDataset(shards, ["k1", "nope"], [0, 1], build_transform(24, train=False))
+
+
+def test_validation_split_is_seeded_and_disjoint() -> None:
+    df = pd.DataFrame({"key": [f"k{i}" for i in range(200)], "label": [i % 4 for i in range(200)]})
+    train, val = split_train_val(df, 0.1, seed=0)
+    again, _ = split_train_val(df, 0.1, seed=0)
+    assert len(val) == 20 and not set(train["key"]) & set(val["key"])
+    assert train["key"].tolist() == again["key"].tolist()

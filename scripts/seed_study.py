@@ -12,6 +12,9 @@ Configurations (all with the naive recipe of params.yaml unless noted):
   clickprob click + probability filtered (data/pairs/clean.tsv)
   siamese   the `click` model of the same seed fine-tuned by train_siamese on
             data/pairs/pairs.tsv (the pipeline's pair list, fixed across seeds)
+  siamese_ce  the same fine-tuning with siamese.contrastive_weight 0: the
+            extra epochs on the clean pairs without the contrastive loss, so
+            siamese - siamese_ce is the contrastive loss's own share
 Each run's test top-1 and mean per-class accuracy go to
 reports/seed_study.json; the table (mean +- standard error over seeds) to
 reports/seed_study.md.
@@ -37,7 +40,8 @@ from stages.lib.shards import read_index
 from stages.lib.tracking import save_model
 from stages.train_siamese import fit_siamese, siamese_from_naive
 
-CONFIGS = ("truth", "raw", "click", "clickprob", "siamese")
+CONFIGS = ("truth", "raw", "click", "clickprob", "siamese", "siamese_ce")
+FINE_TUNED = ("siamese", "siamese_ce")
 log = logging.getLogger("seed_study")
 
 
@@ -64,18 +68,20 @@ def run_seed(seed: int, configs: list[str], data: Path, params: dict, tmp: Path)
     model_cfg, train_cfg = params["model"], {**params["train"], "seed": seed}
     eval_cfg = {"device": train_cfg["device"], "batch_size": 256}
     results, click_model = [], None
-    for name in [c for c in configs if c != "siamese"] + (["siamese"] if "siamese" in configs else []):
+    for name in [c for c in configs if c not in FINE_TUNED] + [c for c in FINE_TUNED if c in configs]:
         start = time.time()
-        if name == "siamese":
+        if name in FINE_TUNED:
             if click_model is None:
                 click_model = train_naive_on("click", seed, data, classes, model_cfg, train_cfg, index, tmp)
             cfg = {**params["siamese"], "seed": seed}
+            if name == "siamese_ce":
+                cfg["contrastive_weight"] = 0.0
             model, meta = siamese_from_naive(click_model, cfg)
             clean = load_labels(data / "pairs" / layout.CLEAN)
             pairs = read_table(data / "pairs" / layout.PAIRS)
             _, val = split_train_val(label_set("click", data, classes), train_cfg["val_fraction"], seed)
             fit_siamese(model, meta, clean, pairs, val, images_dir=images, index=index, cfg=cfg)
-            path = tmp / f"siamese-{seed}.pt"
+            path = tmp / f"{name}-{seed}.pt"
             save_model(path, model, backbone=meta["backbone"], image_size=meta["image_size"], classes=classes)
         else:
             path = train_naive_on(name, seed, data, classes, model_cfg, train_cfg, index, tmp)
@@ -112,20 +118,24 @@ def summary_table(runs: pd.DataFrame) -> str:
 
 
 def paired_differences(runs: pd.DataFrame, baseline: str = "click") -> str:
-    """Test top-1 of each configuration minus the pipeline's naive model, paired
-    by seed; a difference counts only when it exceeds two standard errors."""
+    """Test top-1 of each configuration minus the pipeline's naive model (and
+    siamese minus siamese_ce), paired by seed; a difference counts only when it
+    exceeds two standard errors."""
     top1 = runs.pivot_table(index="seed", columns="config", values="top1")
     if baseline not in top1:
         return ""
+    pairs = [(name, baseline) for name in CONFIGS if name in top1 and name != baseline]
+    if {"siamese", "siamese_ce"} <= set(top1):
+        pairs.append(("siamese", "siamese_ce"))
     lines = ["| difference in test top-1 (paired by seed) | seeds | mean ± s.e. | beyond 2 s.e.? |", "|---|---|---|---|"]
-    for name in [c for c in CONFIGS if c in top1 and c != baseline]:
-        d = (top1[name] - top1[baseline]).dropna()
+    for name, other in pairs:
+        d = (top1[name] - top1[other]).dropna()
         if len(d) < 2:
-            lines.append(f"| {name} − {baseline} | {len(d)} | {d.mean():+.3f} | one seed: cannot tell |")
+            lines.append(f"| {name} − {other} | {len(d)} | {d.mean():+.3f} | one seed: cannot tell |")
             continue
         se = d.std(ddof=1) / np.sqrt(len(d))
         verdict = "yes" if abs(d.mean()) > 2 * se else "no: within seed noise"
-        lines.append(f"| {name} − {baseline} | {len(d)} | {d.mean():+.3f} ± {se:.3f} | {verdict} |")
+        lines.append(f"| {name} − {other} | {len(d)} | {d.mean():+.3f} ± {se:.3f} | {verdict} |")
     return "\n".join(lines) + "\n"
 
 

@@ -234,7 +234,8 @@ def sample_raw(tmp_path_factory) -> Path:
     sample = pytest.importorskip("stages.lib.sample")
     out = tmp_path_factory.mktemp("sample")
     sample.generate_sample(out, seed=0, n_train=360, test_per_breed=1, min_side=32, max_side=32,
-                           lookalike_share=0.25, distractor_share=0.10, no_breed_query_share=0.05)
+                           lookalike_share=0.25, lookalike_only_share=0.4, best_known_share=0.5,
+                           distractor_share=0.10, no_breed_query_share=0.05)
     return out
 
 

@@ -6,15 +6,17 @@ import io
 import os
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
 
 from stages import download
 from stages.lib import layout
-from stages.lib.sample import BREED_NAMES, BREEDS, generate_sample
+from stages.lib.sample import ALIAS_QUERIES, BREED_NAMES, BREEDS, click_rows, generate_sample
 
 SMALL = dict(n_train=120, test_per_breed=2, min_side=64, max_side=96, lookalike_share=0.25,
+             lookalike_only_share=0.4, best_known_share=0.5,
              distractor_share=0.1, no_breed_query_share=0.05)
 
 
@@ -78,7 +80,8 @@ def test_click_log_carries_the_promised_noise(tmp_path: Path) -> None:
 def test_download_stage_writes_checksummed_sample(tmp_path: Path) -> None:
     (tmp_path / "params.yaml").write_text(
         "data:\n  source: sample\n  seed: 1\n  sample: {n_train: 24, test_per_breed: 1, min_side: 64, max_side: 64,"
-        " lookalike_share: 0.25, distractor_share: 0.1, no_breed_query_share: 0.05}\n"
+        " lookalike_share: 0.25, lookalike_only_share: 0.4, best_known_share: 0.5, distractor_share: 0.1,"
+        " no_breed_query_share: 0.05}\n"
         "  files: {}\n  retries: 1\n  timeout_s: 5\n")
     old = Path.cwd()
     os.chdir(tmp_path)
@@ -96,3 +99,24 @@ def test_download_stage_writes_checksummed_sample(tmp_path: Path) -> None:
 def test_bad_source_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="data.source"):
         download.download({"source": "ftp"}, tmp_path / "raw")
+
+
+def test_lookalike_clicks_lean_to_the_best_known_breed() -> None:
+    def named(true_breed: str, seed: int, **shares) -> list[str]:
+        rows = click_rows("k", true_breed, np.random.default_rng(seed), no_breed_query_share=0.0, **shares)
+        alias = {q: b for b, queries in ALIAS_QUERIES.items() for q in queries}
+        return [alias.get(q) or next(b for b in BREED_NAMES if b in q.lower()) for _, q, _ in rows if " vs " not in q]
+
+    always = dict(lookalike_share=1.0, lookalike_only_share=1.0, best_known_share=1.0)
+    # a labrador clicked only under a look-alike: always the family's best-known, golden
+    assert {tuple(named("labrador retriever", s, **always)) for s in range(50)} == {("golden retriever",)}
+    # the best-known breed itself is confused with either of the others
+    assert {tuple(named("golden retriever", s, **always)) for s in range(50)} == \
+        {("labrador retriever",), ("chesapeake bay retriever",)}
+    # without the lean, both look-alikes are drawn
+    even = {**always, "best_known_share": 0.0}
+    assert {tuple(named("labrador retriever", s, **even)) for s in range(50)} == \
+        {("golden retriever",), ("chesapeake bay retriever",)}
+    # "also": the own breed keeps its (larger) clicks beside the look-alike's
+    also = {**always, "lookalike_only_share": 0.0}
+    assert all(set(named("basset hound", s, **also)) == {"basset hound", "beagle"} for s in range(20))

@@ -330,9 +330,24 @@ def _lookalikes(breed: Breed) -> list[str]:
     return [b.name for b in BREEDS if b.family == breed.family and b.name != breed.name]
 
 
+def _best_known(breed: Breed) -> str:
+    """The family's best-known breed (listed first): its name draws the clicks
+    of users who cannot tell the look-alikes apart."""
+    return next(b.name for b in BREEDS if b.family == breed.family)
+
+
 def click_rows(key: str, true_breed: str | None, rng: np.random.Generator, *, lookalike_share: float,
+               lookalike_only_share: float, best_known_share: float,
                no_breed_query_share: float) -> list[tuple[str, str, int]]:
-    """The click-log lines of one training image (``true_breed`` None: a distractor)."""
+    """The click-log lines of one training image (``true_breed`` None: a distractor).
+
+    A ``lookalike_share`` of dogs is also, or (``lookalike_only_share`` of
+    them) only, clicked under a look-alike breed; that look-alike is the
+    family's best-known breed with probability ``best_known_share``. The
+    confusion is thus one-sided, as in real logs, and the best-known breed's
+    click labels collect its look-alikes: noise a classifier does not average
+    away, unlike symmetric flips.
+    """
     if true_breed is None:  # non-dog, clicked once or twice under random breeds
         n = 1 if rng.random() < 0.7 else 2
         return [(key, _query(str(rng.choice(BREED_NAMES)), rng), int(rng.integers(1, 3))) for _ in range(n)]
@@ -340,12 +355,14 @@ def click_rows(key: str, true_breed: str | None, rng: np.random.Generator, *, lo
     rows: list[tuple[str, str, int]] = []
     mode = "own"
     if rng.random() < lookalike_share:
-        mode = "also" if rng.random() < 0.6 else "only"
+        mode = "only" if rng.random() < lookalike_only_share else "also"
     if mode in ("own", "also"):
         for _ in range(1 + int(rng.random() < 0.4) + int(rng.random() < 0.15)):
             rows.append((key, _query(true_breed, rng), _clicks(rng)))
     if mode in ("also", "only"):
-        other = str(rng.choice(_lookalikes(breed)))
+        best = _best_known(breed)
+        other = best if best != true_breed and rng.random() < best_known_share else \
+            str(rng.choice(_lookalikes(breed)))
         rows.append((key, _query(other, rng), _clicks(rng, 0.5 if mode == "also" else 0.8)))
     if rng.random() < no_breed_query_share:
         rows.append((key, str(rng.choice(NO_BREED_QUERIES)), _clicks(rng)))
@@ -356,7 +373,8 @@ def click_rows(key: str, true_breed: str | None, rng: np.random.Generator, *, lo
 
 
 def generate_sample(out_dir: Path, *, seed: int, n_train: int, test_per_breed: int, min_side: int,
-                    max_side: int, lookalike_share: float, distractor_share: float,
+                    max_side: int, lookalike_share: float, lookalike_only_share: float,
+                    best_known_share: float, distractor_share: float,
                     no_breed_query_share: float) -> dict[str, int]:
     """Write the raw files of ``stages.lib.layout`` (plus ``truth.tsv``) to ``out_dir``.
 
@@ -364,7 +382,8 @@ def generate_sample(out_dir: Path, *, seed: int, n_train: int, test_per_breed: i
     """
     if not 0 < min_side <= max_side:
         raise ValueError(f"need 0 < min_side <= max_side, got {min_side}, {max_side}")
-    if not (0 <= lookalike_share <= 1 and 0 <= distractor_share < 1 and 0 <= no_breed_query_share <= 1):
+    if not all(0 <= x <= 1 for x in (lookalike_share, lookalike_only_share, best_known_share,
+                                     distractor_share, no_breed_query_share)) or distractor_share == 1:
         raise ValueError("shares must lie in [0, 1]")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -386,6 +405,7 @@ def generate_sample(out_dir: Path, *, seed: int, n_train: int, test_per_breed: i
             fi.write(f"{key}\t{_jpeg_b64(img)}\n")
             ft.write(f"{key}\t{breed or DISTRACTOR}\n")
             for k, q, c in click_rows(key, breed, rng, lookalike_share=lookalike_share,
+                                      lookalike_only_share=lookalike_only_share, best_known_share=best_known_share,
                                       no_breed_query_share=no_breed_query_share):
                 fc.write(f"{k}\t{q}\t{c}\n")
                 n_clicks += 1

@@ -1,0 +1,36 @@
+"""The seed study's summary: paired differences and the two-standard-error verdict."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+_spec = importlib.util.spec_from_file_location("seed_study", Path(__file__).parents[1] / "scripts" / "seed_study.py")
+seed_study = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(seed_study)
+
+
+def _runs(top1: dict[str, list[float]]) -> pd.DataFrame:
+    return pd.DataFrame([{"config": c, "seed": s, "top1": v, "top5": 1.0, "mean_class_accuracy": v}
+                         for c, values in top1.items() for s, v in enumerate(values)])
+
+
+def test_paired_differences_pair_by_seed_and_judge_by_two_standard_errors() -> None:
+    runs = _runs({"click": [0.70, 0.80, 0.75], "siamese": [0.74, 0.83, 0.80], "siamese_ce": [0.72, 0.85, 0.73],
+                  "raw": [0.80, 0.70, 0.76]})
+    table = seed_study.paired_differences(runs)
+    d = np.array([0.04, 0.03, 0.05])  # siamese - click, seed by seed: a steady gain
+    assert f"| siamese − click | 3 | {d.mean():+.3f} ± {d.std(ddof=1) / np.sqrt(3):.3f} | yes |" in table
+    assert "| raw − click | 3 | +0.003 ± 0.058 | no: within seed noise |" in table
+    assert "| siamese − siamese_ce | 3 |" in table
+    assert "| siamese_ce − click | 3 | +0.017 ± 0.020 | no: within seed noise |" in table
+
+
+def test_one_seed_cannot_tell_and_no_baseline_gives_nothing() -> None:
+    table = seed_study.paired_differences(_runs({"click": [0.7], "truth": [0.9]}))
+    assert "| truth − click | 1 | +0.200 | one seed: cannot tell |" in table
+    assert seed_study.paired_differences(_runs({"raw": [0.7, 0.8]})) == ""
+    summary = seed_study.summary_table(_runs({"click": [0.70, 0.80]}))
+    assert "| click | 2 | 0.750 ± 0.050 |" in summary

@@ -15,6 +15,9 @@ Configurations (all with the naive recipe of params.yaml unless noted):
   siamese_ce  the same fine-tuning with siamese.contrastive_weight 0: the
             extra epochs on the clean pairs without the contrastive loss, so
             siamese - siamese_ce is the contrastive loss's own share
+With --equal-steps every naive run trains for the optimizer steps that the
+raw label set gets in train.epochs (more epochs for the smaller, filtered
+sets), which separates cleaner labels from fewer steps.
 Each run's test top-1 and mean per-class accuracy go to
 reports/seed_study.json; the table (mean +- standard error over seeds) to
 reports/seed_study.md.
@@ -60,7 +63,8 @@ def label_set(name: str, data: Path, classes: list[str]) -> pd.DataFrame:
     return df.reset_index(drop=True)
 
 
-def run_seed(seed: int, configs: list[str], data: Path, params: dict, tmp: Path) -> list[dict]:
+def run_seed(seed: int, configs: list[str], data: Path, params: dict, tmp: Path, *,
+             equal_steps: bool = False) -> list[dict]:
     images = data / "images"
     index = read_index(images)
     classes = json.loads((data / "filtered" / layout.CLASSES).read_text())
@@ -68,11 +72,13 @@ def run_seed(seed: int, configs: list[str], data: Path, params: dict, tmp: Path)
     model_cfg, train_cfg = params["model"], {**params["train"], "seed": seed}
     eval_cfg = {"device": train_cfg["device"], "batch_size": 256}
     results, click_model = [], None
+    raw_steps = steps_per_epoch("raw", data, classes, train_cfg) * train_cfg["epochs"] if equal_steps else None
     for name in [c for c in configs if c not in FINE_TUNED] + [c for c in FINE_TUNED if c in configs]:
         start = time.time()
         if name in FINE_TUNED:
             if click_model is None:
-                click_model = train_naive_on("click", seed, data, classes, model_cfg, train_cfg, index, tmp)
+                click_model = train_naive_on("click", seed, data, classes, model_cfg, train_cfg, index, tmp,
+                                             raw_steps)
             cfg = {**params["siamese"], "seed": seed}
             if name == "siamese_ce":
                 cfg["contrastive_weight"] = 0.0
@@ -84,7 +90,7 @@ def run_seed(seed: int, configs: list[str], data: Path, params: dict, tmp: Path)
             path = tmp / f"{name}-{seed}.pt"
             save_model(path, model, backbone=meta["backbone"], image_size=meta["image_size"], classes=classes)
         else:
-            path = train_naive_on(name, seed, data, classes, model_cfg, train_cfg, index, tmp)
+            path = train_naive_on(name, seed, data, classes, model_cfg, train_cfg, index, tmp, raw_steps)
             if name == "click":
                 click_model = path
         result = evaluate.evaluate_model(name, path, test, images, index, eval_cfg)
@@ -93,7 +99,17 @@ def run_seed(seed: int, configs: list[str], data: Path, params: dict, tmp: Path)
     return results
 
 
-def train_naive_on(name, seed, data, classes, model_cfg, train_cfg, index, tmp: Path) -> Path:
+def steps_per_epoch(name: str, data: Path, classes: list[str], train_cfg: dict) -> int:
+    train_df, _ = split_train_val(label_set(name, data, classes), train_cfg["val_fraction"], train_cfg["seed"])
+    return len(train_df) // train_cfg["batch_size"]  # the training loader drops the last partial batch
+
+
+def train_naive_on(name, seed, data, classes, model_cfg, train_cfg, index, tmp: Path,
+                   total_steps: int | None = None) -> Path:
+    if total_steps is not None:
+        epochs = max(1, round(total_steps / steps_per_epoch(name, data, classes, train_cfg)))
+        log.info("%s: %d epochs for ~%d steps", name, epochs, total_steps)
+        train_cfg = {**train_cfg, "epochs": epochs, "early_epoch": min(train_cfg["early_epoch"], epochs)}
     train_df, val_df = split_train_val(label_set(name, data, classes), train_cfg["val_fraction"], seed)
     model, _ = train_classifier(train_df, val_df, images_dir=data / "images", num_classes=len(classes),
                                 model_cfg=model_cfg, train_cfg=train_cfg, index=index)
@@ -147,6 +163,8 @@ def main() -> None:
                    help="run the truth configuration only for these seeds (default: all seeds)")
     p.add_argument("--data", type=Path, default=Path("data"))
     p.add_argument("--out", type=Path, default=Path("reports"))
+    p.add_argument("--equal-steps", action="store_true",
+                   help="train each naive run for the raw label set's number of optimizer steps")
     p.add_argument("--summarize", action="store_true", help="only rewrite seed_study.md from seed_study.json")
     args = p.parse_args()
     if args.summarize:
@@ -161,7 +179,7 @@ def main() -> None:
         for seed in args.seeds:
             configs = [c for c in args.configs
                        if c != "truth" or args.truth_seeds is None or seed in args.truth_seeds]
-            runs += run_seed(seed, configs, args.data, params, Path(tmp))
+            runs += run_seed(seed, configs, args.data, params, Path(tmp), equal_steps=args.equal_steps)
             args.out.mkdir(parents=True, exist_ok=True)  # after every seed: a long study can be read early
             (args.out / "seed_study.json").write_text(json.dumps(runs, indent=2))
             (args.out / "seed_study.md").write_text(summary_table(pd.DataFrame(runs)))

@@ -72,7 +72,10 @@ def run_seed(seed: int, configs: list[str], data: Path, params: dict, tmp: Path,
     model_cfg, train_cfg = params["model"], {**params["train"], "seed": seed}
     eval_cfg = {"device": train_cfg["device"], "batch_size": 256}
     results, click_model = [], None
-    raw_steps = steps_per_epoch("raw", data, classes, train_cfg) * train_cfg["epochs"] if equal_steps else None
+    raw_steps = None
+    if equal_steps:
+        raw_train, _ = split_train_val(label_set("raw", data, classes), train_cfg["val_fraction"], seed)
+        raw_steps = len(raw_train) // train_cfg["batch_size"] * train_cfg["epochs"]  # the loader drops partial batches
     for name in [c for c in configs if c not in FINE_TUNED] + [c for c in FINE_TUNED if c in configs]:
         start = time.time()
         if name in FINE_TUNED:
@@ -99,18 +102,13 @@ def run_seed(seed: int, configs: list[str], data: Path, params: dict, tmp: Path,
     return results
 
 
-def steps_per_epoch(name: str, data: Path, classes: list[str], train_cfg: dict) -> int:
-    train_df, _ = split_train_val(label_set(name, data, classes), train_cfg["val_fraction"], train_cfg["seed"])
-    return len(train_df) // train_cfg["batch_size"]  # the training loader drops the last partial batch
-
-
 def train_naive_on(name, seed, data, classes, model_cfg, train_cfg, index, tmp: Path,
                    total_steps: int | None = None) -> Path:
+    train_df, val_df = split_train_val(label_set(name, data, classes), train_cfg["val_fraction"], seed)
     if total_steps is not None:
-        epochs = max(1, round(total_steps / steps_per_epoch(name, data, classes, train_cfg)))
+        epochs = max(1, round(total_steps / (len(train_df) // train_cfg["batch_size"])))
         log.info("%s: %d epochs for ~%d steps", name, epochs, total_steps)
         train_cfg = {**train_cfg, "epochs": epochs, "early_epoch": min(train_cfg["early_epoch"], epochs)}
-    train_df, val_df = split_train_val(label_set(name, data, classes), train_cfg["val_fraction"], seed)
     model, _ = train_classifier(train_df, val_df, images_dir=data / "images", num_classes=len(classes),
                                 model_cfg=model_cfg, train_cfg=train_cfg, index=index)
     path = tmp / f"{name}-{seed}.pt"

@@ -23,6 +23,11 @@ from stages.lib.shards import ShardReader, read_index
 GREY = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
 
 
+def _chw_tensor(a: np.ndarray) -> torch.Tensor:
+    """An HWC uint8 array as the CHW tensor the model takes."""
+    return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
+
+
 class TrainTransform:
     """Random resized crop, horizontal flip, brightness/contrast jitter, as
     torchvision's ``RandomResizedCrop`` + ``RandomHorizontalFlip`` +
@@ -71,7 +76,7 @@ class TrainTransform:
         a = np.asarray(img)
         if self.brightness or self.contrast:
             a = self.jitter(a, rng)
-        return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
+        return _chw_tensor(a)
 
     def jitter(self, a: np.ndarray, rng: random.Random) -> np.ndarray:
         b = rng.uniform(max(0.0, 1 - self.brightness), 1 + self.brightness) if self.brightness else 1.0
@@ -99,7 +104,7 @@ class EvalTransform:
         side = min(width, height) * self.size / self.resize  # the crop, in source pixels
         left, top = (width - side) / 2, (height - side) / 2
         img = img.resize((self.size, self.size), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side))
-        return torch.from_numpy(np.ascontiguousarray(np.asarray(img).transpose(2, 0, 1)))
+        return _chw_tensor(np.asarray(img))
 
 
 def build_transform(image_size: int, *, train: bool,

@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh clone:
 #   make repro   run the whole pipeline (dvc repro) on the embedded sample data
-#   make test    run the test suite
+#   make test    lint (ruff) and run the test suite
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -9,21 +9,33 @@ export DVC_NO_ANALYTICS := 1
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PYTHONHASHSEED := 0
 
-.PHONY: repro test install bench clean
+.PHONY: repro test lint install lock bench clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# requirements.lock pins every package (torch 2.14.1 / torchvision 0.29.1 included);
+# the project itself goes in editable, without re-resolving its dependencies
+$(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -r requirements.lock
+	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
 repro: $(STAMP)
 	$(VENV)/bin/dvc repro
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+test: lint
 	$(PY) -m pytest -q
+
+# re-resolve the lock from pyproject.toml in a scratch venv (torch pinned as for the sample run)
+lock:
+	rm -rf .lock-venv && python3 -m venv .lock-venv
+	.lock-venv/bin/pip install -q torch==2.14.1 torchvision==0.29.1 -e '.[test]'
+	{ sed -n '1,3p' requirements.lock; .lock-venv/bin/pip freeze --exclude-editable; } > requirements.lock.new
+	mv requirements.lock.new requirements.lock && rm -rf .lock-venv
 
 clean:
 	rm -rf $(VENV)

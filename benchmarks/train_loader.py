@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 
 from stages.lib import engine, layout
-from stages.lib.classifier import run_context
+from stages.lib.classifier import ModelConfig, TrainConfig, run_context
 from stages.lib.data import ShardDataset, build_transform, load_labels
 from stages.lib.models import create_model
-from stages.lib.params import load_params
+from stages.lib.params import load_sections
 
 
 def sync(device: torch.device) -> None:
@@ -53,30 +53,30 @@ def main() -> None:
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--data", type=Path, default=Path("data"))
     args = p.parse_args()
-    params = load_params("model", "train")
+    params = load_sections(model=ModelConfig, train=TrainConfig)
     model_cfg, cfg = params["model"], params["train"]
-    ctx = run_context(cfg)
+    ctx = run_context(cfg.device, cfg.precision)
     labels = load_labels(args.data / "filtered" / layout.LABELS)
     classes = json.loads((args.data / "filtered" / layout.CLASSES).read_text())
-    size, bs = model_cfg["image_size"], cfg["batch_size"]
+    size, bs = model_cfg.image_size, cfg.batch_size
     ds = ShardDataset(args.data / "images", labels["key"].tolist(), labels["label"].tolist(),
-                      build_transform(size, train=True, augment=cfg["augment"]))
-    model = create_model(model_cfg["backbone"], len(classes)).to(ctx.device, memory_format=torch.channels_last)
+                      build_transform(size, train=True, augment=cfg.augment))
+    model = create_model(model_cfg.backbone, len(classes)).to(ctx.device, memory_format=torch.channels_last)
     optimizer = engine.build_optimizer(model, cfg)
-    loss_fn = engine.classification_loss(cfg["label_smoothing"])
+    loss_fn = engine.classification_loss(cfg.label_smoothing)
     g = torch.Generator().manual_seed(0)
     fake = [(torch.randint(0, 256, (bs, 3, size, size), dtype=torch.uint8, generator=g),
              torch.randint(0, len(classes), (bs,), generator=g))
             for _ in range(4)]
     ideal = time_steps(model, loss_fn, (fake[i % 4] for i in range(10**9)), optimizer, ctx, args.steps)
-    print(f"backbone {model_cfg['backbone']}, {size}px, batch {bs}, precision {ctx.amp_dtype or 'fp32'}, "
+    print(f"backbone {model_cfg.backbone}, {size}px, batch {bs}, precision {ctx.amp_dtype or 'fp32'}, "
           f"{torch.get_num_threads()} threads")
     print("| loader | images/s | ratio to in-memory |\n|---|---|---|")
     print(f"| in-memory random tensors | {ideal:.0f} | 1.00 |")
     for workers in args.workers:
         loader = engine.make_loader(ds, batch_size=bs, train=True, seed=0, workers=workers, device=ctx.device)
 
-        def forever():
+        def forever(loader=loader):
             epoch = 0
             while True:
                 loader.sampler.set_epoch(epoch)

@@ -26,7 +26,7 @@ FILLER_WORDS = frozenset({
     "picture", "pic", "pix", "image", "photo", "photograph", "foto", "wallpaper",
     "cute", "hd", "jpg", "jpeg", "png",
     # plurals the plural rule cannot reduce, and frequent misspellings
-    "pics", "pix", "imagenes", "imagen", "imagens", "fotos", "picures", "pictues",
+    "pics", "imagenes", "imagen", "imagens", "fotos", "picures", "pictues",
     "pictres", "pitures", "picutres", "imges", "imags", "photoes", "wallpapper", "walpaper",
 })
 # Fuzzy filler: a token at one edit (insertion, deletion, substitution,

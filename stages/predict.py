@@ -13,18 +13,17 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import torch
 from PIL import Image, UnidentifiedImageError
 
 from stages.lib.data import build_transform
 from stages.lib.engine import choose_device
-from stages.lib.images import to_rgb
+from stages.lib.images import DEFAULT_MAX_PIXELS, TooManyPixels, open_image, to_rgb
 from stages.lib.models import load_model_file
 
-MAX_PIXELS = 40_000_000  # as decode.max_pixels: larger images are refused before decoding (bombs)
 BATCH = 32
 
 
@@ -39,15 +38,13 @@ def load_image(path: Path) -> Image.Image:
     if path.is_dir():
         raise ImageError("is a directory, not an image")
     try:
-        with Image.open(path) as img:
-            if img.width * img.height > MAX_PIXELS:
-                raise ImageError(f"{img.width}x{img.height} pixels is more than the limit of {MAX_PIXELS}")
+        with open_image(path, max_pixels=DEFAULT_MAX_PIXELS) as img:
             img.load()  # decode now: a truncated file fails here, not in the model
             return to_rgb(img)
     except UnidentifiedImageError:
-        raise ImageError("not an image (no image format recognised)") from None
-    except ImageError:
-        raise
+        raise ImageError("not an image of an accepted format (JPEG, PNG, GIF, BMP, WebP)") from None
+    except TooManyPixels as exc:
+        raise ImageError(str(exc)) from None
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageError(f"damaged or unreadable image: {exc}") from None
 

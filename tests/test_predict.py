@@ -74,3 +74,21 @@ def test_unreadable_model_file_is_exit_2(tmp_path: Path, capsys):
     jpg, _ = _images(tmp_path)
     assert predict.main([str(bad), str(jpg)]) == 2
     assert "not a readable clickdog model file" in capsys.readouterr().err
+
+
+def test_predict_refuses_formats_outside_the_allow_list(tmp_path: Path, model_path: Path, capsys) -> None:
+    """predict is the command for untrusted images: an EPS file (which Pillow
+    would hand to Ghostscript) is refused by format, like decode refuses it."""
+    eps = tmp_path / "photo.eps"
+    eps.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n%%EOF\n")
+    assert Image.open(eps).format == "EPS"  # Pillow itself would open it
+    assert predict.main([str(model_path), str(eps)]) == 1
+    assert f"error: {eps}: not an image of an accepted format" in capsys.readouterr().err
+
+
+def test_predict_refuses_an_image_over_the_pixel_limit(tmp_path: Path, model_path: Path, capsys,
+                                                      monkeypatch) -> None:
+    jpg, _ = _images(tmp_path)
+    monkeypatch.setattr(predict, "DEFAULT_MAX_PIXELS", 40 * 50 - 1)
+    assert predict.main([str(model_path), str(jpg)]) == 1
+    assert "50x40 pixels is more than the limit of 1999" in capsys.readouterr().err

@@ -119,10 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         try:
-            check = load_params("check", path=args.params)
-        except (OSError, KeyError) as exc:
+            tolerance = check_tolerances(load_params("check", path=args.params)["tolerance"])
+        except (OSError, KeyError, ValueError) as exc:
             raise SystemExit(f"check_metrics: {exc}") from exc
-        tolerance = check_tolerances(check.get("tolerance"))
         baseline, current = read_metrics(args.baseline), read_metrics(args.current)
     except SystemExit as exc:
         print(exc, file=sys.stderr)

@@ -21,24 +21,24 @@ import os
 import sys
 import time
 import warnings
-from dataclasses import dataclass, fields
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Iterable, Iterator, Sequence, TextIO
+from typing import Any, BinaryIO, TextIO
 
 from PIL import Image
 from tqdm import tqdm
 
 from stages.lib import layout
 from stages.lib.atomic import atomic_dir, write_json
-from stages.lib.images import to_rgb
-from stages.lib.params import load_params
+from stages.lib.images import INPUT_FORMATS, to_rgb
+from stages.lib.params import ConfigError, Section, load_params
 from stages.lib.shards import IndexWriter, ShardWriter
 
 log = logging.getLogger("decode")
 
 SPLITS = (("train", layout.TRAIN_IMAGES), ("test", layout.TEST_IMAGES))
-# Formats we agree to parse from untrusted input; everything leaves as JPEG.
-INPUT_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP")
+# Formats parsed from untrusted input: images.INPUT_FORMATS; everything leaves as JPEG.
 # A block also closes at this many bytes, so that blocks of large images keep
 # the memory in flight bounded whatever block_lines says.
 BLOCK_BYTES = 8 << 20
@@ -67,7 +67,7 @@ class DecodeError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class DecodeConfig:
+class DecodeConfig(Section):
     """The ``decode`` section of params.yaml, checked (workers: 1 decodes in
     this process, 0 uses every core)."""
 
@@ -82,23 +82,23 @@ class DecodeConfig:
     block_lines: int
     max_reject_fraction: float
 
-    @classmethod
-    def from_params(cls, params: dict[str, Any]) -> "DecodeConfig":
-        names = {f.name for f in fields(cls)}
-        missing, unknown = names - params.keys(), params.keys() - names
-        if missing or unknown:
-            # A typo must not silently fall back to a default.
-            raise DecodeError(f"decode params: missing {sorted(missing)}, unknown {sorted(unknown)}")
-        cfg = cls(**{**params, "columns": tuple(params["columns"])})
-        cols = cfg.columns
+    def __post_init__(self) -> None:
+        cols = self.columns
         if len(set(cols)) != len(cols) or "key" not in cols or "image" not in cols:
-            raise DecodeError(f"decode.columns must name 'key' and 'image' once each, got {list(cols)}")
-        if not (cfg.max_line_bytes > 0 and cfg.max_pixels > 0 and cfg.shard_mb > 0
-                and cfg.block_lines > 0 and cfg.max_short_side >= 0 and cfg.workers >= 0):
-            raise DecodeError(f"decode params out of range: {params}")
-        if not (1 <= cfg.jpeg_quality <= 95 and 0 <= cfg.max_reject_fraction <= 1):
-            raise DecodeError("decode.jpeg_quality must be 1..95, max_reject_fraction 0..1")
-        return cfg
+            raise ValueError(f"columns must name 'key' and 'image' once each, got {list(cols)}")
+        if not (self.max_line_bytes > 0 and self.max_pixels > 0 and self.shard_mb > 0
+                and self.block_lines > 0 and self.max_short_side >= 0 and self.workers >= 0):
+            raise ValueError("max_line_bytes, max_pixels, shard_mb and block_lines must be > 0; "
+                             "max_short_side and workers >= 0")
+        if not (1 <= self.jpeg_quality <= 95 and 0 <= self.max_reject_fraction <= 1):
+            raise ValueError("jpeg_quality must be 1..95, max_reject_fraction 0..1")
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any], name: str = "decode") -> DecodeConfig:
+        try:
+            return super().from_params(params, name)
+        except ConfigError as err:  # the stage's own error type: main() turns it into exit 1
+            raise DecodeError(str(err)) from err
 
     @property
     def key_col(self) -> int:
@@ -462,11 +462,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("raw_dir", type=Path, help="folder with the image TSVs (data/raw)")
     parser.add_argument("out_dir", type=Path, help="output folder (data/images)")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        decode_dataset(args.raw_dir, args.out_dir, load_params("decode"))
-    except DecodeError as e:
+        decode_dataset(args.raw_dir, args.out_dir, DecodeConfig.from_params(load_params("decode", path=args.params)))
+    except (DecodeError, ConfigError) as e:
         log.error("%s", e)
         return 1
     return 0

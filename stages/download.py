@@ -14,11 +14,13 @@ import argparse
 import hashlib
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
 from stages.lib import layout
 from stages.lib.atomic import atomic_dir
-from stages.lib.params import load_params
+from stages.lib.params import Section, load_sections
 
 log = logging.getLogger("download")
 
@@ -39,16 +41,41 @@ def write_checksums(out_dir: Path) -> dict[str, str]:
     return sums
 
 
-def download(params: dict, out_dir: Path) -> None:
-    source = params["source"]
-    if source not in ("sample", "url", "path"):
-        raise ValueError(f"data.source must be sample, url or path, got {source!r}")
+@dataclass(frozen=True)
+class SampleConfig(Section):
+    """``data.sample``: the generated Clickture-Dog-like set (stages.lib.sample)."""
+
+    n_train: int
+    test_per_breed: int
+    min_side: int
+    max_side: int
+    lookalike_share: float
+    lookalike_only_share: float
+    best_known_share: float
+    distractor_share: float
+    no_breed_query_share: float
+
+
+@dataclass(frozen=True)
+class DataConfig(Section):
+    """params.yaml ``data``: where the raw files come from."""
+
+    source: Literal["sample", "url", "path"]
+    seed: int
+    sample: SampleConfig
+    files: dict[str, dict[str, Any]]
+    retries: int
+    timeout_s: float
+
+
+def download(params: DataConfig, out_dir: Path) -> None:
+    source = params.source
     start = time.time()
     with atomic_dir(out_dir) as tmp:
         if source == "sample":
             from stages.lib.sample import generate_sample
 
-            counts = generate_sample(tmp, seed=params["seed"], **params["sample"])
+            counts = generate_sample(tmp, seed=params.seed, **params.sample.as_dict())
             log.info("generated sample: %s", counts)
             sums = write_checksums(tmp)
         else:
@@ -56,8 +83,8 @@ def download(params: dict, out_dir: Path) -> None:
 
             # partial downloads live beside the output, so an interrupted run resumes them;
             # fetch_raw verifies and writes SHA256SUMS itself
-            sums = fetch_raw(params["files"], tmp, source=source, retries=params["retries"],
-                             timeout_s=params["timeout_s"], cache_dir=out_dir.parent / ".download-cache")
+            sums = fetch_raw(params.files, tmp, source=source, retries=params.retries,
+                             timeout_s=params.timeout_s, cache_dir=out_dir.parent / ".download-cache")
     log.info("wrote %d files to %s in %.1fs", len(sums), out_dir, time.time() - start)
 
 
@@ -67,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    download(load_params("data", path=args.params), args.out_dir)
+    download(load_sections(args.params, data=DataConfig)["data"], args.out_dir)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,33 +29,42 @@ import pyarrow.compute as pc
 
 from stages.lib import layout
 from stages.lib.atomic import atomic_dir, atomic_file, write_json
-from stages.lib.clicks import (DROP_REASONS, ClickLogSummary, WeakLabels, aggregate_clicks, check_thresholds,
-                               find_weak_labels, label_quality, read_breeds, read_train_keys, read_truth,
-                               sweep_thresholds)
-from stages.lib.params import load_params
+from stages.lib.clicks import (
+    DROP_REASONS,
+    ClickLogSummary,
+    WeakLabels,
+    aggregate_clicks,
+    check_thresholds,
+    find_weak_labels,
+    label_quality,
+    read_breeds,
+    read_train_keys,
+    sweep_thresholds,
+)
+from stages.lib.noise import check_enough_left
+from stages.lib.params import Section, in_range, load_sections
 from stages.lib.queries import BreedMatcher
+from stages.lib.tables import read_truth
 
 log = logging.getLogger("filter_clicks")
 
 
-def check_params(p: dict[str, Any]) -> dict[str, Any]:
-    """The ``filter`` section, checked: a typo must fail here, not mid-run."""
-    need = {"min_clicks", "min_share", "min_images_per_class", "max_reject_fraction"}
-    missing = need - set(p)
-    if missing:
-        raise SystemExit(f"params.yaml: filter lacks {sorted(missing)}")
-    aliases = p.get("aliases") or {}
-    if not isinstance(aliases, dict) or not all(isinstance(k, str) and isinstance(v, str)
-                                                for k, v in aliases.items()):
-        raise SystemExit("params.yaml: filter.aliases must map words to breed names")
-    if not isinstance(p["max_reject_fraction"], (int, float)) or not 0.0 <= p["max_reject_fraction"] <= 1.0:
-        raise SystemExit("params.yaml: filter.max_reject_fraction must be a number in [0, 1]")
-    try:
-        check_thresholds(min_clicks=p["min_clicks"], min_share=p["min_share"],
-                         min_images_per_class=p["min_images_per_class"])
-    except ValueError as err:
-        raise SystemExit(f"params.yaml: filter.{err}") from err
-    return {**p, "aliases": aliases}
+@dataclass(frozen=True)
+class FilterConfig(Section):
+    """params.yaml ``filter``: the click-count thresholds and the guards."""
+
+    min_clicks: int
+    min_share: float
+    min_images_per_class: int
+    min_kept_share: float
+    aliases: dict[str, str]
+    max_reject_fraction: float
+
+    def __post_init__(self) -> None:
+        check_thresholds(min_clicks=self.min_clicks, min_share=self.min_share,
+                         min_images_per_class=self.min_images_per_class)
+        in_range("max_reject_fraction", self.max_reject_fraction, 0, 1)
+        in_range("min_kept_share", self.min_kept_share, 0, 1)
 
 
 def load_inputs(raw: Path, images: Path, aliases: dict[str, str]
@@ -93,12 +103,12 @@ def check_rejects(summary: ClickLogSummary, max_fraction: float) -> None:
 
 
 def build_report(weak: WeakLabels, summary: ClickLogSummary, truth: pd.Series | None,
-                 params: dict[str, Any]) -> dict[str, Any]:
+                 params: FilterConfig) -> dict[str, Any]:
     """report.json: what was read, what was dropped and why, and label quality."""
     reasons = weak.dropped["reason"].value_counts()
     ev = weak.evidence
     return {
-        "params": {k: params[k] for k in ("min_clicks", "min_share", "min_images_per_class")},
+        "params": {k: getattr(params, k) for k in ("min_clicks", "min_share", "min_images_per_class")},
         "lines": {"total": summary.lines, "valid": summary.valid_lines,
                   "duplicates_summed": summary.duplicate_lines,
                   "malformed": summary.malformed, "malformed_fraction": round(summary.malformed_fraction, 6),
@@ -144,7 +154,7 @@ def write_outputs(out: Path, weak: WeakLabels, report: dict[str, Any]) -> None:
         write_json(tmp / layout.REPORT, report)
 
 
-def write_sweep(out: Path, table: pd.DataFrame, params: dict[str, Any]) -> None:
+def write_sweep(out: Path, table: pd.DataFrame, params: FilterConfig) -> None:
     """filter_sweep.csv, .md and .png (precision against kept images)."""
     import matplotlib
     matplotlib.use("Agg")
@@ -164,7 +174,7 @@ def write_sweep(out: Path, table: pd.DataFrame, params: dict[str, Any]) -> None:
     for mc, g in grid.groupby("min_clicks"):
         ax.plot(g["kept"], g["precision"], "o-", ms=4, label=f"min_clicks={mc}")
     ax.plot(raw["kept"], raw["precision"], "k*", ms=12, label="raw click labels")
-    cur = grid[(grid["min_clicks"] == params["min_clicks"]) & (grid["min_share"] - params["min_share"]).abs().lt(1e-9)]
+    cur = grid[(grid["min_clicks"] == params.min_clicks) & (grid["min_share"] - params.min_share).abs().lt(1e-9)]
     if len(cur):
         ax.plot(cur["kept"], cur["precision"], "rs", ms=10, mfc="none", label="params.yaml")
     ax.set_xlabel("kept training images")
@@ -179,25 +189,34 @@ def write_sweep(out: Path, table: pd.DataFrame, params: dict[str, Any]) -> None:
 
 
 def run_sweep(out: Path, clicks: pd.DataFrame, breeds: list[str], train_keys: pa.Array,
-              truth: pd.Series | None, params: dict[str, Any]) -> None:
+              truth: pd.Series | None, params: FilterConfig) -> None:
     """Print and write the min_clicks x min_share trade-off."""
     if truth is None:
         raise SystemExit(f"--sweep needs {layout.TRUTH} (true breeds) to measure precision")
     table = sweep_thresholds(clicks, breeds, truth, train_keys=train_keys,
-                             min_images_per_class=params["min_images_per_class"])
+                             min_images_per_class=params.min_images_per_class)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     write_sweep(out, table, params)
     log.info("sweep written to %s", out)
 
 
 def filter_and_write(out: Path, clicks: pd.DataFrame, breeds: list[str], train_keys: pa.Array,
-                     truth: pd.Series | None, summary: ClickLogSummary, params: dict[str, Any]) -> None:
+                     truth: pd.Series | None, summary: ClickLogSummary, params: FilterConfig) -> None:
     """Apply the thresholds of params.yaml and write data/filtered/."""
-    weak = find_weak_labels(clicks, breeds, train_keys=train_keys, min_clicks=params["min_clicks"],
-                            min_share=params["min_share"], min_images_per_class=params["min_images_per_class"])
+    weak = find_weak_labels(clicks, breeds, train_keys=train_keys, min_clicks=params.min_clicks,
+                            min_share=params.min_share, min_images_per_class=params.min_images_per_class)
     if not weak.classes:
         raise SystemExit("filter_clicks: no class keeps filter.min_images_per_class images; "
                          "lower filter.min_clicks / min_share / min_images_per_class")
+    # a breed with too few raw-clicked images is left out (the data's doing); one
+    # that had enough and lost it to the thresholds stops the stage (the filter's)
+    pc = weak.per_class
+    try:
+        check_enough_left(dict(zip(pc["breed"], pc["raw"].astype(int))), dict(zip(pc["breed"], pc["kept"].astype(int))),
+                          stage="filter_clicks", min_per_class=params.min_images_per_class,
+                          min_kept_share=params.min_kept_share, params="filter.min_clicks / filter.min_share")
+    except ValueError as err:
+        raise SystemExit(str(err)) from err
     report = build_report(weak, summary, truth, params)
     write_outputs(out, weak, report)
     log.info("kept %d of %d decoded training images in %d classes; dropped: %s", len(weak.kept),
@@ -220,9 +239,12 @@ def main(argv: list[str] | None = None) -> int:
     if (args.out is None) == (args.sweep is None):
         ap.error("give either OUT or --sweep DIR")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    params = check_params(load_params("filter", path=args.params))
-    breeds, train_keys, clicks, summary, truth = load_inputs(args.raw, args.images, params["aliases"])
-    check_rejects(summary, params["max_reject_fraction"])
+    try:
+        params = load_sections(args.params, filter=FilterConfig)["filter"]
+    except ValueError as err:  # ConfigError, or a threshold out of range
+        raise SystemExit(f"filter_clicks: {err}") from err
+    breeds, train_keys, clicks, summary, truth = load_inputs(args.raw, args.images, params.aliases)
+    check_rejects(summary, params.max_reject_fraction)
     if args.sweep is not None:
         run_sweep(args.sweep, clicks, breeds, train_keys, truth, params)
     else:

@@ -81,11 +81,18 @@ def test_eval_transform_matches_resize_then_centre_crop() -> None:
         assert (got - want).abs().mean() < 2.0
 
 
-def test_build_transform_refuses_bad_augment() -> None:
+def test_bad_augment_settings_are_refused() -> None:
+    from stages.lib.classifier import AugmentConfig
+
+    ok = {"scale_min": 0.5, "hflip": True, "brightness": 0.2, "contrast": 0.2}
     with pytest.raises(ValueError, match="scale_min"):
-        build_transform(32, train=True, augment={"scale_min": 0})
+        AugmentConfig.from_params({**ok, "scale_min": 0}, "train.augment")
     with pytest.raises(ValueError, match="brightness"):
-        build_transform(32, train=True, augment={"brightness": -0.1})
+        AugmentConfig.from_params({**ok, "brightness": -0.1}, "train.augment")
+    with pytest.raises(ValueError, match="scale_min"):  # the transform checks too, for direct callers
+        TrainTransform(32, scale=(0.0, 1.0))
+    t = build_transform(32, train=True, augment=AugmentConfig.from_params(ok, "train.augment"))
+    assert t.scale == (0.5, 1.0) and t.hflip is True
 
 
 def test_model_normalises_uint8_like_the_float_pipeline() -> None:

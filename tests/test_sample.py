@@ -97,8 +97,12 @@ def test_download_stage_writes_checksummed_sample(tmp_path: Path) -> None:
 
 
 def test_bad_source_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="data.source"):
-        download.download({"source": "ftp"}, tmp_path / "raw")
+    sample = {"n_train": 24, "test_per_breed": 1, "min_side": 64, "max_side": 64, "lookalike_share": 0.25,
+              "lookalike_only_share": 0.4, "best_known_share": 0.5, "distractor_share": 0.1,
+              "no_breed_query_share": 0.05}
+    data = {"source": "ftp", "seed": 0, "sample": sample, "files": {}, "retries": 1, "timeout_s": 5}
+    with pytest.raises(ValueError, match=r"data.source: must be one of \['sample', 'url', 'path'\], got 'ftp'"):
+        download.DataConfig.from_params(data, "data")
 
 
 def test_lookalike_clicks_lean_to_the_best_known_breed() -> None:

@@ -3,13 +3,14 @@ files, and the input fingerprint that decides whether a checkpoint resumes."""
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from stages.lib.atomic import atomic_file
+from stages.lib.deps import ROOT, stage_files
 from stages.lib.models import Classifier, model_file
 
 
@@ -23,11 +24,13 @@ def file_digest(*paths: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def code_digest(*modules: ModuleType) -> str:
-    """Fingerprint of the training code: DVC re-runs a stage when its code
-    changes, and the persisted checkpoint of the old code must not be resumed
-    (it could hold a finished run of a since-fixed loop)."""
-    return file_digest(*(Path(m.__file__) for m in modules))
+def stage_code_digest(module: str) -> str:
+    """Fingerprint of the code a stage runs: ``module`` and every ``stages.*``
+    module it imports, transitively (the files its ``dvc.yaml`` deps list). DVC
+    re-runs a stage when any of them changes, and the persisted checkpoint of
+    the old code must not be resumed (it could hold a finished run of a
+    since-fixed loop)."""
+    return file_digest(*(ROOT / f for f in stage_files(module)))
 
 
 def save_model(path: Path, model: Classifier, *, backbone: str, image_size: int, classes: list[str],

@@ -1,26 +1,35 @@
-"""Seed study: how much of a difference between label sets / models is more
-than seed noise. Not part of `make repro` (it trains 5 x len(seeds) models).
+"""Seed study: which differences between models are more than seed noise.
+Not part of `make repro`: it repeats the pipeline's training for every seed.
 
-    python scripts/seed_study.py --seeds 0 1 2            # after `make repro`
-    python scripts/seed_study.py --configs truth raw --seeds 0
-    python scripts/seed_study.py --truth-seeds 0           # the truth ceiling once, the rest over 3 seeds
+    python scripts/seed_study.py                      # after `make repro`; 3 seeds, every configuration
+    python scripts/seed_study.py --seeds 0 --configs raw naive final
+    python scripts/seed_study.py --summarize          # rewrite seed_study.md from seed_study.json
 
-Configurations (all with the naive recipe of params.yaml unless noted):
-  truth     true breeds from truth.tsv (sample only): the calibration ceiling
-  raw       top-clicked breed, no filter (data/filtered/raw_labels.tsv)
-  click     click-filtered labels (data/filtered/labels.tsv) = the naive stage
-  clickprob click + probability filtered (data/pairs/clean.tsv)
-  siamese   the `click` model of the same seed fine-tuned by train_siamese on
-            data/pairs/pairs.tsv (the pipeline's pair list, fixed across seeds)
-  siamese_ce  the same fine-tuning with siamese.contrastive_weight 0: the
-            extra epochs on the clean pairs without the contrastive loss, so
-            siamese - siamese_ce is the contrastive loss's own share
-With --equal-steps every naive run trains for the optimizer steps that the
-raw label set gets in train.epochs (more epochs for the smaller, filtered
-sets), which separates cleaner labels from fewer steps.
-Each run's test top-1 and mean per-class accuracy go to
-reports/seed_study.json; the table (mean +- standard error over seeds) to
-reports/seed_study.md.
+Each seed is one independent run of the pipeline's training, with the same
+library functions the stages call and the same params (``train.seed``,
+``pairs.seed`` and ``siamese.seed`` set to the seed); decoded images and
+click-filtered labels are the pipeline's (``data/``), which do not depend on a
+seed. Configurations:
+
+  truth      the naive recipe on the true breeds (truth.tsv; sample only): the ceiling
+  raw        the naive recipe on the raw click labels: the paper's baseline
+  naive      the naive recipe on the click-filtered labels (train_naive)
+  final      the pipeline's final model: naive, fine-tuned by train_siamese on the
+             pairs of the label filter of params.yaml (pairs.filter)
+  final_ce   the same fine-tuning with siamese.contrastive_weight 0: final - final_ce
+             is the contrastive loss's own share
+  threshold  as final, with the paper's probability filter (pairs.filter: threshold, min_prob)
+  cleanlab   as final, with confident learning that only drops (pairs.filter: cleanlab)
+  paper      the paper's recipe end to end: click-count filter min_clicks 2, min_share 0.7
+             (the pipeline's defaults before this study), naive on those labels, the
+             threshold filter, the siamese fine-tuning
+
+Every naive-recipe model trains for the optimizer steps of train.epochs epochs
+over the raw click-labelled split (stages.lib.classifier.budgeted). Writes
+reports/seed_study.json (every run, with label precision / recall of each
+filter) and reports/seed_study.md (mean +- standard error over seeds and the
+differences paired by seed; a difference counts when it exceeds two standard
+errors).
 """
 from __future__ import annotations
 
@@ -30,126 +39,189 @@ import logging
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from stages import evaluate
 from stages.lib import layout
-from stages.lib.classifier import train_classifier
-from stages.lib.data import load_labels, read_table, split_train_val
-from stages.lib.params import load_params
+from stages.lib.classifier import ModelConfig, TrainConfig, plan_run, reference_size, run_context, train_on_labels
+from stages.lib.clicks import aggregate_clicks, find_weak_labels, read_breeds, read_train_keys
+from stages.lib.data import load_labels
+from stages.lib.labelsets import label_set, train_keys
+from stages.lib.noise import filtered_table, label_quality
+from stages.lib.pairs import PairsConfig, build_pairs
+from stages.lib.params import load_params, load_sections
+from stages.lib.queries import BreedMatcher
+from stages.lib.scoring import class_probs, score_crossfit
 from stages.lib.shards import read_index
+from stages.lib.siamese import SiameseConfig, fit_siamese, siamese_from_naive
+from stages.lib.tables import read_truth
+from stages.lib.testset import evaluate_model, read_test_set
 from stages.lib.tracking import save_model
-from stages.train_siamese import fit_siamese, siamese_from_naive
 
-CONFIGS = ("truth", "raw", "click", "clickprob", "siamese", "siamese_ce")
-FINE_TUNED = ("siamese", "siamese_ce")
+CONFIGS = ("truth", "raw", "naive", "final", "final_ce", "threshold", "cleanlab", "paper")
+REFERENCES = {"truth": "truth", "raw": "raw"}  # config -> label set
+# the label filter of each fine-tuned configuration (None: params.yaml's pairs.filter)
+FILTERS = {"final": None, "final_ce": None, "threshold": "threshold", "cleanlab": "cleanlab"}
+# the paper's click-count filter (the defaults before the relabelling filter): see `paper`
+PAPER_CLICK_FILTER = {"min_clicks": 2, "min_share": 0.7}
+# differences reported, paired by seed: (minuend, subtrahend)
+DIFFERENCES = (("final", "raw"), ("final", "naive"), ("final", "final_ce"), ("final", "paper"),
+               ("final", "threshold"), ("final", "cleanlab"), ("paper", "raw"), ("naive", "raw"), ("truth", "raw"))
 log = logging.getLogger("seed_study")
 
 
-def label_set(name: str, data: Path, classes: list[str]) -> pd.DataFrame:
-    position = {c: i for i, c in enumerate(classes)}
-    if name == "truth":
-        df = pd.read_csv(data / "raw" / layout.TRUTH, sep="\t", names=["key", "breed"], dtype=str,
-                         keep_default_na=False)
-    else:
-        path = {"raw": data / "filtered" / layout.RAW_LABELS, "click": data / "filtered" / layout.LABELS,
-                "clickprob": data / "pairs" / layout.CLEAN}[name]
-        df = load_labels(path)
-    decoded = set(read_index(data / "images").query("split == 'train'")["key"])
-    df = df[df["breed"].isin(position) & df["key"].isin(decoded)].copy()
-    df["label"] = df["breed"].map(position)
-    return df.reset_index(drop=True)
+class Study:
+    """The pipeline's inputs and params, shared by every seed."""
+
+    def __init__(self, data: Path, params: dict[str, Any], tmp: Path) -> None:
+        self.data, self.params, self.tmp = data, params, tmp
+        self.images = data / "images"
+        self.index = read_index(self.images)
+        self.keys = train_keys(self.index)
+        self.classes = json.loads((data / "filtered" / layout.CLASSES).read_text())
+        self.test, _ = read_test_set(data / "raw", self.index)
+        truth_path = data / "raw" / layout.TRUTH
+        self.truth = read_truth(truth_path) if truth_path.is_file() else None
+        self.raw_labels = self.labels("raw")
+
+    def paper_click_labels(self) -> pd.DataFrame:
+        """The click labels of the paper's click-count filter (PAPER_CLICK_FILTER),
+        computed as filter_clicks does, whatever params.yaml's filter says."""
+        breeds = read_breeds(self.data / "raw" / layout.BREEDS)
+        aliases = {a: b for a, b in load_params("filter")["aliases"].items() if b in set(breeds)}
+        clicks, _ = aggregate_clicks(self.data / "raw" / layout.CLICKS, BreedMatcher(breeds, aliases))
+        weak = find_weak_labels(clicks, breeds, train_keys=read_train_keys(self.images / layout.INDEX),
+                                min_images_per_class=1, **PAPER_CLICK_FILTER)
+        position = {c: i for i, c in enumerate(self.classes)}
+        kept = weak.kept[weak.kept["breed"].isin(position)]
+        return kept.assign(label=kept["breed"].map(position)).reset_index(drop=True)
+
+    def labels(self, name: str) -> pd.DataFrame | None:
+        return label_set(name, raw_dir=self.data / "raw", filtered_dir=self.data / "filtered", pairs_dir=None,
+                         classes=self.classes, train_keys=self.keys)
+
+    def score(self, name: str, path: Path, seed: int, start: float, **extra: Any) -> dict[str, Any]:
+        result = evaluate_model(name, path, self.test, self.images, self.index, device="cpu", batch_size=256)
+        row = {"config": name, "seed": seed, **{k: result.block[k] for k in ("top1", "top5", "mean_class_accuracy")},
+               "seconds": round(time.time() - start, 1), **extra}
+        log.info("seed %d %s: %s", seed, name, row)
+        return row
+
+    def naive_recipe(self, name: str, labels: pd.DataFrame, train_cfg: TrainConfig):
+        plan = plan_run(labels, train_cfg, reference_size(self.raw_labels, train_cfg))
+        model, info = train_on_labels(plan, name=name, images_dir=self.images, num_classes=len(self.classes),
+                                      model_cfg=self.params["model"], index=self.index)
+        path = self.tmp / f"{name}-{train_cfg.seed}.pt"
+        save_model(path, model, backbone=self.params["model"].backbone,
+                   image_size=self.params["model"].image_size, classes=self.classes)
+        return path, model, plan, info
 
 
-def run_seed(seed: int, configs: list[str], data: Path, params: dict, tmp: Path, *,
-             equal_steps: bool = False) -> list[dict]:
-    images = data / "images"
-    index = read_index(images)
-    classes = json.loads((data / "filtered" / layout.CLASSES).read_text())
-    test, _ = evaluate.read_test_set(data / "raw", index)
-    model_cfg, train_cfg = params["model"], {**params["train"], "seed": seed}
-    eval_cfg = {"device": train_cfg["device"], "batch_size": 256}
-    results, click_model = [], None
-    raw_steps = None
-    if equal_steps:
-        raw_train, _ = split_train_val(label_set("raw", data, classes), train_cfg["val_fraction"], seed)
-        raw_steps = len(raw_train) // train_cfg["batch_size"] * train_cfg["epochs"]  # the loader drops partial batches
-    for name in [c for c in configs if c not in FINE_TUNED] + [c for c in FINE_TUNED if c in configs]:
+def run_seed(study: Study, seed: int, configs: list[str]) -> list[dict[str, Any]]:
+    train_cfg = study.params["train"].replace(seed=seed)
+    rows = []
+    for name in [c for c in configs if c in ("truth", "raw")]:
         start = time.time()
-        if name in FINE_TUNED:
-            if click_model is None:
-                click_model = train_naive_on("click", seed, data, classes, model_cfg, train_cfg, index, tmp,
-                                             raw_steps)
-            cfg = {**params["siamese"], "seed": seed}
-            if name == "siamese_ce":
-                cfg["contrastive_weight"] = 0.0
-            model, meta = siamese_from_naive(click_model, cfg)
-            clean = load_labels(data / "pairs" / layout.CLEAN)
-            pairs = read_table(data / "pairs" / layout.PAIRS)
-            _, val = split_train_val(label_set("click", data, classes), train_cfg["val_fraction"], seed)
-            fit_siamese(model, meta, clean, pairs, val, images_dir=images, index=index, cfg=cfg)
-            path = tmp / f"{name}-{seed}.pt"
-            save_model(path, model, backbone=meta["backbone"], image_size=meta["image_size"], classes=classes)
-        else:
-            path = train_naive_on(name, seed, data, classes, model_cfg, train_cfg, index, tmp, raw_steps)
-            if name == "click":
-                click_model = path
-        result = evaluate.evaluate_model(name, path, test, images, index, eval_cfg)
-        results.append({"config": name, "seed": seed, **result.block, "seconds": round(time.time() - start, 1)})
-        log.info("seed %d %s: %s", seed, name, results[-1])
-    return results
+        labels = study.labels(REFERENCES[name])
+        if labels is None:
+            log.info("no %s labels: %s skipped", name, name)
+            continue
+        path, *_ = study.naive_recipe(name, labels, train_cfg)
+        rows.append(study.score(name, path, seed, start))
+    pipeline = {c: FILTERS[c] or study.params["pairs"].filter for c in ("final", "final_ce", "threshold", "cleanlab")
+                if c in configs}
+    if "naive" in configs or pipeline:
+        click = load_labels(study.data / "filtered" / layout.LABELS)
+        rows += naive_and_fine_tuned("naive", click, seed, pipeline, study, train_cfg, "naive" in configs)
+    if "paper" in configs:
+        rows += naive_and_fine_tuned("paper_naive", study.paper_click_labels(), seed, {"paper": "threshold"},
+                                     study, train_cfg, False)
+    return rows
 
 
-def train_naive_on(name, seed, data, classes, model_cfg, train_cfg, index, tmp: Path,
-                   total_steps: int | None = None) -> Path:
-    train_df, val_df = split_train_val(label_set(name, data, classes), train_cfg["val_fraction"], seed)
-    if total_steps is not None:
-        epochs = max(1, round(total_steps / (len(train_df) // train_cfg["batch_size"])))
-        log.info("%s: %d epochs for ~%d steps", name, epochs, total_steps)
-        train_cfg = {**train_cfg, "epochs": epochs, "early_epoch": min(train_cfg["early_epoch"], epochs)}
-    model, _ = train_classifier(train_df, val_df, images_dir=data / "images", num_classes=len(classes),
-                                model_cfg=model_cfg, train_cfg=train_cfg, index=index)
-    path = tmp / f"{name}-{seed}.pt"
-    save_model(path, model, backbone=model_cfg["backbone"], image_size=model_cfg["image_size"], classes=classes)
-    return path
+def naive_and_fine_tuned(naive_name: str, labels: pd.DataFrame, seed: int, fine: dict[str, str], study: Study,
+                         train_cfg: TrainConfig, score_naive: bool) -> list[dict[str, Any]]:
+    """train_naive on ``labels``, then make_pairs (out-of-fold probabilities
+    once, then each configuration's filter) and train_siamese, as the stages do."""
+    params, rows = study.params, []
+    start = time.time()
+    naive_path, naive, plan, _ = study.naive_recipe(naive_name, labels[labels["label"] >= 0], train_cfg)
+    if score_naive:
+        rows.append(study.score(naive_name, naive_path, seed, start))
+    if not fine:
+        return rows
+    p = params["pairs"].replace(seed=seed)
+    ctx = run_context(train_cfg.device, train_cfg.precision)
+    val_probs = class_probs(naive, plan.val, study.images, study.index, ctx,
+                            image_size=params["model"].image_size, batch_size=train_cfg.batch_size)
+    val_pred = plan.val.assign(pred=val_probs.argmax(1))
+    start = time.time()
+    probs = score_crossfit(labels, folds=p.folds, epochs=p.crossfit_epochs, seed=seed, images=study.images,
+                           index=study.index, num_classes=len(study.classes), model_cfg=params["model"],
+                           train_cfg=train_cfg)
+    crossfit_s = time.time() - start
+    raw = load_labels(study.data / "filtered" / layout.RAW_LABELS)
+    for name, method in fine.items():
+        start = time.time() - crossfit_s / len(fine)  # each fine-tuned model carries its share of the scoring
+        clean, _ = filtered_table(labels, probs, study.classes, **p.noise_settings(method))
+        quality = label_quality(clean, raw, study.truth) if study.truth is not None else {}
+        train_clean = clean[~clean["key"].isin(set(plan.val["key"]))].reset_index(drop=True)
+        pairs, _, _ = build_pairs(train_clean, val_pred, len(study.classes), p)
+        cfg = params["siamese"].replace(seed=seed)
+        if name == "final_ce":
+            cfg = cfg.replace(contrastive_weight=0.0)
+        model, meta = siamese_from_naive(naive_path, cfg)
+        fit_siamese(model, meta, clean, pairs, plan.val, images_dir=study.images, index=study.index, cfg=cfg)
+        path = study.tmp / f"{name}-{seed}.pt"
+        save_model(path, model, backbone=meta["backbone"], image_size=meta["image_size"], classes=study.classes)
+        rows.append(study.score(name, path, seed, start, filter=method, clean_images=len(clean),
+                                label_precision=quality.get("precision"), label_recall=quality.get("recall")))
+    return rows
+
+
+def _mean_se(x: pd.Series) -> str:
+    if len(x) < 2:
+        return f"{x.mean():.3f} (one seed)"
+    return f"{x.mean():.3f} ± {x.std(ddof=1) / np.sqrt(len(x)):.3f}"
 
 
 def summary_table(runs: pd.DataFrame) -> str:
-    """Mean +- standard error over seeds, per configuration."""
-    lines = ["| labels / model | seeds | test top-1 | mean per-class acc | top-5 |", "|---|---|---|---|---|"]
+    """Mean +- standard error over seeds per configuration, then the paired differences."""
+    lines = ["| model | seeds | test top-1 | mean per-class acc | top-5 | label precision / recall |",
+             "|---|---|---|---|---|---|"]
     for name in [c for c in CONFIGS if c in set(runs["config"])]:
         r = runs[runs["config"] == name]
-
-        def cell(col: str) -> str:
-            if len(r) < 2:
-                return f"{r[col].mean():.3f} (one seed)"
-            return f"{r[col].mean():.3f} ± {r[col].std(ddof=1) / np.sqrt(len(r)):.3f}"
-
-        lines.append(f"| {name} | {len(r)} | {cell('top1')} | {cell('mean_class_accuracy')} | {cell('top5')} |")
+        quality = "–"
+        if "label_precision" in r and r["label_precision"].notna().any():
+            quality = f"{r['label_precision'].mean():.3f} / {r['label_recall'].mean():.3f}"
+        lines.append(f"| {name} | {len(r)} | {_mean_se(r['top1'])} | {_mean_se(r['mean_class_accuracy'])} "
+                     f"| {_mean_se(r['top5'])} | {quality} |")
     return "\n".join(lines) + "\n\n" + paired_differences(runs)
 
 
-def paired_differences(runs: pd.DataFrame, baseline: str = "click") -> str:
-    """Test top-1 of each configuration minus the pipeline's naive model (and
-    siamese minus siamese_ce), paired by seed; a difference counts only when it
-    exceeds two standard errors."""
+def paired_differences(runs: pd.DataFrame) -> str:
+    """Test top-1 differences paired by seed; a difference counts only when it
+    exceeds two standard errors of the paired differences."""
     top1 = runs.pivot_table(index="seed", columns="config", values="top1")
-    if baseline not in top1:
-        return ""
-    pairs = [(name, baseline) for name in CONFIGS if name in top1 and name != baseline]
-    if {"siamese", "siamese_ce"} <= set(top1):
-        pairs.append(("siamese", "siamese_ce"))
-    lines = ["| difference in test top-1 (paired by seed) | seeds | mean ± s.e. | beyond 2 s.e.? |", "|---|---|---|---|"]
-    for name, other in pairs:
-        d = (top1[name] - top1[other]).dropna()
+    lines = ["| difference in test top-1 (paired by seed) | seeds | mean ± s.e. | beyond 2 s.e.? |",
+             "|---|---|---|---|"]
+    for a, b in DIFFERENCES:
+        if a not in top1 or b not in top1:
+            continue
+        d = (top1[a] - top1[b]).dropna()
         if len(d) < 2:
-            lines.append(f"| {name} − {other} | {len(d)} | {d.mean():+.3f} | one seed: cannot tell |")
+            lines.append(f"| {a} − {b} | {len(d)} | {d.mean():+.3f} | one seed: cannot tell |")
             continue
         se = d.std(ddof=1) / np.sqrt(len(d))
         verdict = "yes" if abs(d.mean()) > 2 * se else "no: within seed noise"
-        lines.append(f"| {name} − {other} | {len(d)} | {d.mean():+.3f} ± {se:.3f} | {verdict} |")
+        lines.append(f"| {a} − {b} | {len(d)} | {d.mean():+.3f} ± {se:.3f} | {verdict} |")
+    if {"final", "raw", "truth"} <= set(top1):
+        g = ((top1["final"] - top1["raw"]) / (top1["truth"] - top1["raw"])).dropna()
+        if len(g):
+            lines += ["", "Gap recovery (final − raw) / (truth − raw), per seed: "
+                      + ", ".join(f"{v:.2f}" for v in g) + f"; mean {_mean_se(g)}."]
     return "\n".join(lines) + "\n"
 
 
@@ -157,12 +229,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--truth-seeds", nargs="*", type=int,
-                   help="run the truth configuration only for these seeds (default: all seeds)")
     p.add_argument("--data", type=Path, default=Path("data"))
     p.add_argument("--out", type=Path, default=Path("reports"))
-    p.add_argument("--equal-steps", action="store_true",
-                   help="train each naive run for the raw label set's number of optimizer steps")
     p.add_argument("--summarize", action="store_true", help="only rewrite seed_study.md from seed_study.json")
     args = p.parse_args()
     if args.summarize:
@@ -171,13 +239,12 @@ def main() -> None:
         print(summary_table(runs_df))
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    params = load_params("model", "train", "siamese")
-    runs: list[dict] = []
+    params = load_sections(model=ModelConfig, train=TrainConfig, pairs=PairsConfig, siamese=SiameseConfig)
+    runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
+        study = Study(args.data, params, Path(tmp))
         for seed in args.seeds:
-            configs = [c for c in args.configs
-                       if c != "truth" or args.truth_seeds is None or seed in args.truth_seeds]
-            runs += run_seed(seed, configs, args.data, params, Path(tmp), equal_steps=args.equal_steps)
+            runs += run_seed(study, seed, args.configs)
             args.out.mkdir(parents=True, exist_ok=True)  # after every seed: a long study can be read early
             (args.out / "seed_study.json").write_text(json.dumps(runs, indent=2))
             (args.out / "seed_study.md").write_text(summary_table(pd.DataFrame(runs)))

@@ -30,93 +30,43 @@ import argparse
 import json
 import logging
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 
-from stages.lib import engine, figures, layout
+from stages.lib import figures, layout
 from stages.lib.atomic import atomic_dir, atomic_file, write_json
-from stages.lib.classifier import eval_loader, run_context
-from stages.lib.metrics import summarize
-from stages.lib.models import load_model_file
-from stages.lib.params import load_params
+from stages.lib.metrics import SUMMARY_METRICS
+from stages.lib.params import Section, load_sections
 from stages.lib.shards import ShardReader, read_index
+from stages.lib.testset import ModelResult, evaluate_model, read_test_set
 
 log = logging.getLogger("evaluate")
 
+@dataclass(frozen=True)
+class EvaluateConfig(Section):
+    """params.yaml ``evaluate``."""
+
+    device: Literal["auto", "cpu", "cuda"]
+    batch_size: int
+    gallery_per_reason: int
+
+
+REFERENCES = ("raw", "truth")  # models/references/<name>/model.pt (train_references)
 CHUNK_ROWS = 200_000     # label tables are streamed in chunks of this many rows
 THUMB_PX = 128           # gallery thumbnails are at most this size
 HASH_KEY = "clickdog-gallery"  # 16 characters, as pandas' row hash wants
 
 
-@dataclass
-class ModelResult:
-    """One model's scores on the test set."""
-
-    name: str
-    classes: list[str]
-    block: dict[str, Any]
-    per_class: pd.DataFrame
-    actual: list[str]
-    predicted: list[str]
-
-
-# ------------------------------------------------------------------ test set
 def read_tsv_chunks(path: Path, **kwargs: Any) -> Iterable[pd.DataFrame]:
     """A pipeline TSV (header, tab-separated, no quoting) in chunks of rows:
     label tables of the real data do not have to fit in memory."""
     return pd.read_csv(path, sep="\t", quoting=3, dtype={"key": str}, keep_default_na=False,
                        chunksize=CHUNK_ROWS, **kwargs)
-
-
-def read_test_set(raw_dir: Path, index: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int]]:
-    """The labelled test images that decode kept (key, breed), and counts of
-    what was lost on the way (labels without a decoded image, test images
-    without a label)."""
-    labels = pd.read_csv(raw_dir / layout.TEST_LABELS, sep="\t", header=None, names=["key", "breed"],
-                         dtype=str, quoting=3, keep_default_na=False)
-    duplicates = int(labels["key"].duplicated().sum())
-    labels = labels.drop_duplicates("key")
-    test_keys = set(index.loc[index["split"] == "test", "key"])
-    decoded = labels[labels["key"].isin(test_keys)].reset_index(drop=True)
-    counts = {"labelled": len(labels), "decoded": len(decoded), "not_decoded": len(labels) - len(decoded),
-              "unlabelled_images": len(test_keys - set(labels["key"])), "duplicate_labels": duplicates,
-              "breeds": int(decoded["breed"].nunique())}
-    if counts["not_decoded"]:
-        log.warning("%d labelled test images have no decoded image (see decode's rejects.tsv)",
-                    counts["not_decoded"])
-    return decoded, counts
-
-
-def evaluate_model(name: str, path: Path, test: pd.DataFrame, images_dir: Path, index: pd.DataFrame,
-                   cfg: dict[str, Any]) -> ModelResult:
-    """Score one model file on the test images whose breed is one of its classes."""
-    # fp32: reported numbers must not depend on whether this CPU has bf16
-    ctx = run_context({"device": cfg["device"], "precision": "fp32"})
-    model, meta = load_model_file(path, ctx.device)
-    classes = list(meta["classes"])
-    position = {c: i for i, c in enumerate(classes)}
-    known = test["breed"].isin(position).to_numpy()
-    scored = test[known].assign(label=lambda d: d["breed"].map(position)).reset_index(drop=True)
-    unknown = test.loc[~known, "breed"].value_counts()
-    if len(unknown):
-        log.warning("%s: %d test images of %d breeds that are not model classes are not scored: %s", name,
-                    int(unknown.sum()), len(unknown), {b: int(n) for b, n in unknown.head(10).items()})
-    start = time.time()
-    if len(scored):
-        loader = eval_loader(images_dir, scored, image_size=meta["image_size"], batch_size=cfg["batch_size"],
-                             workers=0, device=ctx.device, index=index)
-        probs, labels = engine.predict(model, loader, ctx)
-    else:
-        probs, labels = np.zeros((0, len(classes)), np.float32), np.zeros(0, np.int64)
-    block, per_class = summarize(probs, labels, classes)
-    block["n_not_scored"] = int((~known).sum())
-    predicted = [classes[i] for i in probs.argmax(axis=1)] if len(labels) else []
-    log.info("%s: %s (%.1f s)", name, block, time.time() - start)
-    return ModelResult(name, classes, block, per_class, scored["breed"].tolist(), predicted)
 
 
 # ------------------------------------------------------------------ data block
@@ -138,9 +88,9 @@ def data_block(filter_report: dict[str, Any], pairs_report: dict[str, Any],
         "raw_clicks": {"images": images.get("raw_labelled"), **_precision_recall(quality.get("raw"))},
         "click_filter": {"images": images.get("kept"), **_precision_recall(quality.get("filtered"))},
     }
-    scorer = pairs_report.get("scorer")
-    prob_quality = (pairs_report.get("label_quality") or {}).get(f"click+prob_filter ({scorer})")
+    prob_quality = (pairs_report.get("label_quality") or {}).get("label_filter")
     steps["prob_filter"] = {"images": pairs_report.get("images", {}).get("clean"),
+                            "relabelled": pairs_report.get("images", {}).get("relabelled"),
                             **_precision_recall(prob_quality)}
     out = {k: {m: v for m, v in step.items() if v is not None} for k, step in steps.items()}
     return {**{k: v for k, v in out.items() if v}, "test": test_counts}
@@ -149,6 +99,25 @@ def data_block(filter_report: dict[str, Any], pairs_report: dict[str, Any],
 def _precision_recall(quality: dict[str, Any] | None) -> dict[str, Any]:
     quality = quality or {}
     return {"precision": quality.get("precision"), "recall": quality.get("recall")}
+
+
+def comparison_block(metrics: dict[str, Any], final: str = "siamese") -> dict[str, Any]:
+    """What the method buys: the final model minus the paper's baseline (naive
+    training on the raw clicks) and minus the pipeline's naive model, and
+    ``gap_recovery = (final - raw) / (truth - raw)`` where a truth reference
+    exists (the sample): the share of the damage done by click noise that the
+    method undoes. Absent models give nulls, not errors."""
+    def diff(a: str, b: str) -> dict[str, float | None]:
+        return {m: (round(metrics[a][m] - metrics[b][m], 4) if a in metrics and b in metrics else None)
+                for m in SUMMARY_METRICS}
+
+    gap = {}
+    for m in ("top1", "mean_class_accuracy"):
+        ok = all(k in metrics for k in (final, "raw", "truth"))
+        den = metrics["truth"][m] - metrics["raw"][m] if ok else 0.0
+        gap[m] = round((metrics[final][m] - metrics["raw"][m]) / den, 4) if ok and den > 0 else None
+    return {"final": final, "final_minus_raw": diff(final, "raw"), "final_minus_naive": diff(final, "naive"),
+            "gap_recovery": gap}
 
 
 # ------------------------------------------------------------------ gallery
@@ -293,6 +262,8 @@ def write_tables(out: Path, results: list[ModelResult], table: pd.DataFrame) -> 
     with atomic_file(out / "per_class.tsv") as f:
         table.to_csv(f, sep="\t", index=False, na_rep="", lineterminator="\n")
     for r in results:
+        if r.name in REFERENCES:
+            continue  # dvc.yaml declares the pipeline models' CSVs; references have PNGs only
         with atomic_file(out / f"confusion_{r.name}.csv") as f:
             pd.DataFrame({"actual": r.actual, "predicted": r.predicted}).to_csv(f, index=False, lineterminator="\n")
 
@@ -307,7 +278,7 @@ def ablation_markdown(metrics: dict[str, Any], results: list[ModelResult], filte
     filter removed, and the models on the test set."""
     data = metrics["data"]
     names = {"decoded_train": "decoded training images", "raw_clicks": "raw click labels (top-clicked breed)",
-             "click_filter": "click filter", "prob_filter": "click + probability filter"}
+             "click_filter": "click filter", "prob_filter": "click + label filter"}
     lines = ["# Ablation", "", "Generated by `stages/evaluate.py` from the reports of this run; do not edit.", "",
              "## Training data after each filter", "",
              "| step | images | label precision | label recall |", "|---|---:|---:|---:|"]
@@ -321,25 +292,32 @@ def ablation_markdown(metrics: dict[str, Any], results: list[ModelResult], filte
               "| filter | reason | images |", "|---|---|---:|"]
     for reason, count in sorted((filter_report.get("images", {}).get("dropped") or {}).items()):
         lines.append(f"| click filter | {reason} | {count} |")
-    if "images" in pairs_report:
-        lines.append(f"| probability filter | p(label) < {pairs_report.get('min_prob')} "
-                     f"({pairs_report.get('scorer')} scorer) | {pairs_report['images'].get('dropped')} |")
+    for status, count in sorted((pairs_report.get("images", {}).get("status") or {}).items()):
+        if status != "kept":
+            lines.append(f"| label filter ({pairs_report.get('filter')}, {pairs_report.get('scorer')} scorer) "
+                         f"| {status} | {count} |")
     lines += ["", "## Test set", "", "| model | top-1 | top-5 | mean per-class accuracy | scored images |",
               "|---|---:|---:|---:|---:|"]
     for r in results:
         b = r.block
         lines.append(f"| {r.name} | {_fmt(b['top1'])} | {_fmt(b['top5'])} | {_fmt(b['mean_class_accuracy'])} "
                      f"| {b['n_test']} |")
-    if len(results) == 2 and all(results[i].block["top1"] is not None for i in (0, 1)):
-        a, b = results[0].block, results[1].block
-        lines.append(f"| {results[1].name} − {results[0].name} | " + " | ".join(
-            _fmt(b[m] - a[m], "+.3f") if None not in (a[m], b[m]) else "–"
-            for m in ("top1", "top5", "mean_class_accuracy")) + " | |")
+    comp = metrics.get("comparison", {})
+    for other in ("raw", "naive"):
+        d = comp.get(f"final_minus_{other}") or {}
+        if any(v is not None for v in d.values()):
+            lines.append(f"| {comp['final']} − {other} | " + " | ".join(
+                _fmt(d.get(m), "+.3f") for m in ("top1", "top5", "mean_class_accuracy")) + " | |")
+    gap = comp.get("gap_recovery") or {}
+    if gap.get("top1") is not None:
+        lines += ["", f"Gap recovery (final − raw) / (truth − raw): top-1 {_fmt(gap['top1'], '.2f')}, "
+                  f"mean per-class accuracy {_fmt(gap.get('mean_class_accuracy'), '.2f')}."]
     test = data["test"]
     lines += ["", f"{test['labelled']} labelled test images, {test['not_decoded']} without a decoded image; "
               + "; ".join(f"{r.name}: {r.block['n_not_scored']} of breeds outside its classes (not scored)"
                           for r in results) + ".",
-              "One training run (one seed) per model: differences of a few points can be seed noise.", ""]
+              "One training run (one seed) per model: differences of a few points can be seed noise "
+              "(see the seed study).", ""]
     return "\n".join(lines)
 
 
@@ -356,7 +334,8 @@ def write_figures(out: Path, dirs: dict[str, Path], results: list[ModelResult], 
             figures.confusion_figure(r.actual, r.predicted, r.classes, f"{r.name}: confusion on the test set",
                                      tmp / f"confusion_{r.name}.png")
         figures.per_class_accuracy_figure(table, [r.name for r in results], tmp / "per_class_accuracy.png")
-        figures.training_curves_figure({r.name: read_curves(dirs[r.name] / layout.LIVE) for r in results},
+        figures.training_curves_figure({r.name: read_curves(dirs[r.name] / layout.LIVE) for r in results
+                                        if r.name not in REFERENCES},
                                        tmp / "training_curves.png")
         if gallery_n <= 0:
             log.info("evaluate.gallery_per_reason is 0: no galleries")
@@ -370,29 +349,38 @@ def write_figures(out: Path, dirs: dict[str, Path], results: list[ModelResult], 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for name in ("raw", "images", "filtered", "pairs", "naive", "siamese", "out"):
+    for name in ("raw", "images", "filtered", "pairs", "naive", "siamese", "references", "out"):
         parser.add_argument(name, type=Path)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    cfg = load_params("evaluate", path=args.params)
+    cfg = load_sections(args.params, evaluate=EvaluateConfig)["evaluate"]
     dirs = {k: getattr(args, k) for k in ("raw", "images", "filtered", "pairs", "naive", "siamese")}
 
     index = read_index(args.images)
     test, test_counts = read_test_set(args.raw, index)
     log.info("test set: %s", test_counts)
-    results = [evaluate_model(name, dirs[name] / layout.MODEL, test, args.images, index, cfg)
-               for name in ("naive", "siamese")]
+    models = {name: dirs[name] / layout.MODEL for name in ("naive", "siamese")}
+    for name in REFERENCES:  # the raw-click baseline, and the truth ceiling where truth.tsv exists
+        path = args.references / name / layout.MODEL
+        if path.is_file():
+            models[name] = path
+        else:
+            log.info("no %s reference model (%s): left out", name, path)
+    results = [evaluate_model(name, path, test, args.images, index, device=cfg.device, batch_size=cfg.batch_size)
+               for name, path in models.items()]
     filter_report = _read_json(args.filtered / layout.REPORT)
     pairs_report = _read_json(args.pairs / layout.REPORT)
     metrics = {r.name: r.block for r in results}
+    metrics["comparison"] = comparison_block(metrics)
     metrics["data"] = data_block(filter_report, pairs_report, test_counts)
+    log.info("comparison: %s", metrics["comparison"])
 
     args.out.mkdir(parents=True, exist_ok=True)
     table = per_class_table(results, test)
     write_tables(args.out, results, table)
     start = time.time()
-    write_figures(args.out, dirs, results, table, index, pairs_report, int(cfg["gallery_per_reason"]))
+    write_figures(args.out, dirs, results, table, index, pairs_report, cfg.gallery_per_reason)
     log.info("figures written in %.1f s", time.time() - start)
     with atomic_file(args.out / "ablation.md") as f:
         f.write(ablation_markdown(metrics, results, filter_report, pairs_report))

@@ -16,30 +16,36 @@ import argparse
 import json
 import logging
 import shutil
-import sys
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
-from stages.lib import classifier, data, engine, layout, models
+from stages.lib import engine, layout
 from stages.lib.atomic import atomic_file
-from stages.lib.classifier import eval_loader, run_context, train_classifier
-from stages.lib.data import load_labels, split_train_val
-from stages.lib.params import load_params
+from stages.lib.classifier import (
+    ModelConfig,
+    TrainConfig,
+    eval_loader,
+    plan_run,
+    reference_size,
+    resolved_run,
+    run_context,
+    train_on_labels,
+)
+from stages.lib.data import load_labels
+from stages.lib.params import load_sections
 from stages.lib.shards import read_index
-from stages.lib.tracking import EpochLogger, code_digest, file_digest, save_model
+from stages.lib.tracking import EpochLogger, file_digest, save_model, stage_code_digest
 
 log = logging.getLogger("train_naive")
 
 
-def write_val_predictions(path: Path, model, val_df: pd.DataFrame, images_dir: Path, model_cfg, train_cfg,
-                          index: pd.DataFrame) -> float:
-    ctx = run_context(train_cfg)
-    loader = eval_loader(images_dir, val_df, image_size=model_cfg["image_size"],
-                         batch_size=train_cfg["batch_size"], workers=0, device=ctx.device, index=index)
+def write_val_predictions(path: Path, model, val_df: pd.DataFrame, images_dir: Path, model_cfg: ModelConfig,
+                          train_cfg: TrainConfig, index: pd.DataFrame) -> float:
+    ctx = run_context(train_cfg.device, train_cfg.precision)
+    loader = eval_loader(images_dir, val_df, image_size=model_cfg.image_size,
+                         batch_size=train_cfg.batch_size, workers=0, device=ctx.device, index=index)
     probs, labels = engine.predict(model, loader, ctx)
     out = val_df[["key", "label"]].copy()
     out["pred"] = probs.argmax(1)
@@ -49,7 +55,7 @@ def write_val_predictions(path: Path, model, val_df: pd.DataFrame, images_dir: P
     return float((out["pred"] == out["label"]).mean())
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("filtered_dir", type=Path)
     parser.add_argument("images_dir", type=Path)
@@ -57,46 +63,49 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    params = load_params("model", "train", path=args.params)
+    params = load_sections(args.params, model=ModelConfig, train=TrainConfig)
     model_cfg, train_cfg = params["model"], params["train"]
-    if not 1 <= train_cfg["early_epoch"] <= train_cfg["epochs"]:
-        raise ValueError(f"train.early_epoch must be in 1..train.epochs, got {train_cfg['early_epoch']}")
-    engine.init_distributed(train_cfg["device"])
+    engine.init_distributed(train_cfg.device)
 
     labels_path = args.filtered_dir / layout.LABELS
     classes = json.loads((args.filtered_dir / layout.CLASSES).read_text())
     labels = load_labels(labels_path)
-    train_df, val_df = split_train_val(labels, train_cfg["val_fraction"], train_cfg["seed"])
+    raw = load_labels(args.filtered_dir / layout.RAW_LABELS)
+    plan = plan_run(labels, train_cfg, reference_size(raw[raw["label"] >= 0], train_cfg))
+    cfg = plan.cfg
     index = read_index(args.images_dir)
-    log.info("%d training / %d validation images, %d classes", len(train_df), len(val_df), len(classes))
+    log.info("%d training / %d validation images, %d classes; %d epochs = %d optimizer steps (the budget of "
+             "train.epochs %d over the raw click-labelled set)", len(plan.train), len(plan.val), len(classes),
+             cfg.epochs, plan.steps, train_cfg.epochs)
 
     out = args.out_dir
     checkpoints = out / layout.CHECKPOINTS
-    model_meta = {"backbone": model_cfg["backbone"], "image_size": model_cfg["image_size"], "classes": classes}
+    model_meta = {"backbone": model_cfg.backbone, "image_size": model_cfg.image_size, "classes": classes,
+                  **resolved_run(cfg)}
     logger = None
     if engine.is_main_process():
         out.mkdir(parents=True, exist_ok=True)
         # early.pt lives with the persisted checkpoints until the end, so a run
         # resumed past the early epoch still has it
-        logger = EpochLogger(out / layout.LIVE, snapshot_epoch=train_cfg["early_epoch"],
+        logger = EpochLogger(out / layout.LIVE, snapshot_epoch=cfg.early_epoch,
                              snapshot=lambda m: save_model(checkpoints / layout.EARLY_MODEL, m, **model_meta,
-                                                           epochs=train_cfg["early_epoch"]))
-    run_args = {"model": model_cfg, "train": train_cfg, "data": file_digest(labels_path, args.images_dir / layout.INDEX),
-                "code": code_digest(sys.modules[__name__], classifier, engine, data, models)}
-    model, history = train_classifier(train_df, val_df, images_dir=args.images_dir, num_classes=len(classes),
-                                      model_cfg=model_cfg, train_cfg=train_cfg,
-                                      checkpoint=checkpoints / "last.pt", args=run_args,
-                                      index=index, on_epoch=logger)
+                                                           epochs=cfg.early_epoch))
+    run_args = {"model": model_cfg.as_dict(), "train": cfg.as_dict(),
+                "data": file_digest(labels_path, args.images_dir / layout.INDEX),
+                "code": stage_code_digest("stages.train_naive")}
+    model, info = train_on_labels(plan, name="train_naive", images_dir=args.images_dir, num_classes=len(classes),
+                                  model_cfg=model_cfg, checkpoint=checkpoints / "last.pt", args=run_args,
+                                  index=index, on_epoch=logger)
     if engine.is_main_process():
-        val_acc = write_val_predictions(out / layout.VAL_PREDICTIONS, model, val_df, args.images_dir,
-                                        model_cfg, train_cfg, index)
-        save_model(out / layout.MODEL, model, **model_meta, epochs=train_cfg["epochs"])
+        val_acc = write_val_predictions(out / layout.VAL_PREDICTIONS, model, plan.val, args.images_dir,
+                                        model_cfg, cfg, index)
+        save_model(out / layout.MODEL, model, **model_meta, epochs=cfg.epochs, steps=plan.steps)
         with open(checkpoints / layout.EARLY_MODEL, "rb") as src, atomic_file(out / layout.EARLY_MODEL, "wb") as dst:
             shutil.copyfileobj(src, dst)
         logger.end()
-        log.info("validation top-1 %.4f after %d epochs (%.0f s of training)", val_acc, len(history),
-                 sum(h["epoch_s"] for h in history))
+        log.info("validation top-1 %.4f after %d epochs (%s)", val_acc, cfg.epochs, info)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

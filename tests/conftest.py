@@ -51,6 +51,7 @@ def tiny_pipeline(tmp_path: Path) -> Path:
     train = pd.DataFrame([(k, lab, classes[lab], 3, 1.0) for k, s, lab in rows if s == "train"],
                          columns=["key", "label", "breed", "clicks", "share"])
     train.to_csv(filtered / layout.LABELS, sep="\t", index=False)
+    train.to_csv(filtered / layout.RAW_LABELS, sep="\t", index=False)
     (filtered / layout.CLASSES).write_text(json.dumps(classes))
     params = {
         "model": {"backbone": "resnet18", "weights": "none", "image_size": 32},

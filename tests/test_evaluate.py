@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -90,11 +91,12 @@ def _write_images(images: Path, rows: list[tuple[str, str, int]]) -> None:
             index.add(key, split, shard, offset, len(data), 32, 32)
 
 
-def _write_model(path: Path, embedding_dim: int = 0) -> None:
+def _write_model(path: Path, embedding_dim: int = 0, seed: int = 0) -> None:
     import torch
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = build_model("shufflenet_v2_x0_5", 3, embedding_dim=embedding_dim, normalize=embedding_dim > 0)
-    save_model(path, model, backbone="shufflenet_v2_x0_5", image_size=32, classes=BREEDS[:3])
+    save_model(path, model, backbone="shufflenet_v2_x0_5", image_size=32, classes=BREEDS[:3], device="cpu",
+               precision="fp32")
 
 
 def _write_curves(live: Path, names: list[str]) -> None:
@@ -129,10 +131,14 @@ def tree(tmp_path: Path) -> Path:
     _tsv(pairs / "scores.tsv", [(k, lab, b, 0.1 if i < 2 else 0.9) for i, (k, lab, b, _, _) in enumerate(labels)],
          ["key", "label", "breed", "p_early"])
     (pairs / layout.REPORT).write_text(json.dumps({
-        "scorer": "early", "min_prob": 0.2, "images": {"click_filtered": 12, "clean": 10, "dropped": 2},
-        "label_quality": {"click+prob_filter (early)": {"images": 10, "precision": 1.0, "recall": 0.9}}}))
+        "scorer": "early", "filter": "relabel", "min_prob": 0.2,
+        "images": {"click_filtered": 12, "clean": 10, "dropped": 2, "relabelled": 1,
+                   "status": {"kept": 9, "relabelled": 1, "label_issue": 2}},
+        "label_quality": {"label_filter": {"images": 10, "precision": 1.0, "recall": 0.9}}}))
     _write_model(tmp_path / "models/naive/model.pt")
     _write_model(tmp_path / "models/siamese/model.pt", embedding_dim=8)
+    _write_model(tmp_path / "models/references/raw/model.pt", seed=1)
+    _write_model(tmp_path / "models/references/truth/model.pt", seed=2)
     _write_curves(tmp_path / "models/naive/live", ["train/loss", "train/acc", "val/acc"])
     _write_curves(tmp_path / "models/siamese/live", ["train/loss", "train/ce", "train/contrastive", "val/acc"])
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(
@@ -143,7 +149,8 @@ def tree(tmp_path: Path) -> Path:
 def _run(tree: Path) -> Path:
     d = tree / "data"
     evaluate.main([str(d / "raw"), str(d / "images"), str(d / "filtered"), str(d / "pairs"),
-                   str(tree / "models/naive"), str(tree / "models/siamese"), str(tree / "reports"),
+                   str(tree / "models/naive"), str(tree / "models/siamese"), str(tree / "models/references"),
+                   str(tree / "reports"),
                    "--params", str(tree / "params.yaml")])
     return tree / "reports"
 
@@ -151,44 +158,75 @@ def _run(tree: Path) -> Path:
 def test_evaluate_end_to_end(tree: Path):
     out = _run(tree)
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics) == {"naive", "siamese", "data"}
-    for name in ("naive", "siamese"):
+    assert set(metrics) == {"naive", "siamese", "raw", "truth", "comparison", "data"}
+    for name in ("naive", "siamese", "raw", "truth"):
         block = metrics[name]
-        assert set(block) == {"top1", "top5", "mean_class_accuracy", "n_test", "n_not_scored"}
+        assert set(block) == {"top1", "top5", "mean_class_accuracy", "n_test", "n_not_scored", "above_chance",
+                              "trained_device", "trained_precision"}
         assert block["n_test"] == 6 and block["n_not_scored"] == 2  # the yellow dogs
         assert block["top5"] == 1.0  # 3 classes
+        assert block["trained_precision"] == "fp32"
+    for name in ("naive", "siamese"):  # dvc.yaml's confusion plots: the pipeline's models
         confusion = pd.read_csv(out / f"confusion_{name}.csv")
         assert list(confusion.columns) == ["actual", "predicted"] and len(confusion) == 6
-        assert block["top1"] == pytest.approx((confusion["actual"] == confusion["predicted"]).mean(), abs=1e-4)
+        assert metrics[name]["top1"] == pytest.approx((confusion["actual"] == confusion["predicted"]).mean(),
+                                                      abs=1e-4)
+    comp = metrics["comparison"]
+    top1 = {k: metrics[k]["top1"] for k in ("siamese", "naive", "raw", "truth")}
+    assert comp["final"] == "siamese"
+    assert comp["final_minus_raw"]["top1"] == pytest.approx(top1["siamese"] - top1["raw"], abs=1e-4)
+    assert comp["final_minus_naive"]["top1"] == pytest.approx(top1["siamese"] - top1["naive"], abs=1e-4)
+    if top1["truth"] > top1["raw"]:
+        want = (top1["siamese"] - top1["raw"]) / (top1["truth"] - top1["raw"])
+        assert comp["gap_recovery"]["top1"] == pytest.approx(want, abs=1e-3)
+    else:  # no gap to recover: undefined, not a division by zero
+        assert comp["gap_recovery"]["top1"] is None
     data = metrics["data"]
     assert data["click_filter"] == {"images": 12, "precision": 0.917, "recall": 0.9}
-    assert data["prob_filter"] == {"images": 10, "precision": 1.0, "recall": 0.9}
+    assert data["prob_filter"] == {"images": 10, "relabelled": 1, "precision": 1.0, "recall": 0.9}
     assert data["test"]["labelled"] == 9 and data["test"]["not_decoded"] == 1
     table = pd.read_csv(out / "per_class.tsv", sep="\t")
-    assert list(table.columns) == ["breed", "support", "naive_precision", "naive_recall",
-                                   "siamese_precision", "siamese_recall"]
+    assert list(table.columns) == ["breed", "support"] + [f"{m}_{c}" for m in ("naive", "siamese", "raw", "truth")
+                                                          for c in ("precision", "recall")]
     assert table["breed"].tolist() == BREEDS[:3] and table["support"].tolist() == [2, 2, 2]
     pngs = sorted(p.name for p in (out / "figures").iterdir())
-    assert pngs == ["confusion_naive.png", "confusion_siamese.png", "gallery_click_filter.png",
+    assert pngs == ["confusion_naive.png", "confusion_raw.png", "confusion_siamese.png", "confusion_truth.png",
+                    "gallery_click_filter.png",
                     "gallery_prob_filter.png", "per_class_accuracy.png", "training_curves.png"]
     for png in pngs:
         with Image.open(out / "figures" / png) as img:
             assert img.format == "PNG" and img.size[0] > 100
     ablation = (out / "ablation.md").read_text()
     assert "| click filter | 12 | 0.917 | 0.900 |" in ablation
-    assert "| probability filter | p(label) < 0.2 (early scorer) | 2 |" in ablation
-    assert "| siamese − naive |" in ablation
+    assert "| label filter (relabel, early scorer) | label_issue | 2 |" in ablation
+    assert "| label filter (relabel, early scorer) | relabelled | 1 |" in ablation
+    assert "| siamese − raw |" in ablation and "| siamese − naive |" in ablation
+
+
+def test_comparison_block_gap_recovery() -> None:
+    block = lambda t: {"top1": t, "top5": 1.0, "mean_class_accuracy": t}  # noqa: E731
+    comp = evaluate.comparison_block({"siamese": block(0.85), "naive": block(0.80), "raw": block(0.78),
+                                      "truth": block(0.90)})
+    assert comp["gap_recovery"]["top1"] == pytest.approx((0.85 - 0.78) / (0.90 - 0.78), abs=1e-4)
+    assert comp["final_minus_raw"]["top1"] == pytest.approx(0.07)
+    # real data: no truth reference, so no gap recovery, but final - raw all the same
+    comp = evaluate.comparison_block({"siamese": block(0.85), "raw": block(0.78)})
+    assert comp["gap_recovery"] == {"top1": None, "mean_class_accuracy": None}
+    assert comp["final_minus_raw"]["top1"] == pytest.approx(0.07) and comp["final_minus_naive"]["top1"] is None
 
 
 def test_evaluate_without_truth_or_curves(tree: Path):
     """Real data has no truth.tsv; a missing curve folder must not stop the reports."""
     (tree / "data/raw" / layout.TRUTH).unlink()
+    shutil.rmtree(tree / "models/references/truth")
     for f in (tree / "models/siamese/live").rglob("*.tsv"):
         f.unlink()
     filt = tree / "data/filtered" / layout.REPORT
     filt.write_text(json.dumps({**json.loads(filt.read_text()), "quality": None}))
     out = _run(tree)
-    data = json.loads((out / "metrics.json").read_text())["data"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "truth" not in metrics and metrics["comparison"]["gap_recovery"]["top1"] is None
+    data = metrics["data"]
     assert data["click_filter"] == {"images": 12}
     assert (out / "figures" / "gallery_click_filter.png").is_file()
 

@@ -18,21 +18,53 @@ from stages.lib.models import load_model_file
 from stages.lib.pairs import HARD_NEGATIVE, NEGATIVE, POSITIVE, confusable_classes, confusion_counts, make_pairs
 
 
-def brute_force_contrastive(a: torch.Tensor, b: torch.Tensor, same: torch.Tensor, margin: float) -> float:
-    total = 0.0
+def brute_force_contrastive(a: torch.Tensor, b: torch.Tensor, same: torch.Tensor, margin: float,
+                            reduction: str) -> tuple[float, float, float, float]:
+    """(loss, positive term, negative term, share of active negatives), pair by pair."""
+    pos, neg, n_active, n_neg = [], [], 0, 0
     for i in range(len(a)):
         d = float(np.sqrt(sum((float(x) - float(y)) ** 2 for x, y in zip(a[i], b[i]))))
-        total += d ** 2 if same[i] else max(0.0, margin - d) ** 2
-    return total / len(a)
+        if same[i]:
+            pos.append(d ** 2)
+        else:
+            n_neg += 1
+            n_active += d < margin
+            neg.append(max(0.0, margin - d) ** 2)
+    if reduction == "all":
+        p, q = sum(pos) / len(a), sum(neg) / len(a)
+    else:  # each term over its own pairs with a non-zero loss (pytorch-metric-learning's AvgNonZeroReducer)
+        active = [v for v in neg if v > 0]
+        p, q = sum(pos) / max(1, len(pos)), sum(active) / max(1, len(active))
+    return p + q, p, q, n_active / max(1, n_neg)
 
 
 @pytest.mark.parametrize("margin", [0.5, 1.0, 2.0])
-def test_contrastive_loss_matches_brute_force(margin: float) -> None:
+@pytest.mark.parametrize("reduction", ["active", "all"])
+def test_contrastive_loss_and_its_parts_match_brute_force(margin: float, reduction: str) -> None:
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(16, 5, generator=g), torch.randn(16, 5, generator=g) * 0.3
     same = torch.randint(0, 2, (16,), generator=g)
-    loss = ContrastiveLoss(margin, eps=0.0)(a, b, same)
-    assert loss.item() == pytest.approx(brute_force_contrastive(a, b, same, margin), rel=1e-5)
+    terms = ContrastiveLoss(margin, reduction=reduction, eps=0.0).terms(a, b, same)
+    loss, pos, neg, active = brute_force_contrastive(a, b, same, margin, reduction)
+    assert terms["loss"].item() == pytest.approx(loss, rel=1e-5)
+    assert terms["positive"].item() == pytest.approx(pos, rel=1e-5)
+    assert terms["negative"].item() == pytest.approx(neg, rel=1e-5)
+    assert terms["active_negatives"].item() == pytest.approx(active)
+
+
+def test_active_reduction_keeps_the_negative_gradient_when_most_negatives_are_out() -> None:
+    """One negative still inside the margin among nine far ones: averaged over
+    all pairs its pull shrinks tenfold; over the active ones it does not."""
+    a = torch.zeros(10, 2, requires_grad=True)
+    b = torch.tensor([[0.5, 0.0]] + [[5.0, 0.0]] * 9)
+    same = torch.zeros(10, dtype=torch.long)
+    ContrastiveLoss(1.0, reduction="active")(a, b, same).backward()
+    g_active = a.grad[0].norm().item()
+    a.grad = None
+    ContrastiveLoss(1.0, reduction="all")(a, b, same).backward()
+    assert g_active == pytest.approx(10 * a.grad[0].norm().item(), rel=1e-5)
+    with pytest.raises(ValueError, match="reduction"):
+        ContrastiveLoss(1.0, reduction="sum")
 
 
 def test_contrastive_loss_gradient_and_its_two_sides() -> None:
@@ -93,16 +125,17 @@ def test_hard_negatives_fall_back_to_uniform_without_confusion() -> None:
 def test_tiny_siamese_run_lowers_the_contrastive_loss(tiny_pipeline: Path, monkeypatch) -> None:
     params = yaml.safe_load((tiny_pipeline / "params.yaml").read_text())
     params["train"]["epochs"] = 3
-    params["pairs"] = {"scorer": "early", "folds": 2, "crossfit_epochs": 1, "min_prob": 0.05, "per_image": 4,
-                       "pos_fraction": 0.5, "hard_fraction": 0.5, "confusable_breeds": 1, "seed": 0}
-    params["siamese"] = {**params["train"], "epochs": 4, "lr": 0.02, "warmup_epochs": 0, "batch_size": 16,
-                         "contrastive_weight": 1.0, "margin": 1.0, "embedding_dim": 16, "normalize": True}
+    params["pairs"] = {"scorer": "early", "folds": 2, "crossfit_epochs": 1, "filter": "threshold", "min_prob": 0.05,
+                       "filter_by": "prune_by_class", "relabel_min_prob": 0.6, "min_images_per_class": 5,
+                       "min_kept_share": 0.3, "per_image": 4, "pos_fraction": 0.5, "hard_fraction": 0.5,
+                       "confusable_breeds": 1, "seed": 0}
+    params["siamese"] = {**{k: v for k, v in params["train"].items() if k not in ("val_fraction", "early_epoch")},
+                         "epochs": 4, "lr": 0.02, "warmup_epochs": 0, "batch_size": 16,
+                         "contrastive_weight": 1.0, "margin": 1.0, "reduction": "active", "embedding_dim": 16,
+                         "normalize": True}
     (tiny_pipeline / "params.yaml").write_text(yaml.safe_dump(params))
     raw = tiny_pipeline / "data" / "raw"
     raw.mkdir()
-    filtered = tiny_pipeline / "data" / "filtered"
-    labels = pd.read_csv(filtered / "labels.tsv", sep="\t")
-    labels.to_csv(filtered / "raw_labels.tsv", sep="\t", index=False)
     monkeypatch.chdir(tiny_pipeline)
     train_naive.main(["data/filtered", "data/images", "models/naive"])
     make_pairs_stage.main(["data/raw", "data/filtered", "data/images", "models/naive", "data/pairs"])

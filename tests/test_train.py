@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -46,7 +47,8 @@ def test_tiny_training_writes_a_usable_model(tiny_pipeline: Path) -> None:
     assert correct / len(val) >= 0.75
     # the early model is the snapshot after train.early_epoch, not the final one
     assert torch.load(out / "early.pt", weights_only=True)["epochs"] == 2
-    assert any(not torch.equal(a, b) for a, b in zip(state(out / "early.pt").values(), state(out / "model.pt").values()))
+    early, final = state(out / "early.pt"), state(out / "model.pt")
+    assert any(not torch.equal(a, b) for a, b in zip(early.values(), final.values()))
 
 
 def test_resume_after_interruption_equals_uninterrupted_run(tiny_pipeline: Path, monkeypatch) -> None:
@@ -59,11 +61,12 @@ def test_resume_after_interruption_equals_uninterrupted_run(tiny_pipeline: Path,
     monkeypatch.delenv(engine.STOP_ENV)
     shutil.rmtree(tiny_pipeline / "models/resumed/live")  # DVC removes non-persistent outputs before a re-run
     run_stage(tiny_pipeline, "models/resumed")
-    straight, resumed = state(tiny_pipeline / "models/straight/model.pt"), state(tiny_pipeline / "models/resumed/model.pt")
+    models = tiny_pipeline / "models"
+    straight, resumed = state(models / "straight/model.pt"), state(models / "resumed/model.pt")
     assert straight.keys() == resumed.keys()
     for k in straight:
         assert torch.equal(straight[k], resumed[k]), k
-    early_a, early_b = state(tiny_pipeline / "models/straight/early.pt"), state(tiny_pipeline / "models/resumed/early.pt")
+    early_a, early_b = state(models / "straight/early.pt"), state(models / "resumed/early.pt")
     assert all(torch.equal(early_a[k], early_b[k]) for k in early_a)
 
 
@@ -148,6 +151,93 @@ def test_bad_choices_are_refused() -> None:
     with pytest.raises(ValueError, match="fp16 is for CUDA"):
         engine.autocast_dtype(torch.device("cpu"), "fp16")
     with pytest.raises(ValueError, match="optimizer"):
-        engine.build_optimizer(torch.nn.Linear(2, 2), {"optimizer": "rmsprop", "lr": 0.1, "weight_decay": 0})
+        engine.build_optimizer(torch.nn.Linear(2, 2),
+                               SimpleNamespace(optimizer="rmsprop", lr=0.1, momentum=0.9, weight_decay=0.0))
     with pytest.raises(ValueError, match="device"):
         engine.choose_device("tpu")
+
+
+def test_step_budget_gives_smaller_sets_more_epochs() -> None:
+    from stages.lib.classifier import budget_epochs, budgeted
+
+    # 3600 raw training images, batch 128: 28 steps an epoch, 15 epochs = 420 steps
+    assert budget_epochs(3600, reference_train=3600, epochs=15, batch_size=128) == 15
+    assert budget_epochs(2400, reference_train=3600, epochs=15, batch_size=128) == 23  # 18 steps an epoch
+    assert budget_epochs(5000, reference_train=3600, epochs=15, batch_size=128) == 15  # never cut short
+    import yaml
+
+    from stages.lib.classifier import TrainConfig
+
+    train = {**yaml.safe_load((REPO / "params.yaml").read_text())["train"], "epochs": 15, "early_epoch": 3,
+             "batch_size": 128}
+    cfg = budgeted(TrainConfig.from_params(train, "train"), 2400, 3600)
+    assert cfg.epochs == 23 and cfg.early_epoch == 5 and cfg.lr == train["lr"]
+    with pytest.raises(ValueError, match="no full batch"):
+        budget_epochs(100, reference_train=3600, epochs=15, batch_size=128)
+
+
+def test_training_at_chance_stops_the_stage_with_a_message(tiny_pipeline: Path) -> None:
+    """Labels that have nothing to do with the images: the model cannot beat
+    chance, and the stage must say so instead of writing a useless model."""
+    import numpy as np
+    import pandas as pd
+
+    from stages.lib.classifier import ModelAtChanceError
+
+    labels_path = tiny_pipeline / "data/filtered/labels.tsv"
+    labels = pd.read_csv(labels_path, sep="\t")
+    labels["label"] = np.random.default_rng(0).permutation(labels["label"].to_numpy())
+    labels.to_csv(labels_path, sep="\t", index=False)
+    with pytest.raises(ModelAtChanceError, match=r"train_naive: validation top-1 .* at chance .*train\.lr"):
+        run_stage(tiny_pipeline)
+    assert not (tiny_pipeline / "models/naive/model.pt").exists()
+
+
+def test_default_recipe_on_a_few_hundred_photos_learns_or_says_why(tmp_path: Path) -> None:
+    """params.yaml's model and train sections on 300 photo-sized images of 10
+    classes (the case that once ended at chance and exited 0): the stage must
+    train above chance or stop with ModelAtChanceError, never write a model at
+    chance."""
+    import io
+    import json
+
+    import numpy as np
+    import pandas as pd
+    import yaml
+    from PIL import Image
+
+    from stages.lib import layout
+    from stages.lib.classifier import ModelAtChanceError, chance_check
+    from stages.lib.shards import IndexWriter, ShardWriter
+
+    rng = np.random.default_rng(0)
+    images = tmp_path / "data/images"
+    images.mkdir(parents=True)
+    rows = []
+    hues = np.linspace(0, 255, 10, endpoint=False)
+    with ShardWriter(images, 1 << 24) as shards, IndexWriter(images / layout.INDEX) as index:
+        for i in range(300):
+            c = i % 10
+            arr = rng.normal(120, 40, size=(240, 320, 3))
+            arr[60:180, 80:240] = [hues[c], 255 - hues[c], (hues[c] * 3) % 255]  # the "dog": a coloured block
+            buf = io.BytesIO()
+            Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=85)
+            shard, offset = shards.write(buf.getvalue())
+            index.add(f"k{i}", "train", shard, offset, buf.tell(), 320, 240)
+            rows.append((f"k{i}", c, f"breed {c}", 3, 1.0))
+    filtered = tmp_path / "data/filtered"
+    filtered.mkdir(parents=True)
+    table = pd.DataFrame(rows, columns=["key", "label", "breed", "clicks", "share"])
+    table.to_csv(filtered / layout.LABELS, sep="\t", index=False)
+    table.to_csv(filtered / layout.RAW_LABELS, sep="\t", index=False)
+    (filtered / layout.CLASSES).write_text(json.dumps([f"breed {c}" for c in range(10)]))
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["train"]["workers"] = 0
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"model": params["model"], "train": params["train"]}))
+    try:
+        run_stage(tmp_path)
+    except ModelAtChanceError as err:
+        assert "model.weights" in str(err)
+        return
+    val = pd.read_csv(tmp_path / "models/naive/val_predictions.tsv", sep="\t")
+    assert chance_check(float((val["pred"] == val["label"]).mean()), len(val), 10)[0]

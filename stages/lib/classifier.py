@@ -1,22 +1,154 @@
 """The naive classifier recipe on top of the engine: used by train_naive, by
-make_pairs' cross-fitting and by the seed study."""
+the reference models, by make_pairs' cross-fitting and by the seed study.
+
+The training budget is counted in optimizer steps, not epochs, so that label
+sets of different sizes are compared like with like: ``train.epochs`` means
+epochs over the *raw click-labelled* training split, and a smaller (filtered)
+set trains for more epochs to get the same number of steps
+(:func:`budget_epochs`). A filter that removes 40% of the images would
+otherwise also remove 40% of the training.
+"""
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Literal
 
 import pandas as pd
 import torch
 
 from stages.lib import engine
-from stages.lib.data import ShardDataset, build_transform
+from stages.lib.data import ShardDataset, build_transform, split_train_val
 from stages.lib.models import Classifier, create_model
+from stages.lib.params import Section, in_range
 
 
-def run_context(cfg: dict[str, Any]) -> engine.RunContext:
-    device = engine.choose_device(cfg["device"])
-    return engine.RunContext(device=device, amp_dtype=engine.autocast_dtype(device, cfg["precision"]),
-                             clip_grad_norm=cfg.get("clip_grad_norm", 0.0))
+# ------------------------------------------------------------------ params
+@dataclass(frozen=True)
+class ModelConfig(Section):
+    """params.yaml ``model``: the backbone, its initial weights and input size."""
+
+    backbone: str
+    weights: str
+    image_size: int
+
+    def __post_init__(self) -> None:
+        if self.image_size < 16:
+            raise ValueError(f"image_size must be >= 16, got {self.image_size}")
+
+
+@dataclass(frozen=True)
+class AugmentConfig(Section):
+    """``train.augment`` / ``siamese.augment``: RandomResizedCrop scale, flip,
+    brightness and contrast jitter (no hue: coat hue is a breed cue)."""
+
+    scale_min: float
+    hflip: bool
+    brightness: float
+    contrast: float
+
+    def __post_init__(self) -> None:
+        in_range("scale_min", self.scale_min, 1e-6, 1)
+        in_range("brightness", self.brightness, 0, 1)
+        in_range("contrast", self.contrast, 0, 1)
+
+
+@dataclass(frozen=True)
+class OptimConfig(Section):
+    """What the training loop needs; shared by ``train`` and ``siamese``."""
+
+    device: Literal["auto", "cpu", "cuda"]
+    precision: Literal["auto", "fp32", "bf16", "fp16"]
+    epochs: int
+    batch_size: int
+    optimizer: Literal["sgd", "adamw"]
+    lr: float
+    momentum: float
+    weight_decay: float
+    warmup_epochs: float
+    label_smoothing: float
+    clip_grad_norm: float
+    workers: int
+    seed: int
+    augment: AugmentConfig
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0 or self.batch_size < 1 or self.workers < 0:
+            raise ValueError("epochs must be >= 0, batch_size >= 1, workers >= 0")
+        if self.lr <= 0 or self.weight_decay < 0 or self.clip_grad_norm < 0 or self.warmup_epochs < 0:
+            raise ValueError("lr must be > 0; weight_decay, clip_grad_norm and warmup_epochs >= 0")
+        in_range("momentum", self.momentum, 0, 1)
+        in_range("label_smoothing", self.label_smoothing, 0, 1)
+
+
+@dataclass(frozen=True)
+class TrainConfig(OptimConfig):
+    """params.yaml ``train``: the naive recipe (also the references and the
+    cross-fitting scorers). ``epochs`` counts epochs over the raw
+    click-labelled split (see :func:`budgeted`)."""
+
+    val_fraction: float
+    early_epoch: int
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if not 1 <= self.early_epoch <= max(1, self.epochs):
+            raise ValueError(f"early_epoch must be in 1..epochs, got {self.early_epoch}")
+
+
+# ------------------------------------------------------------------ run set-up
+def run_context(device: str, precision: str, clip_grad_norm: float = 0.0) -> engine.RunContext:
+    """Device and autocast dtype chosen on this machine (``device: auto`` is
+    CUDA when present)."""
+    dev = engine.choose_device(device)
+    return engine.RunContext(device=dev, amp_dtype=engine.autocast_dtype(dev, precision),
+                             clip_grad_norm=clip_grad_norm)
+
+
+def resolved_run(cfg: OptimConfig) -> dict[str, str]:
+    """The device and precision ``cfg`` resolves to on this machine, for model
+    files and metrics: ``precision: auto`` is bf16 on a CPU with AVX512_BF16
+    and fp32 on one without, and the two train different models."""
+    ctx = run_context(cfg.device, cfg.precision)
+    names = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    return {"device": ctx.device.type, "precision": names[ctx.amp_dtype]}
+
+
+def steps_per_epoch(n_train: int, batch_size: int, world_size: int = 1) -> int:
+    """Optimizer steps of one epoch (the loader drops the last partial batch)."""
+    return n_train // (batch_size * world_size)
+
+
+def budget_epochs(n_train: int, *, reference_train: int, epochs: int, batch_size: int) -> int:
+    """Epochs on ``n_train`` images that give the optimizer steps of
+    ``epochs`` epochs over ``reference_train`` images (to within half an
+    epoch); at least ``epochs``: a larger set is not cut short."""
+    per_epoch = steps_per_epoch(n_train, batch_size)
+    if per_epoch == 0:
+        raise ValueError(f"{n_train} training images give no full batch of {batch_size} (train.batch_size)")
+    target = epochs * steps_per_epoch(reference_train, batch_size)
+    return max(epochs, round(target / per_epoch))
+
+
+def budgeted(train_cfg: TrainConfig, n_train: int, reference_train: int) -> TrainConfig:
+    """``train_cfg`` with ``epochs`` (and ``early_epoch``, in proportion) set by
+    :func:`budget_epochs`."""
+    epochs = budget_epochs(n_train, reference_train=reference_train, epochs=train_cfg.epochs,
+                           batch_size=train_cfg.batch_size)
+    early = max(1, round(train_cfg.early_epoch * epochs / max(1, train_cfg.epochs)))
+    return train_cfg.replace(epochs=epochs, early_epoch=min(early, epochs))
+
+
+def chance_check(val_acc: float, n_val: int, num_classes: int) -> tuple[bool, float]:
+    """(above chance?, the accuracy that counts as above chance): validation
+    top-1 must exceed 1/classes by two binomial standard errors. A model that
+    predicts one class for everything sits at chance on a balanced split."""
+    chance = 1.0 / num_classes
+    bar = chance + 2 * (chance * (1 - chance) / max(1, n_val)) ** 0.5
+    return val_acc > bar, bar
 
 
 def eval_loader(images_dir: Path, df: pd.DataFrame, *, image_size: int, batch_size: int, workers: int,
@@ -29,27 +161,84 @@ def eval_loader(images_dir: Path, df: pd.DataFrame, *, image_size: int, batch_si
 
 
 def train_classifier(train_df: pd.DataFrame, val_df: pd.DataFrame | None, *, images_dir: Path, num_classes: int,
-                     model_cfg: dict[str, Any], train_cfg: dict[str, Any], checkpoint: Path | None = None,
+                     model_cfg: ModelConfig, train_cfg: OptimConfig, checkpoint: Path | None = None,
                      args: dict[str, Any] | None = None, index: pd.DataFrame | None = None,
                      on_epoch: Callable | None = None) -> tuple[Classifier, list[dict[str, float]]]:
     """Train a softmax classifier on ``train_df`` (key, label), validating on
     ``val_df``; returns the trained model (unwrapped) and the history."""
-    engine.seed_everything(train_cfg["seed"])
-    ctx = run_context(train_cfg)
-    size = model_cfg["image_size"]
+    engine.seed_everything(train_cfg.seed)
+    ctx = run_context(train_cfg.device, train_cfg.precision, train_cfg.clip_grad_norm)
+    size = model_cfg.image_size
     train_ds = ShardDataset(images_dir, train_df["key"].tolist(), train_df["label"].tolist(),
-                            build_transform(size, train=True, augment=train_cfg.get("augment")),
-                            seed=train_cfg["seed"], index=index)
-    train_loader = engine.make_loader(train_ds, batch_size=train_cfg["batch_size"], train=True,
-                                      seed=train_cfg["seed"], workers=train_cfg["workers"], device=ctx.device)
+                            build_transform(size, train=True, augment=train_cfg.augment),
+                            seed=train_cfg.seed, index=index)
+    train_loader = engine.make_loader(train_ds, batch_size=train_cfg.batch_size, train=True,
+                                      seed=train_cfg.seed, workers=train_cfg.workers, device=ctx.device)
     if len(train_loader) == 0:
-        raise ValueError(f"{len(train_ds)} training images give no full batch of {train_cfg['batch_size']}")
+        raise ValueError(f"{len(train_ds)} training images give no full batch of {train_cfg.batch_size}")
     val_loader = None
     if val_df is not None and len(val_df):
-        val_loader = eval_loader(images_dir, val_df, image_size=size, batch_size=train_cfg["batch_size"],
+        val_loader = eval_loader(images_dir, val_df, image_size=size, batch_size=train_cfg.batch_size,
                                  workers=0, device=ctx.device, index=index)
-    model = create_model(model_cfg["backbone"], num_classes, model_cfg.get("weights", "none"))
-    loss_fn = engine.classification_loss(train_cfg.get("label_smoothing", 0.0))
+    model = create_model(model_cfg.backbone, num_classes, model_cfg.weights)
+    loss_fn = engine.classification_loss(train_cfg.label_smoothing)
     history = engine.fit(model, loss_fn, train_loader, val_loader, train_cfg, ctx,
                          checkpoint=checkpoint, args=args, on_epoch=on_epoch)
     return model, history
+
+
+class ModelAtChanceError(RuntimeError):
+    """A training run ended at chance: it learnt nothing, and nothing after it
+    should build on it."""
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """One naive-recipe run on a label set: its seeded validation split
+    (``train.val_fraction``) and ``train`` with the step budget applied."""
+
+    train: pd.DataFrame
+    val: pd.DataFrame
+    cfg: TrainConfig
+
+    @property
+    def steps(self) -> int:
+        return self.cfg.epochs * steps_per_epoch(len(self.train), self.cfg.batch_size)
+
+
+def plan_run(labels: pd.DataFrame, train_cfg: TrainConfig, reference_train: int) -> RunPlan:
+    """Split ``labels`` (key, label) and budget the run (:func:`budgeted`)."""
+    train_df, val_df = split_train_val(labels, train_cfg.val_fraction, train_cfg.seed)
+    return RunPlan(train_df, val_df, budgeted(train_cfg, len(train_df), reference_train))
+
+
+def reference_size(raw_labels: pd.DataFrame, train_cfg: TrainConfig) -> int:
+    """Training images of the raw click-labelled split: the budget's unit."""
+    return len(split_train_val(raw_labels, train_cfg.val_fraction, train_cfg.seed)[0])
+
+
+def train_on_labels(plan: RunPlan, *, name: str, images_dir: Path, num_classes: int, model_cfg: ModelConfig,
+                    index: pd.DataFrame | None = None, checkpoint: Path | None = None,
+                    args: dict[str, Any] | None = None, on_epoch: Callable | None = None,
+                    ) -> tuple[Classifier, dict[str, Any]]:
+    """The naive recipe on a planned run, and a check that validation top-1 is
+    above chance (:class:`ModelAtChanceError` otherwise, naming the params to
+    change). Returns the model and a summary (images, epochs, steps, val_acc,
+    the resolved device and precision)."""
+    cfg = plan.cfg
+    model, history = train_classifier(plan.train, plan.val, images_dir=images_dir, num_classes=num_classes,
+                                      model_cfg=model_cfg, train_cfg=cfg, checkpoint=checkpoint, args=args,
+                                      index=index, on_epoch=on_epoch)
+    val_acc = history[-1]["val_acc"] if history else float("nan")
+    above, bar = chance_check(val_acc, len(plan.val), num_classes)
+    info = {"images": len(plan.train) + len(plan.val), "train_images": len(plan.train),
+            "val_images": len(plan.val), "epochs": cfg.epochs, "steps": plan.steps,
+            "val_acc": round(float(val_acc), 4), "above_chance": above, **resolved_run(cfg)}
+    if not above:
+        raise ModelAtChanceError(
+            f"{name}: validation top-1 {val_acc:.3f} on {len(plan.val)} images is at chance (1/{num_classes} "
+            f"classes; above chance needs > {bar:.3f}) after {plan.steps} optimizer steps ({cfg.epochs} epochs "
+            f"of {len(plan.train)} images): the model learnt nothing. With few images, start from pretrained "
+            f"weights (model.weights: {model_cfg.weights!r}), lower train.lr ({cfg.lr}) or "
+            f"train.batch_size ({cfg.batch_size}), or raise train.epochs.")
+    return model, info

@@ -87,12 +87,6 @@ def read_train_keys(index_path: str | Path) -> pa.Array:
     return pc.unique(keys.cast(pa.string())) if len(keys) else pa.array([], pa.string())
 
 
-def read_truth(path: str | Path) -> pd.Series:
-    """``key<TAB>true breed`` (or "distractor") as a Series indexed by key."""
-    df = _read_small_tsv(path, ["key", "breed"]).drop_duplicates("key")
-    return df.set_index("key")["breed"]
-
-
 # ------------------------------------------------------------ the click log
 @dataclass
 class ClickLogSummary:

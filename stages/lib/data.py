@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -19,6 +20,7 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset, DistributedSampler
 
 from stages.lib.shards import ShardReader, read_index
+from stages.lib.tables import read_table
 
 GREY = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
 
@@ -108,14 +110,16 @@ class EvalTransform:
 
 
 def build_transform(image_size: int, *, train: bool,
-                    augment: dict[str, Any] | None = None) -> TrainTransform | EvalTransform:
-    """Train: random resized crop, flip, brightness/contrast (``train.augment``);
+                    augment: Any = None) -> TrainTransform | EvalTransform:
+    """Train: random resized crop, flip, brightness/contrast (``augment``: an
+    ``AugmentConfig``, params ``train.augment``);
     eval: resize + centre crop. Both give uint8 CHW tensors."""
     if not train:
         return EvalTransform(image_size)
-    augment = augment or {}
-    return TrainTransform(image_size, scale=(augment.get("scale_min", 0.5), 1.0), hflip=augment.get("hflip", True),
-                          brightness=augment.get("brightness", 0.0), contrast=augment.get("contrast", 0.0))
+    if augment is None:  # TrainTransform's own defaults (tests)
+        return TrainTransform(image_size)
+    return TrainTransform(image_size, scale=(augment.scale_min, 1.0), hflip=augment.hflip,
+                          brightness=augment.brightness, contrast=augment.contrast)
 
 
 class ShardDataset(Dataset):
@@ -159,12 +163,6 @@ class EpochSampler(DistributedSampler):
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         return ((i, self.epoch) for i in super().__iter__())
-
-
-def read_table(path: str | Path) -> pd.DataFrame:
-    """A TSV table written by a stage (header line, no quoting); keys stay
-    strings, and a key such as "NA" stays a key rather than a missing value."""
-    return pd.read_csv(path, sep="\t", dtype={"key": str, "key_a": str, "key_b": str}, keep_default_na=False)
 
 
 def load_labels(path: str | Path) -> pd.DataFrame:

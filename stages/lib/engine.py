@@ -3,9 +3,9 @@
 In the spirit of torchvision's ``references/classification/train.py``: plain
 functions (``train_one_epoch``, ``evaluate``, ``fit``), explicit errors for bad
 choices, checkpoints as a dict of model / optimizer / scheduler / epoch / args,
-and resume. The loss is a callable ``loss_fn(model, batch, device) ->
+and resume. The loss is a callable ``loss_fn(model, batch, ctx) ->
 (loss, {name: value}, batch_size)`` so the siamese stage extends the loop
-instead of copying it.
+instead of copying it (``ctx``: a :class:`RunContext`).
 
 Device and precision are chosen at run time: CUDA with fp16/bf16 autocast and
 channels_last; on CPU, bf16 autocast only where the CPU has native bf16 (on
@@ -19,10 +19,11 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -102,25 +103,25 @@ def seed_everything(seed: int) -> None:
 
 
 # ---------------------------------------------------------------- optimisation
-def build_optimizer(model: nn.Module, cfg: dict[str, Any]) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: Any) -> torch.optim.Optimizer:
     """SGD (momentum, nesterov) or AdamW; no weight decay on norms and biases."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
             (no_decay if p.ndim <= 1 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
-    name = cfg["optimizer"]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    name = cfg.optimizer
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg["lr"], momentum=cfg.get("momentum", 0.9), nesterov=True)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg["lr"])
+        return torch.optim.AdamW(groups, lr=cfg.lr)
     raise ValueError(f"optimizer must be sgd or adamw, got {name!r}")
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: dict[str, Any], steps_per_epoch: int):
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Any, steps_per_epoch: int):
     """Linear warm-up, then cosine decay to zero, stepped every batch."""
-    total = max(1, cfg["epochs"] * steps_per_epoch)
-    warmup = min(total - 1, int(cfg.get("warmup_epochs", 0) * steps_per_epoch))
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warmup = min(total - 1, int(cfg.warmup_epochs * steps_per_epoch))
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -139,8 +140,6 @@ class RunContext:
     amp_dtype: torch.dtype | None
     clip_grad_norm: float = 0.0
     channels_last: bool = True
-    log_every: int = 0
-    extras: dict[str, Any] = field(default_factory=dict)
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -198,9 +197,6 @@ def train_one_epoch(model: nn.Module, loss_fn: LossFn, loader: DataLoader, optim
         for k, v in logs.items():
             sums[k] = sums.get(k, 0.0) + v * n
         seen += n
-        if ctx.log_every and step % ctx.log_every == 0:
-            log.info("epoch %d step %d/%d %s", epoch, step, len(loader),
-                     " ".join(f"{k}={v:.4f}" for k, v in logs.items()))
     out = {k: v / max(1, seen) for k, v in sums.items()}
     out["images_per_s"] = seen / max(1e-9, time.time() - start)
     out["lr"] = optimizer.param_groups[0]["lr"]
@@ -233,12 +229,12 @@ def evaluate(model: nn.Module, loader: DataLoader, ctx: RunContext) -> dict[str,
 
 # ---------------------------------------------------------------- data loaders
 def make_loader(dataset: Dataset, *, batch_size: int, train: bool, seed: int, workers: int,
-                device: torch.device, collate_fn=None) -> DataLoader:
+                device: torch.device) -> DataLoader:
     """Training loaders shard across DDP ranks through ``EpochSampler``;
     evaluation loaders see everything on every rank (small, and simpler than
     gathering)."""
     kwargs: dict[str, Any] = dict(batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda",
-                                  persistent_workers=workers > 0, collate_fn=collate_fn,
+                                  persistent_workers=workers > 0,
                                   # its own generator: drawing worker seeds must not move the global
                                   # RNG (dropout), or a resumed run would diverge from a straight one
                                   generator=torch.Generator().manual_seed(seed))
@@ -294,9 +290,9 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 # ---------------------------------------------------------------- the whole run
 def fit(model: nn.Module, loss_fn: LossFn, train_loader: DataLoader, val_loader: DataLoader | None,
-        cfg: dict[str, Any], ctx: RunContext, *, checkpoint: Path | None = None, args: dict[str, Any] | None = None,
+        cfg: Any, ctx: RunContext, *, checkpoint: Path | None = None, args: dict[str, Any] | None = None,
         on_epoch: Callable[[int, dict[str, float], nn.Module], None] | None = None) -> list[dict[str, float]]:
-    """Train ``model`` for ``cfg['epochs']`` epochs, resuming from ``checkpoint``
+    """Train ``model`` for ``cfg.epochs`` epochs (``cfg``: an ``OptimConfig``), resuming from ``checkpoint``
     when it was written with the same ``args``; returns the per-epoch history.
 
     ``on_epoch(epoch, metrics, model)`` runs on rank 0 after each epoch, also for
@@ -331,7 +327,7 @@ def fit(model: nn.Module, loss_fn: LossFn, train_loader: DataLoader, val_loader:
         train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
     stop_after = int(os.environ.get(STOP_ENV, "0"))
-    for epoch in range(start_epoch, cfg["epochs"]):
+    for epoch in range(start_epoch, cfg.epochs):
         train_loader.sampler.set_epoch(epoch)
         start = time.time()
         metrics = {f"train_{k}": v for k, v in train_one_epoch(
@@ -340,7 +336,7 @@ def fit(model: nn.Module, loss_fn: LossFn, train_loader: DataLoader, val_loader:
             metrics.update({f"val_{k}": v for k, v in evaluate(model, val_loader, ctx).items()})
         metrics["epoch_s"] = time.time() - start
         history.append(metrics)
-        log.info("epoch %d/%d %s", epoch + 1, cfg["epochs"], " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+        log.info("epoch %d/%d %s", epoch + 1, cfg.epochs, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
         if is_main_process():
             if on_epoch is not None:
                 on_epoch(epoch, metrics, model)
@@ -349,6 +345,6 @@ def fit(model: nn.Module, loss_fn: LossFn, train_loader: DataLoader, val_loader:
                                 epoch=epoch, args=args, history=history)
         if dist.is_initialized():
             dist.barrier()
-        if stop_after and epoch + 1 == stop_after and epoch + 1 < cfg["epochs"]:
+        if stop_after and epoch + 1 == stop_after and epoch + 1 < cfg.epochs:
             raise TrainingInterrupted(f"stopped after epoch {epoch + 1} as {STOP_ENV} asks")
     return history

@@ -1,33 +1,70 @@
 """The contrastive loss of Hadsell, Chopra & LeCun (2006), "Dimensionality
-Reduction by Learning an Invariant Mapping"."""
+Reduction by Learning an Invariant Mapping", reporting its parts."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+REDUCTIONS = ("active", "all")
+
 
 class ContrastiveLoss(nn.Module):
-    """Mean over pairs of ``same * d**2 + (1 - same) * max(0, margin - d)**2``.
+    """``same * d**2`` for a same-breed pair and ``max(0, margin - d)**2`` for a
+    different-breed pair, where ``d`` is the Euclidean distance between the two
+    embeddings: same-breed pairs are pulled together, different-breed pairs
+    pushed apart until they are ``margin`` away (and then left alone). The
+    paper's 1/2 factors are dropped; they only rescale the loss weight.
 
-    ``d`` is the Euclidean distance between the two embeddings of a pair:
-    same-breed pairs are pulled together, different-breed pairs pushed apart
-    until they are ``margin`` away (and then left alone). The paper's 1/2
-    factors are dropped; they only rescale ``contrastive_weight``.
+    How it averages (``reduction``):
+
+    * ``active`` (default): the positive term is averaged over the positive
+      pairs, the negative term over the *active* negative pairs (those still
+      inside the margin), and the loss is their sum, as
+      pytorch-metric-learning's ``ContrastiveLoss`` with ``AvgNonZeroReducer``.
+      Averaging a negative term over every negative pair would shrink its
+      gradient as training pushes pairs out of the margin, until the term
+      does nothing while the hard pairs are still inside it;
+    * ``all``: the mean of the per-pair losses over every pair (the paper's
+      form).
+
+    L2-normalised embeddings lie within distance 2 of each other, so a margin
+    of at most 2 is reachable; a larger one keeps every negative active.
     """
 
-    def __init__(self, margin: float = 1.0, eps: float = 1e-9) -> None:
+    def __init__(self, margin: float = 1.0, *, reduction: str = "active", eps: float = 1e-9) -> None:
         super().__init__()
         if margin <= 0:
             raise ValueError(f"margin must be positive, got {margin}")
-        self.margin = margin
-        self.eps = eps
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        self.margin, self.reduction, self.eps = margin, reduction, eps
 
-    def forward(self, emb_a: torch.Tensor, emb_b: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
+    def terms(self, emb_a: torch.Tensor, emb_b: torch.Tensor, same: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``loss`` and its parts: ``positive`` and ``negative`` terms (as they
+        enter the loss), ``active_negatives`` (share of negative pairs inside
+        the margin), ``pos_distance`` and ``neg_distance`` (mean distances)."""
         if emb_a.shape != emb_b.shape or emb_a.ndim != 2 or same.shape != emb_a.shape[:1]:
             raise ValueError(f"need (N, D), (N, D), (N,); got {tuple(emb_a.shape)}, "
                              f"{tuple(emb_b.shape)}, {tuple(same.shape)}")
         # at least fp32 under autocast; eps keeps sqrt's gradient finite for identical embeddings
         dtype = torch.promote_types(emb_a.dtype, torch.float32)
         d = torch.sqrt(((emb_a.to(dtype) - emb_b.to(dtype)) ** 2).sum(dim=1) + self.eps)
-        same = same.to(dtype)
-        return (same * d.pow(2) + (1 - same) * torch.clamp(self.margin - d, min=0).pow(2)).mean()
+        pos, neg = same.bool(), ~same.bool()
+        pos_loss = d[pos].pow(2)
+        gap = torch.clamp(self.margin - d[neg], min=0)
+        neg_loss = gap.pow(2)
+        active = gap > 0
+        zero = d.sum() * 0  # keeps the graph (and the dtype) when a batch has no pair of a kind
+        if self.reduction == "active":
+            positive = pos_loss.mean() if len(pos_loss) else zero
+            negative = neg_loss[active].mean() if active.any() else zero
+        else:
+            n = max(1, len(d))
+            positive, negative = pos_loss.sum() / n, neg_loss.sum() / n
+        return {"loss": positive + negative, "positive": positive.detach(), "negative": negative.detach(),
+                "active_negatives": active.float().mean().detach() if len(gap) else zero.detach(),
+                "pos_distance": d[pos].mean().detach() if pos.any() else zero.detach(),
+                "neg_distance": d[neg].mean().detach() if neg.any() else zero.detach()}
+
+    def forward(self, emb_a: torch.Tensor, emb_b: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
+        return self.terms(emb_a, emb_b, same)["loss"]

@@ -2,8 +2,13 @@
 validation confusion, and seeded positive / negative / hard-negative pairs."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import numpy as np
 import pandas as pd
+
+from stages.lib.params import Section, in_range
 
 POSITIVE, NEGATIVE, HARD_NEGATIVE = "positive", "negative", "hard_negative"
 
@@ -43,8 +48,9 @@ def make_pairs(labels: np.ndarray, *, per_image: int, pos_fraction: float, hard_
     its label) and, of the remaining negatives, a ``hard_fraction`` share of
     hard ones (an image of a class in ``confusable[label]``), the rest uniform
     over the other classes. Fractional counts are rounded up or down at random
-    per anchor, so the proportions hold on average even for ``per_image: 2``. No self-pairs. A hard negative falls back to a
-    uniform one when its class has no confusable class; a positive is skipped
+    per anchor, so the proportions hold on average even for ``per_image: 2``.
+    No self-pairs. A hard negative falls back to a uniform one when its class
+    has no confusable class; a positive is skipped
     when its class has a single image. Returns columns a, b, same, kind.
     """
     if per_image < 1 or not 0 <= pos_fraction <= 1 or not 0 <= hard_fraction <= 1:
@@ -74,3 +80,50 @@ def make_pairs(labels: np.ndarray, *, per_image: int, pos_fraction: float, hard_
         if len(others[c]):
             rows.extend((a, int(b), 0, NEGATIVE) for b in others[c][rng.integers(0, len(others[c]), size=n_uni)])
     return pd.DataFrame(rows, columns=["a", "b", "same", "kind"])
+
+
+@dataclass(frozen=True)
+class PairsConfig(Section):
+    """params.yaml ``pairs``: the out-of-sample scorer, the label filter
+    (``stages.lib.noise``), the guards, and the pair mix."""
+
+    scorer: Literal["crossfit", "early"]
+    folds: int
+    crossfit_epochs: int
+    filter: Literal["threshold", "cleanlab", "relabel"]
+    min_prob: float
+    filter_by: Literal["prune_by_class", "prune_by_noise_rate", "both", "confident_learning",
+                       "predicted_neq_given"]
+    relabel_min_prob: float
+    min_images_per_class: int
+    min_kept_share: float
+    per_image: int
+    pos_fraction: float
+    hard_fraction: float
+    confusable_breeds: int
+    seed: int
+
+    def __post_init__(self) -> None:
+        if self.folds < 2 or self.crossfit_epochs < 1 or self.per_image < 1 or self.confusable_breeds < 0:
+            raise ValueError("folds must be >= 2, crossfit_epochs and per_image >= 1, confusable_breeds >= 0")
+        if self.min_images_per_class < 1:
+            raise ValueError(f"min_images_per_class must be >= 1, got {self.min_images_per_class}")
+        for name in ("min_prob", "relabel_min_prob", "min_kept_share", "pos_fraction", "hard_fraction"):
+            in_range(name, getattr(self, name), 0, 1)
+
+    def noise_settings(self, method: str | None = None) -> dict[str, object]:
+        """The keyword arguments of ``noise.clean_labels`` (``method``
+        overrides ``filter``: the seed study compares the filters)."""
+        return {"method": method or self.filter, "min_prob": self.min_prob, "filter_by": self.filter_by,
+                "relabel_min_prob": self.relabel_min_prob}
+
+
+def build_pairs(clean: pd.DataFrame, val_pred: pd.DataFrame, num_classes: int, p: PairsConfig):
+    """Pairs among ``clean`` rows, hard negatives from the validation confusion."""
+    confusion = confusion_counts(val_pred["label"].to_numpy(), val_pred["pred"].to_numpy(), num_classes)
+    confusable = confusable_classes(confusion, p.confusable_breeds)
+    idx = make_pairs(clean["label"].to_numpy(), per_image=p.per_image, pos_fraction=p.pos_fraction,
+                     hard_fraction=p.hard_fraction, confusable=confusable, seed=p.seed)
+    keys = clean["key"].to_numpy()
+    pairs = pd.DataFrame({"key_a": keys[idx["a"]], "key_b": keys[idx["b"]], "same": idx["same"], "kind": idx["kind"]})
+    return pairs, confusion, confusable

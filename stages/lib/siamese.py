@@ -1,0 +1,132 @@
+"""The siamese fine-tuning of the naive model (the counterpart of
+``classifier.py``): two weight-sharing branches see a pair of images; the loss
+is softmax cross-entropy on both plus ``contrastive_weight`` x the contrastive
+loss (Hadsell, Chopra & LeCun 2006) on their embeddings. Used by the
+train_siamese stage and the seed study."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from stages.lib import engine
+from stages.lib.classifier import OptimConfig, eval_loader, run_context
+from stages.lib.data import ShardDataset, build_transform
+from stages.lib.losses import ContrastiveLoss
+from stages.lib.models import Classifier, build_model, load_model_file
+
+log = logging.getLogger("siamese")
+
+
+class PairDataset(Dataset):
+    """Items ``(img_a, img_b, label_a, label_b, same)`` over a pair list; images
+    come from one ``ShardDataset`` over the clean set (augmentation seeded per
+    pair and epoch)."""
+
+    def __init__(self, images: ShardDataset, pairs: pd.DataFrame) -> None:
+        pos = {k: i for i, k in enumerate(images.keys)}
+        self.images = images
+        self.a = pairs["key_a"].map(pos).to_numpy()
+        self.b = pairs["key_b"].map(pos).to_numpy()
+        if np.isnan(self.a.astype(float)).any() or np.isnan(self.b.astype(float)).any():
+            raise KeyError("pair list names images that are not in the clean set")
+        self.same = pairs["same"].to_numpy(dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.same)
+
+    def __getitem__(self, item):
+        i, epoch = item if isinstance(item, tuple) else (item, 0)
+        # distinct seeds for the two images of one pair, and per pair, not per image
+        xa, ya = self.images[(int(self.a[i]), 2 * (epoch * len(self) + i))]
+        xb, yb = self.images[(int(self.b[i]), 2 * (epoch * len(self) + i) + 1)]
+        return xa, xb, ya, yb, int(self.same[i])
+
+
+def siamese_loss(*, contrastive_weight: float, margin: float, label_smoothing: float,
+                 reduction: str = "active") -> engine.LossFn:
+    """CE(a) + CE(b) (each the mean over the batch's images) + weight x the
+    contrastive loss (averaged as ``reduction`` says, see ``ContrastiveLoss``).
+    Logs ``ce`` (the mean of the two CE terms), ``contrastive`` and its parts."""
+    ce = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    contrastive = ContrastiveLoss(margin, reduction=reduction)
+
+    def loss_fn(model, batch, ctx: engine.RunContext):
+        xa, xb, ya, yb, same = batch
+        n = len(same)
+        # one forward pass over both branches: the weights are shared by construction
+        logits, emb = model(engine.to_device(torch.cat([xa, xb]), ctx), with_embedding=True)
+        ya, yb, same = (t.to(ctx.device, non_blocking=True) for t in (ya, yb, same))
+        ce_a, ce_b = ce(logits[:n].float(), ya), ce(logits[n:].float(), yb)
+        terms = contrastive.terms(emb[:n], emb[n:], same)
+        loss = ce_a + ce_b + contrastive_weight * terms["loss"]
+        acc = (logits.argmax(1) == torch.cat([ya, yb])).float().mean().item()
+        logs = {"loss": loss.item(), "ce": (ce_a + ce_b).item() / 2, "contrastive": terms["loss"].item(),
+                "contrastive_pos": terms["positive"].item(), "contrastive_neg": terms["negative"].item(),
+                "active_negatives": terms["active_negatives"].item(), "acc": acc}
+        return loss, logs, n
+
+    return loss_fn
+
+
+@dataclass(frozen=True)
+class SiameseConfig(OptimConfig):
+    """params.yaml ``siamese``: the training loop's settings plus the
+    contrastive term and the embedding it acts on."""
+
+    contrastive_weight: float
+    margin: float
+    reduction: Literal["active", "all"]
+    embedding_dim: int
+    normalize: bool
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.contrastive_weight < 0 or self.margin <= 0 or self.embedding_dim < 0:
+            raise ValueError("contrastive_weight and embedding_dim must be >= 0, margin > 0")
+
+
+def siamese_from_naive(naive_path: Path, cfg: SiameseConfig) -> tuple[Classifier, dict[str, Any]]:
+    """The naive model's trunk and head, plus a new projection head if asked."""
+    engine.seed_everything(cfg.seed)  # the projection head's initial weights
+    naive, meta = load_model_file(naive_path)
+    model = build_model(meta["backbone"], len(meta["classes"]), embedding_dim=cfg.embedding_dim,
+                        normalize=cfg.normalize, mean=meta["mean"], std=meta["std"])
+    missing, unexpected = model.load_state_dict(naive.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("projection.") for k in missing):
+        raise ValueError(f"{naive_path} does not fit: missing {missing}, unexpected {unexpected}")
+    model.backbone_name = meta["backbone"]
+    return model, meta
+
+
+def fit_siamese(model: Classifier, meta: dict[str, Any], clean: pd.DataFrame, pairs: pd.DataFrame,
+                val: pd.DataFrame, *, images_dir: Path, index: pd.DataFrame, cfg: SiameseConfig,
+                checkpoint: Path | None = None, args: dict[str, Any] | None = None,
+                on_epoch=None) -> list[dict[str, float]]:
+    """Fine-tune ``model`` on ``pairs`` of ``clean`` images, validating on ``val``."""
+    engine.seed_everything(cfg.seed)
+    ctx = run_context(cfg.device, cfg.precision, cfg.clip_grad_norm)
+    size = meta["image_size"]
+    images = ShardDataset(images_dir, clean["key"].tolist(), clean["label"].tolist(),
+                          build_transform(size, train=True, augment=cfg.augment),
+                          seed=cfg.seed, index=index)
+    train_loader = engine.make_loader(PairDataset(images, pairs), batch_size=cfg.batch_size, train=True,
+                                      seed=cfg.seed, workers=cfg.workers, device=ctx.device)
+    if len(train_loader) == 0:  # no stage trains on nothing and exits 0
+        raise ValueError(f"train_siamese: {len(pairs)} pairs give no full batch of siamese.batch_size "
+                         f"{cfg.batch_size}: nothing to fine-tune on (see make_pairs' report.json)")
+    val_loader = eval_loader(images_dir, val, image_size=size, batch_size=2 * cfg.batch_size, workers=0,
+                             device=ctx.device, index=index)
+    log.info("%d clean images, %d pairs %s, %d validation images", len(clean), len(pairs),
+             pairs["kind"].value_counts().to_dict(), len(val))
+    loss_fn = siamese_loss(contrastive_weight=cfg.contrastive_weight, margin=cfg.margin,
+                           label_smoothing=cfg.label_smoothing, reduction=cfg.reduction)
+    return engine.fit(model, loss_fn, train_loader, val_loader, cfg, ctx, checkpoint=checkpoint, args=args,
+                      on_epoch=on_epoch)

@@ -231,6 +231,18 @@ def decode_image(data: bytes, cfg: DecodeConfig) -> tuple[bytes, int, int, str]:
     return buf.getvalue(), target[0], target[1], ("reencoded" if target == (width, height) else "resized")
 
 
+MAX_KEY_CHARS = 256  # Clickture keys are ~40 characters; a longer one is garbage, not a key
+
+
+def valid_key(key: str) -> bool:
+    """What an image key may be: 1..MAX_KEY_CHARS printable characters and no
+    quote (tab, CR, LF and NUL are not printable). Keys are untrusted; one
+    that breaks a TSV round trip (a tab, a line end, a quote) would shift or
+    swallow rows in the tables downstream, so decode rejects it
+    (``invalid_key``) and every later stage sees only valid keys."""
+    return 0 < len(key) <= MAX_KEY_CHARS and key.isprintable() and '"' not in key
+
+
 def parse_line(line: bytes, cfg: DecodeConfig) -> tuple[str, bytes]:
     """Split one TSV line into (key, base64 field), or raise :class:`Reject`."""
     if line.endswith(b"\r"):  # CRLF files; the scanner already dropped the LF
@@ -249,6 +261,8 @@ def parse_line(line: bytes, cfg: DecodeConfig) -> tuple[str, bytes]:
     key = texts[key_col if key_col < image_col else key_col - 1]
     if not key.strip():
         raise Reject("empty_key", key)
+    if not valid_key(key):
+        raise Reject("invalid_key", key)
     return key, cols[image_col]
 
 

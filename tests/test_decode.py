@@ -224,3 +224,35 @@ def test_cli_reads_params_yaml(tmp_path: Path) -> None:
     stats = json.loads((tmp_path / "images" / layout.STATS).read_text())
     assert stats["images"] == 5 and "seconds" not in stats  # stats.json stays the same run to run
     assert "(2 workers)" in ok.stderr
+
+
+def test_keys_that_would_break_a_tsv_round_trip_are_rejected(tmp_path: Path) -> None:
+    """A key with a quote, a control character or absurd length used to pass:
+    a leading quote then swallowed the following rows of every label table."""
+    from stages.decode import MAX_KEY_CHARS
+    from stages.lib.tables import read_table
+
+    jpeg = image_bytes(40, 30, seed=1)
+    bad_keys = ['"quoted', 'in"side', "ctrl\x01key", "bell\x07", "k" * (MAX_KEY_CHARS + 1)]
+    train = good_lines("a", 2) + [k.encode() + b"\t" + b64(jpeg) for k in bad_keys] + \
+        [("k" * MAX_KEY_CHARS).encode() + b"\t" + b64(jpeg), "héllo wörld".encode() + b"\t" + b64(jpeg)]
+    stats = decode_dataset(make_raw(tmp_path, train), tmp_path / "images", PARAMS)
+    assert stats["rejects"] == {"invalid_key": len(bad_keys)}
+    kept = set(read_index(tmp_path / "images")["key"])
+    assert {"k" * MAX_KEY_CHARS, "héllo wörld", "a0", "a1"} <= kept and not kept & set(bad_keys)
+    # what passes survives the pipeline's tables: written without quoting, read back row for row
+    table = pd.DataFrame({"key": sorted(kept), "label": range(len(kept))})
+    table.to_csv(tmp_path / "t.tsv", sep="\t", index=False)
+    back = read_table(tmp_path / "t.tsv")
+    assert back["key"].tolist() == table["key"].tolist() and back["label"].tolist() == table["label"].tolist()
+
+
+def test_a_leading_quote_no_longer_swallows_rows(tmp_path: Path) -> None:
+    """The readers treat a quote as data (the table of the issue: 10 rows
+    written, 9 read back, labels turned into strings)."""
+    from stages.lib.tables import read_table
+
+    rows = ['"k0\t0'] + [f"k{i}\t{i}" for i in range(1, 10)]
+    (tmp_path / "t.tsv").write_text("key\tlabel\n" + "\n".join(rows) + "\n")
+    back = read_table(tmp_path / "t.tsv")
+    assert len(back) == 10 and back["label"].tolist() == list(range(10)) and back["key"][0] == '"k0'

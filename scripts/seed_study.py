@@ -46,7 +46,7 @@ import pandas as pd
 
 from stages.lib import layout
 from stages.lib.classifier import ModelConfig, TrainConfig, plan_run, reference_size, run_context, train_on_labels
-from stages.lib.clicks import aggregate_clicks, find_weak_labels, read_breeds, read_train_keys
+from stages.lib.clicklog import aggregate_clicks, read_breeds, read_train_keys
 from stages.lib.data import load_labels
 from stages.lib.labelsets import label_set, train_keys
 from stages.lib.noise import filtered_table, label_quality
@@ -59,6 +59,7 @@ from stages.lib.siamese import SiameseConfig, fit_siamese, siamese_from_naive
 from stages.lib.tables import read_truth
 from stages.lib.testset import evaluate_model, read_test_set
 from stages.lib.tracking import save_model
+from stages.lib.weaklabels import find_weak_labels
 
 CONFIGS = ("truth", "raw", "naive", "final", "final_ce", "threshold", "cleanlab", "paper")
 REFERENCES = {"truth": "truth", "raw": "raw"}  # config -> label set

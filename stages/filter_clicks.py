@@ -7,7 +7,7 @@ Reads params ``filter.*``, ``raw/clicks.tsv``, ``raw/breeds.tsv``,
 ``images/index.parquet`` (only ``split == "train"`` keys are training images)
 and, where present, ``raw/truth.tsv`` (reports only). Writes the files of
 ``stages.lib.layout`` for data/filtered/, atomically. The rules and their
-notation are in :mod:`stages.lib.clicks`.
+notation are in :mod:`stages.lib.weaklabels`.
 
 ``--sweep DIR`` applies a grid of ``min_clicks`` x ``min_share`` instead, and
 writes ``filter_sweep.{csv,md,png}`` (precision against kept images) to DIR;
@@ -29,22 +29,13 @@ import pyarrow.compute as pc
 
 from stages.lib import layout
 from stages.lib.atomic import atomic_dir, atomic_file, write_json
-from stages.lib.clicks import (
-    DROP_REASONS,
-    ClickLogSummary,
-    WeakLabels,
-    aggregate_clicks,
-    check_thresholds,
-    find_weak_labels,
-    label_quality,
-    read_breeds,
-    read_train_keys,
-    sweep_thresholds,
-)
+from stages.lib.clicklog import ClickLogSummary, aggregate_clicks, read_breeds, read_train_keys
+from stages.lib.labelquality import label_quality, sweep_thresholds
 from stages.lib.noise import check_enough_left
 from stages.lib.params import Section, in_range, load_sections
 from stages.lib.queries import BreedMatcher
 from stages.lib.tables import read_truth
+from stages.lib.weaklabels import DROP_REASONS, WeakLabels, check_thresholds, find_weak_labels
 
 log = logging.getLogger("filter_clicks")
 

@@ -12,18 +12,18 @@ import pytest
 import yaml
 
 from stages.lib import layout
-from stages.lib.clicks import (
+from stages.lib.clicklog import aggregate_clicks
+from stages.lib.labelquality import label_quality
+from stages.lib.queries import MULTIPLE_BREEDS, NO_BREED, BreedMatcher, normalize_query
+from stages.lib.weaklabels import (
     AMBIGUOUS,
     CLASS_TOO_SMALL,
     NO_BREED_QUERY,
     NO_CLICKS,
     NO_DECODED_IMAGE,
     TOO_FEW_CLICKS,
-    aggregate_clicks,
     find_weak_labels,
-    label_quality,
 )
-from stages.lib.queries import MULTIPLE_BREEDS, NO_BREED, BreedMatcher, normalize_query
 
 ROOT = Path(__file__).resolve().parents[1]
 BREEDS = ["golden retriever", "labrador retriever", "basset hound", "shih-tzu", "lhasa apso", "great pyrenees",
@@ -248,7 +248,7 @@ def sample_raw(tmp_path_factory) -> Path:
 
 
 def test_filter_raises_precision_on_generated_sample(sample_raw):
-    from stages.lib.clicks import read_breeds
+    from stages.lib.clicklog import read_breeds
     from stages.lib.tables import read_truth
     breeds = read_breeds(sample_raw / layout.BREEDS)
     truth = read_truth(sample_raw / layout.TRUTH)
@@ -356,7 +356,7 @@ def test_key_hash_same_for_fixed_and_mixed_length_blocks():
     image would get two ids (its clicks split) across blocks."""
     import pyarrow as pa
 
-    from stages.lib.clicks import _hash_strings
+    from stages.lib.clicklog import _hash_strings
     fixed = pa.array(["abcdefghijk", "abcdefghijl", "zzzzzzzzzzz"])
     mixed = pa.array(["", "abcdefghijk", "x", "abcdefghijl", "zzzzzzzzzzz", "\u00e9" * 20])
     h_fixed, h_mixed = _hash_strings(fixed), _hash_strings(mixed)

@@ -11,7 +11,6 @@ already on disk. Either way the output is written atomically and ends with a
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -20,24 +19,17 @@ from typing import Any, Literal
 
 from stages.lib import layout
 from stages.lib.atomic import atomic_dir
+from stages.lib.fetch import fetch_raw, sha256_file, write_checksums
 from stages.lib.params import Section, load_sections
 
 log = logging.getLogger("download")
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def write_checksums(out_dir: Path) -> dict[str, str]:
-    """sha256sum-format checksums of every file in ``out_dir``."""
+def checksum_all(out_dir: Path) -> dict[str, str]:
+    """Checksums of every file in ``out_dir`` (the generated sample), written
+    to its SHA256SUMS."""
     sums = {p.name: sha256_file(p) for p in sorted(out_dir.iterdir()) if p.is_file() and p.name != layout.CHECKSUMS}
-    with open(out_dir / layout.CHECKSUMS, "w", encoding="utf-8") as f:
-        f.writelines(f"{digest}  {name}\n" for name, digest in sums.items())
+    write_checksums(out_dir, sums)
     return sums
 
 
@@ -77,9 +69,8 @@ def download(params: DataConfig, out_dir: Path) -> None:
 
             counts = generate_sample(tmp, seed=params.seed, **params.sample.as_dict())
             log.info("generated sample: %s", counts)
-            sums = write_checksums(tmp)
+            sums = checksum_all(tmp)
         else:
-            from stages.lib.fetch import fetch_raw
 
             # partial downloads live beside the output, so an interrupted run resumes them;
             # fetch_raw verifies and writes SHA256SUMS itself

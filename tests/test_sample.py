@@ -13,6 +13,7 @@ from PIL import Image
 
 from stages import download
 from stages.lib import layout
+from stages.lib.fetch import sha256_file
 from stages.lib.sample import ALIAS_QUERIES, BREED_NAMES, BREEDS, click_rows, generate_sample
 
 SMALL = dict(n_train=120, test_per_breed=2, min_side=64, max_side=96, lookalike_share=0.25,
@@ -92,7 +93,7 @@ def test_download_stage_writes_checksummed_sample(tmp_path: Path) -> None:
     raw = tmp_path / "data" / "raw"
     sums = dict(line.split("  ")[::-1] for line in (raw / layout.CHECKSUMS).read_text().split("\n") if line)
     assert set(sums) == {*layout.RAW_FILES, layout.TRUTH}
-    assert sums[layout.CLICKS] == download.sha256_file(raw / layout.CLICKS)
+    assert sums[layout.CLICKS] == sha256_file(raw / layout.CLICKS)
     assert [p.name for p in raw.parent.iterdir()] == ["raw"]  # no temporary folder left behind
 
 

@@ -143,8 +143,7 @@ def fetch_raw(
                 expected = spec.sha256 if source == "path" else None
                 sums[target.name] = _copy(src, target, expected=expected, label=label)
             log.info("placed %s (sha256 %s…)", target, sums[target.name][:12])
-        with atomic_file(out_dir / layout.CHECKSUMS) as f:
-            f.writelines(f"{digest}  {name}\n" for name, digest in sorted(sums.items()))
+        write_checksums(out_dir, sums)
     except BaseException:
         # Stale files from an earlier run would pass for this run's output: remove them too.
         for path in [*targets.values(), out_dir / layout.CHECKSUMS]:
@@ -226,13 +225,13 @@ def download_file(
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     resumed = _download_with_retries(url, part, retries=retries, timeout_s=timeout_s, backoff_s=backoff_s, label=label)
-    actual = _sha256_file(part)
+    actual = sha256_file(part)
     if actual != sha256 and resumed:
         # The kept prefix may come from another version of the file: one fresh try before blaming the source.
         log.warning("%s: sha256 mismatch after a resumed download; downloading again from the start", label)
         part.unlink()
         _download_with_retries(url, part, retries=retries, timeout_s=timeout_s, backoff_s=backoff_s, label=label)
-        actual = _sha256_file(part)
+        actual = sha256_file(part)
     if actual != sha256:
         part.unlink()
         raise ChecksumError(f"sha256 mismatch for {label}: expected {sha256}, got {actual}")
@@ -253,7 +252,7 @@ def _download_all(
         label = f"{'+'.join(names)} ({_redact(url)})"
         dest = cache / sha[url]  # a validated hex digest: the url never becomes a path
         if dest.exists():
-            if _sha256_file(dest) == sha[url]:
+            if sha256_file(dest) == sha[url]:
                 log.info("%s: using verified copy in %s", label, cache)
                 local[url] = dest
                 continue
@@ -398,12 +397,20 @@ def _stream_to(src: BinaryIO, target: Path, *, expected: str | None = None, labe
 def _verify(path: Path, expected: str, *, label: str) -> None:
     if not path.is_file():
         raise FetchError(f"{label}: not a file")
-    actual = _sha256_file(path)
+    actual = sha256_file(path)
     if actual != expected:
         raise ChecksumError(f"sha256 mismatch for {label}: expected {expected}, got {actual}")
 
 
-def _sha256_file(path: Path) -> str:
+def write_checksums(out_dir: Path, sums: dict[str, str]) -> None:
+    """``out_dir/SHA256SUMS`` in sha256sum format (``sha256sum -c`` checks it),
+    sorted by file name, written atomically: the one writer of that file."""
+    with atomic_file(out_dir / layout.CHECKSUMS) as f:
+        f.writelines(f"{digest}  {name}\n" for name, digest in sorted(sums.items()))
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK_BYTES):

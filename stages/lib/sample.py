@@ -60,6 +60,7 @@ class Breed:
     coat: tuple[float, float, float]  # HSV in [0, 1]
     pattern: str  # none | wavy | saddle | mask | tricolor | brindle | blaze | belly
     pattern_coat: tuple[float, float, float] = (0.0, 0.0, 0.1)
+    white_face: bool = False  # a white face mask over the coat (the husky's)
 
 
 RETRIEVER = Shape(60, 28, 22, 7, 15, 13, "floppy", "long")
@@ -74,7 +75,7 @@ BREEDS: tuple[Breed, ...] = (
     Breed("labrador retriever", "retriever", RETRIEVER, (0.11, 0.60, 0.90), "none"),
     Breed("chesapeake bay retriever", "retriever", RETRIEVER, (0.07, 0.70, 0.55), "wavy", (0.06, 0.80, 0.38)),
     # spitz: grey saddle (husky), darker saddle and no white mask (malamute), all white (samoyed)
-    Breed("siberian husky", "spitz", SPITZ, (0.60, 0.05, 0.95), "saddle", (0.60, 0.10, 0.45)),
+    Breed("siberian husky", "spitz", SPITZ, (0.60, 0.05, 0.95), "saddle", (0.60, 0.10, 0.45), white_face=True),
     Breed("alaskan malamute", "spitz", SPITZ, (0.08, 0.10, 0.90), "saddle", (0.08, 0.25, 0.30)),
     Breed("samoyed", "spitz", SPITZ, (0.12, 0.08, 0.95), "none"),
     # hounds: beagle vs basset differ by leg length, basset vs dachshund by coat
@@ -235,7 +236,7 @@ def _coat(breed: Breed, rng: np.random.Generator, masks, jitter: float) -> Image
         d.rectangle([hx - hr * 0.15, hy - hr, hx + hr * 0.25, hy + hr], fill=255)
         d.ellipse([hx - hr * 1.2, hy + hr * 0.3, hx + hr * 0.2, hy + hr * 2.0], fill=255)
         coat.paste(layer, mask=Image.composite(m, Image.new("L", m.size, 0), whole))
-    if breed.family == "spitz" and breed.name == "siberian husky":  # white face mask
+    if breed.white_face:
         m = Image.new("L", (CANVAS, CANVAS), 0)
         ImageDraw.Draw(m).ellipse([hx - hr * 0.2, hy - hr * 0.1, hx + hr * 1.3, hy + hr], fill=255)
         coat.paste(Image.new("RGB", coat.size, (240, 240, 240)), mask=Image.composite(m, Image.new("L", m.size, 0), head))

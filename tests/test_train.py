@@ -241,3 +241,37 @@ def test_default_recipe_on_a_few_hundred_photos_learns_or_says_why(tmp_path: Pat
         return
     val = pd.read_csv(tmp_path / "models/naive/val_predictions.tsv", sep="\t")
     assert chance_check(float((val["pred"] == val["label"]).mean()), len(val), 10)[0]
+
+
+def test_a_finished_run_is_trained_again_not_resumed(tiny_pipeline: Path, caplog) -> None:
+    """dvc repro -f used to print "resumed ... at epoch 4" and re-save the old
+    model in a second: a checkpoint resumes only an interrupted run."""
+    import logging
+
+    run_stage(tiny_pipeline)
+    ckpt = tiny_pipeline / "models/naive/checkpoints/last.pt"
+    state = torch.load(ckpt, weights_only=True)
+    assert engine.load_checkpoint(ckpt, state["args"], epochs=state["epoch"] + 1) is None  # finished
+    assert engine.load_checkpoint(ckpt, state["args"], epochs=state["epoch"] + 2) is not None  # interrupted
+    first = state["model"]
+    with caplog.at_level(logging.INFO, logger="engine"):
+        run_stage(tiny_pipeline)
+    assert "holds a finished run" in caplog.text and "resumed" not in caplog.text
+    again = torch.load(ckpt, weights_only=True)
+    assert again["epoch"] == state["epoch"] and all(torch.equal(first[k], again["model"][k]) for k in first)
+
+
+@pytest.mark.parametrize("content", ["a list", "no model", "garbage"])
+def test_odd_checkpoints_are_ignored_with_a_warning(tmp_path: Path, content: str, caplog) -> None:
+    path = tmp_path / "last.pt"
+    if content == "a list":
+        torch.save([1, 2, 3], path)
+    elif content == "no model":
+        torch.save({"epoch": 1, "args": {}}, path)
+    else:
+        path.write_bytes(b"\x00not a checkpoint")
+    (tmp_path / "last.pt.tmp").write_bytes(b"torn")  # a write that a crash cut short
+    with caplog.at_level("WARNING", logger="engine"):
+        assert engine.load_checkpoint(path, {}, epochs=4) is None
+    assert "ignoring" in caplog.text
+    assert not (tmp_path / "last.pt.tmp").exists()

@@ -264,13 +264,24 @@ def save_checkpoint(path: Path, *, model: nn.Module, optimizer, scheduler, scale
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the rename: a crash leaves the old or the new file, whole
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path, args: dict[str, Any]) -> dict[str, Any] | None:
-    """The checkpoint at ``path`` if it was made with the same ``args``; a
-    checkpoint of other settings (params changed since) is ignored, not resumed."""
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "epoch", "args", "history", "rng_cpu", "rng_cuda")
+
+
+def load_checkpoint(path: Path, args: dict[str, Any], epochs: int) -> dict[str, Any] | None:
+    """The checkpoint at ``path`` if it holds an *interrupted* run (fewer than
+    ``epochs`` epochs done) made with the same ``args``; otherwise None, and
+    the run starts from scratch. A finished run's checkpoint is not resumed:
+    a forced re-run (``dvc repro -f``, after a library upgrade, to check
+    determinism) must train, not re-save the old model. A checkpoint of other
+    settings, or an unreadable or foreign file, is ignored with a log line."""
+    path.with_name(path.name + ".tmp").unlink(missing_ok=True)  # a write that a crash cut short
     if not path.is_file():
         return None
     try:
@@ -278,8 +289,14 @@ def load_checkpoint(path: Path, args: dict[str, Any]) -> dict[str, Any] | None:
     except Exception as exc:  # a torn or foreign file: start over rather than crash
         log.warning("ignoring unreadable checkpoint %s: %s", path, exc)
         return None
-    if state.get("args") != args:
+    if not isinstance(state, dict) or any(k not in state for k in CHECKPOINT_KEYS):
+        log.warning("ignoring %s: not a training checkpoint of this project", path)
+        return None
+    if state["args"] != args:
         log.info("checkpoint %s was made with other settings: starting from scratch", path)
+        return None
+    if state["epoch"] + 1 >= epochs:
+        log.info("checkpoint %s holds a finished run (%d epochs): training again", path, state["epoch"] + 1)
         return None
     return state
 
@@ -293,7 +310,7 @@ def fit(model: nn.Module, loss_fn: LossFn, train_loader: DataLoader, val_loader:
         cfg: Any, ctx: RunContext, *, checkpoint: Path | None = None, args: dict[str, Any] | None = None,
         on_epoch: Callable[[int, dict[str, float], nn.Module], None] | None = None) -> list[dict[str, float]]:
     """Train ``model`` for ``cfg.epochs`` epochs (``cfg``: an ``OptimConfig``), resuming from ``checkpoint``
-    when it was written with the same ``args``; returns the per-epoch history.
+    when it holds an interrupted run with the same ``args``; returns the per-epoch history.
 
     ``on_epoch(epoch, metrics, model)`` runs on rank 0 after each epoch, also for
     the epochs replayed from a checkpoint (so loggers see the whole run).
@@ -307,7 +324,7 @@ def fit(model: nn.Module, loss_fn: LossFn, train_loader: DataLoader, val_loader:
     args = args if args is not None else {}
     history: list[dict[str, float]] = []
     start_epoch = 0
-    state = load_checkpoint(checkpoint, args) if checkpoint is not None else None
+    state = load_checkpoint(checkpoint, args, cfg.epochs) if checkpoint is not None else None
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])

@@ -30,7 +30,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from stages.lib import layout
-from stages.lib.atomic import atomic_dir, write_json
+from stages.lib.atomic import atomic_dir, exit_on_sigterm, write_json
 from stages.lib.images import INPUT_FORMATS, to_rgb
 from stages.lib.params import ConfigError, Section, load_params
 from stages.lib.shards import IndexWriter, ShardWriter
@@ -478,6 +478,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("out_dir", type=Path, help="output folder (data/images)")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args(argv)
+    exit_on_sigterm()  # a killed stage removes its partial outputs
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         decode_dataset(args.raw_dir, args.out_dir, DecodeConfig.from_params(load_params("decode", path=args.params)))

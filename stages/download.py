@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from stages.lib import layout
-from stages.lib.atomic import atomic_dir
+from stages.lib.atomic import atomic_dir, exit_on_sigterm
 from stages.lib.fetch import fetch_raw, sha256_file, write_checksums
 from stages.lib.params import Section, load_sections
 
@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args(argv)
+    exit_on_sigterm()  # a killed stage removes its partial outputs
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     download(load_sections(args.params, data=DataConfig)["data"], args.out_dir)
     return 0

@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 
 from stages.lib import figures, layout
-from stages.lib.atomic import atomic_dir, atomic_file, write_json
+from stages.lib.atomic import atomic_dir, atomic_file, exit_on_sigterm, write_json
 from stages.lib.metrics import SUMMARY_METRICS
 from stages.lib.params import Section, load_sections
 from stages.lib.shards import ShardReader, read_index
@@ -353,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument(name, type=Path)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args(argv)
+    exit_on_sigterm()  # a killed stage removes its partial outputs
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = load_sections(args.params, evaluate=EvaluateConfig)["evaluate"]
     dirs = {k: getattr(args, k) for k in ("raw", "images", "filtered", "pairs", "naive", "siamese")}

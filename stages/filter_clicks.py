@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from stages.lib import layout
-from stages.lib.atomic import atomic_dir, atomic_file, write_json
+from stages.lib.atomic import atomic_dir, atomic_file, exit_on_sigterm, write_json
 from stages.lib.clicklog import ClickLogSummary, aggregate_clicks, read_breeds, read_train_keys
 from stages.lib.labelquality import label_quality, sweep_thresholds
 from stages.lib.noise import check_enough_left
@@ -227,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sweep", type=Path, metavar="DIR", help="sweep thresholds, write tables and plot to DIR")
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = ap.parse_args(argv)
+    exit_on_sigterm()  # a killed stage removes its partial outputs
     if (args.out is None) == (args.sweep is None):
         ap.error("give either OUT or --sweep DIR")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")

@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 
 from stages.lib import layout
-from stages.lib.atomic import atomic_dir, write_json
+from stages.lib.atomic import atomic_dir, exit_on_sigterm, write_json
 from stages.lib.classifier import ModelConfig, TrainConfig
 from stages.lib.data import load_labels
 from stages.lib.noise import RELABELLED, check_enough_left, class_counts, filtered_table, label_quality
@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument(name, type=Path)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args(argv)
+    exit_on_sigterm()  # a killed stage removes its partial outputs
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     params = load_sections(args.params, pairs=PairsConfig, model=ModelConfig, train=TrainConfig)
     p, model_cfg, train_cfg = params["pairs"], params["model"], params["train"]

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Literal
 
 from stages.lib import layout
-from stages.lib.atomic import atomic_dir, write_json
+from stages.lib.atomic import atomic_dir, exit_on_sigterm, write_json
 from stages.lib.classifier import ModelConfig, TrainConfig, plan_run, reference_size, train_on_labels
 from stages.lib.labelsets import label_set, train_keys
 from stages.lib.params import Section, load_sections
@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument(name, type=Path)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args(argv)
+    exit_on_sigterm()  # a killed stage removes its partial outputs
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     params = load_sections(args.params, model=ModelConfig, train=TrainConfig, reference=ReferenceConfig)
     model_cfg, train_cfg, names = params["model"], params["train"], params["reference"].labels

@@ -18,6 +18,7 @@ import logging
 from pathlib import Path
 
 from stages.lib import engine, layout
+from stages.lib.atomic import exit_on_sigterm
 from stages.lib.classifier import resolved_run
 from stages.lib.data import load_labels
 from stages.lib.params import load_sections
@@ -35,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument(name, type=Path)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args(argv)
+    exit_on_sigterm()  # a killed stage removes its partial outputs
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cfg = load_sections(args.params, siamese=SiameseConfig)["siamese"]
     engine.init_distributed(cfg.device)

@@ -1,15 +1,71 @@
 """Atomic outputs: a stage writes to a temporary sibling, then renames, so an
-interrupted run never leaves a half-written output that DVC would cache."""
+interrupted run never leaves a half-written output that DVC would cache.
+
+Temporary siblings are named ``.<name>.tmp-<pid>-<random>``: a run that was
+killed (SIGKILL, out of memory, power loss) cannot clean up, so the next
+atomic write to the same target removes the temporaries of processes that no
+longer exist. SIGTERM (what ``timeout``, schedulers and ``kill`` send) is
+turned into a normal exit by :func:`exit_on_sigterm`, so the clean-up of
+these context managers runs.
+"""
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
+import logging
 import os
 import shutil
+import signal
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+TMP_TAG = ".tmp-"
+log = logging.getLogger("atomic")
+
+
+def exit_on_sigterm() -> None:
+    """Make SIGTERM raise SystemExit(143) in the main thread: ``finally``
+    blocks and the context managers here remove partial outputs, as they do
+    for an exception or Ctrl-C. Each stage calls it first thing."""
+    def handler(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def remove_stale_temporaries(target: Path) -> list[Path]:
+    """Remove the temporary siblings of ``target`` whose process is gone."""
+    removed = []
+    prefix = f".{target.name}{TMP_TAG}"
+    for path in target.parent.glob(glob.escape(prefix) + "*"):
+        pid = path.name[len(prefix):].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+            continue
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    if removed:
+        log.warning("removed %d temporary output(s) of killed runs: %s", len(removed), [p.name for p in removed])
+    return removed
+
+
+def _tmp_prefix(target: Path) -> str:
+    return f".{target.name}{TMP_TAG}{os.getpid()}-"
 
 
 def _umask() -> int:
@@ -23,7 +79,8 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     """Yield a fresh temporary directory that replaces ``target`` on success."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    remove_stale_temporaries(target)
+    tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(target), dir=target.parent))
     try:
         yield tmp
     except BaseException:
@@ -45,7 +102,8 @@ def atomic_file(target: str | Path, mode: str = "w", **open_kwargs: Any) -> Iter
     """Open a temporary sibling of ``target`` for writing; rename on success."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    remove_stale_temporaries(target)
+    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(target), dir=target.parent)
     os.close(fd)
     if "b" not in mode:
         open_kwargs.setdefault("encoding", "utf-8")

@@ -22,10 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from stages.lib import layout
 from stages.lib.atomic import atomic_dir, atomic_file, exit_on_sigterm, write_json
@@ -34,7 +32,7 @@ from stages.lib.labelquality import label_quality, sweep_thresholds
 from stages.lib.noise import check_enough_left
 from stages.lib.params import Section, in_range, load_sections
 from stages.lib.queries import BreedMatcher
-from stages.lib.tables import read_truth
+from stages.lib.tables import read_truth, write_table
 from stages.lib.weaklabels import DROP_REASONS, WeakLabels, check_thresholds, find_weak_labels
 
 log = logging.getLogger("filter_clicks")
@@ -116,31 +114,11 @@ def build_report(weak: WeakLabels, summary: ClickLogSummary, truth: pd.Series | 
     }
 
 
-def _write_tsv(df: pd.DataFrame, path: Path) -> None:
-    """Header plus rows, tab-separated, no quoting (as every TSV of the pipeline:
-    a key cannot hold a tab or a newline, it was read from one). Vectorised:
-    pandas' to_csv formats each value in Python (seconds per million rows)."""
-    cols = []
-    for name in df.columns:
-        col = pa.array(df[name])
-        if pa.types.is_floating(col.type):
-            col = pc.round(col, 4)
-        cols.append(col.cast(pa.string()))
-    with open(path, "wb") as f:
-        f.write(("\t".join(df.columns) + "\n").encode())
-        for start in range(0, len(df), 1 << 20):  # slices: 32-bit string offsets
-            part = [c.slice(start, 1 << 20) for c in cols]
-            lines = pc.binary_join_element_wise(*part, pa.scalar(""), "\t")  # a trailing tab ...
-            lines = pc.utf8_replace_slice(lines, -1, 2**31 - 1, "\n")      # ... becomes the newline
-            offsets = np.frombuffer(lines.buffers()[1], np.int32)[lines.offset:lines.offset + len(lines) + 1]
-            f.write(memoryview(lines.buffers()[2])[offsets[0]:offsets[-1]])  # the rows, back to back
-
-
 def write_outputs(out: Path, weak: WeakLabels, report: dict[str, Any]) -> None:
     with atomic_dir(out) as tmp:
-        _write_tsv(weak.kept, tmp / layout.LABELS)
-        _write_tsv(weak.raw, tmp / layout.RAW_LABELS)
-        _write_tsv(weak.dropped, tmp / layout.DROPPED)
+        write_table(weak.kept, tmp / layout.LABELS)
+        write_table(weak.raw, tmp / layout.RAW_LABELS)
+        write_table(weak.dropped, tmp / layout.DROPPED)
         write_json(tmp / layout.CLASSES, weak.classes)
         write_json(tmp / layout.REPORT, report)
 

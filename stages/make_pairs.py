@@ -46,7 +46,7 @@ from stages.lib.pairs import PairsConfig, build_pairs
 from stages.lib.params import load_sections
 from stages.lib.scoring import score_crossfit, score_with_model
 from stages.lib.shards import read_index
-from stages.lib.tables import read_table, read_truth
+from stages.lib.tables import read_table, read_truth, write_table
 
 log = logging.getLogger("make_pairs")
 
@@ -120,9 +120,9 @@ def main(argv: list[str] | None = None) -> int:
                                    "click_filter": label_quality(labels, raw, truth),
                                    "label_filter": label_quality(clean, raw, truth)}
     with atomic_dir(args.out_dir) as tmp:
-        clean.to_csv(tmp / layout.CLEAN, sep="\t", index=False)
-        scores.to_csv(tmp / layout.SCORES, sep="\t", index=False)
-        pairs.to_csv(tmp / layout.PAIRS, sep="\t", index=False)
+        write_table(clean, tmp / layout.CLEAN)
+        write_table(scores, tmp / layout.SCORES)
+        write_table(pairs, tmp / layout.PAIRS)
         write_json(tmp / layout.REPORT, report)
     log.info("kept %d of %d images (%s filter on the %s scorer; %d relabelled); %d pairs %s", len(clean),
              len(labels), p.filter, p.scorer, report["images"]["relabelled"], len(pairs), report["pairs"])

@@ -36,6 +36,7 @@ from stages.lib.classifier import (
 from stages.lib.data import load_labels
 from stages.lib.params import load_sections
 from stages.lib.shards import read_index
+from stages.lib.tables import write_table
 from stages.lib.tracking import EpochLogger, file_digest, save_model, stage_code_digest
 
 log = logging.getLogger("train_naive")
@@ -50,8 +51,8 @@ def write_val_predictions(path: Path, model, val_df: pd.DataFrame, images_dir: P
     out = val_df[["key", "label"]].copy()
     out["pred"] = probs.argmax(1)
     out["p_label"] = probs[np.arange(len(labels)), labels]
-    with atomic_file(path) as f:
-        out.to_csv(f, sep="\t", index=False)
+    with atomic_file(path, "wb") as f:
+        write_table(out, f)
     return float((out["pred"] == out["label"]).mean())
 
 

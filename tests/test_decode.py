@@ -256,3 +256,20 @@ def test_a_leading_quote_no_longer_swallows_rows(tmp_path: Path) -> None:
     (tmp_path / "t.tsv").write_text("key\tlabel\n" + "\n".join(rows) + "\n")
     back = read_table(tmp_path / "t.tsv")
     assert len(back) == 10 and back["label"].tolist() == list(range(10)) and back["key"][0] == '"k0'
+
+
+def test_the_table_writer_keeps_rows_with_missing_values(tmp_path: Path) -> None:
+    """write_table joined the cells with pyarrow, whose default turns a row
+    with a missing value into no row at all: a dropped image without a share
+    vanished from dropped.tsv."""
+    import numpy as np
+
+    from stages.lib.tables import read_table, write_table
+
+    df = pd.DataFrame({"key": ["a", "b", "c"], "label": [1, 2, 3], "share": [0.123456, np.nan, 1.0],
+                       "breed": ["pug", None, "basset hound"]})
+    write_table(df, tmp_path / "t.tsv")
+    back = read_table(tmp_path / "t.tsv")
+    assert back["key"].tolist() == ["a", "b", "c"] and back["label"].tolist() == [1, 2, 3]
+    assert str(back["share"][0]) == "0.1235" and back["share"][1] == ""  # missing: an empty cell
+    assert back.loc[1, "breed"] == "" and back.loc[2, "breed"] == "basset hound"

@@ -48,8 +48,9 @@ from stages.lib import layout
 from stages.lib.classifier import ModelConfig, TrainConfig, plan_run, reference_size, run_context, train_on_labels
 from stages.lib.clicklog import aggregate_clicks, read_breeds, read_train_keys
 from stages.lib.data import load_labels
+from stages.lib.labelquality import table_quality
 from stages.lib.labelsets import label_set, train_keys
-from stages.lib.noise import filtered_table, label_quality
+from stages.lib.noise import filtered_table
 from stages.lib.pairs import PairsConfig, build_pairs
 from stages.lib.params import load_params, load_sections
 from stages.lib.queries import BreedMatcher
@@ -167,7 +168,7 @@ def naive_and_fine_tuned(naive_name: str, labels: pd.DataFrame, seed: int, fine:
     for name, method in fine.items():
         start = time.time() - crossfit_s / len(fine)  # each fine-tuned model carries its share of the scoring
         clean, _ = filtered_table(labels, probs, study.classes, **p.noise_settings(method))
-        quality = label_quality(clean, raw, study.truth) if study.truth is not None else {}
+        quality = table_quality(clean, raw, study.truth) if study.truth is not None else {}
         train_clean = clean[~clean["key"].isin(set(plan.val["key"]))].reset_index(drop=True)
         pairs, _, _ = build_pairs(train_clean, val_pred, len(study.classes), p)
         cfg = params["siamese"].replace(seed=seed)

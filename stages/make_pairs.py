@@ -41,7 +41,8 @@ from stages.lib import layout
 from stages.lib.atomic import atomic_dir, exit_on_sigterm, write_json
 from stages.lib.classifier import ModelConfig, TrainConfig
 from stages.lib.data import load_labels
-from stages.lib.noise import RELABELLED, check_enough_left, class_counts, filtered_table, label_quality
+from stages.lib.labelquality import table_quality
+from stages.lib.noise import RELABELLED, check_enough_left, class_counts, filtered_table
 from stages.lib.pairs import PairsConfig, build_pairs
 from stages.lib.params import load_sections
 from stages.lib.scoring import score_crossfit, score_with_model
@@ -116,9 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     if truth_path.exists():
         truth = read_truth(truth_path)
         raw = load_labels(args.filtered_dir / layout.RAW_LABELS)
-        report["label_quality"] = {"raw_clicks": label_quality(raw, raw, truth),
-                                   "click_filter": label_quality(labels, raw, truth),
-                                   "label_filter": label_quality(clean, raw, truth)}
+        report["label_quality"] = {"raw_clicks": table_quality(raw, raw, truth),
+                                   "click_filter": table_quality(labels, raw, truth),
+                                   "label_filter": table_quality(clean, raw, truth)}
     with atomic_dir(args.out_dir) as tmp:
         write_table(clean, tmp / layout.CLEAN)
         write_table(scores, tmp / layout.SCORES)

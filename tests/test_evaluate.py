@@ -15,7 +15,7 @@ import yaml
 from PIL import Image
 
 from stages import evaluate
-from stages.lib import layout
+from stages.lib import galleries, layout
 from stages.lib.metrics import mean_class_accuracy, per_class_scores, summarize, topk_accuracy
 from stages.lib.models import build_model
 from stages.lib.shards import IndexWriter, ShardWriter
@@ -233,9 +233,9 @@ def test_evaluate_without_truth_or_curves(tree: Path):
 
 def test_gallery_sample_does_not_depend_on_chunking(tree: Path, monkeypatch):
     path = tree / "data/filtered" / layout.LABELS
-    big, sizes = evaluate.sample_by_group(path, 3, lambda d: d["breed"])
-    monkeypatch.setattr(evaluate, "CHUNK_ROWS", 2)
-    small, sizes_small = evaluate.sample_by_group(path, 3, lambda d: d["breed"])
+    big, sizes = galleries.sample_by_group(path, 3, lambda d: d["breed"])
+    monkeypatch.setattr(galleries, "CHUNK_ROWS", 2)
+    small, sizes_small = galleries.sample_by_group(path, 3, lambda d: d["breed"])
     assert sorted(big["key"]) == sorted(small["key"])
     assert sizes.to_dict() == sizes_small.to_dict() == {"green dog": 5, "red dog": 3, "blue dog": 4}
 
@@ -243,7 +243,7 @@ def test_gallery_sample_does_not_depend_on_chunking(tree: Path, monkeypatch):
 def test_gallery_counts_rows_it_cannot_show(tree: Path):
     """A dropped image without a decoded image is counted in its reason's row, not drawn."""
     decoded = {f"k{c}_{i}" for c in range(3) for i in range(4)} | {"d0", "d1"}
-    rows, sizes = evaluate.sample_by_group(tree / "data/filtered" / layout.DROPPED, 2, lambda d: d["reason"],
+    rows, sizes = galleries.sample_by_group(tree / "data/filtered" / layout.DROPPED, 2, lambda d: d["reason"],
                                            showable=lambda d: d["key"].isin(decoded))
     assert sizes.to_dict() == {"too_few_clicks": 1, "ambiguous": 1, "no_decoded_image": 1}
     assert sorted(rows["key"]) == ["d0", "d1"]

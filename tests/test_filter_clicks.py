@@ -13,7 +13,7 @@ import yaml
 
 from stages.lib import layout
 from stages.lib.clicklog import aggregate_clicks
-from stages.lib.labelquality import label_quality
+from stages.lib.labelquality import label_quality, table_quality
 from stages.lib.queries import MULTIPLE_BREEDS, NO_BREED, BreedMatcher, normalize_query
 from stages.lib.weaklabels import (
     AMBIGUOUS,
@@ -234,6 +234,11 @@ def test_label_quality_definitions():
     # kept: keep, keep2, keep3, dup, lonely_pug (min_images_per_class=1); correct: keep, dup, lonely_pug
     assert q["filtered"] == {"labelled": 5, "correct": 3, "distractors": 1, "precision": 0.6, "recall": 0.6,
                              "coverage": round(3 / 8, 4)}
+    # make_pairs' form (label tables, labels possibly changed) gives the same numbers
+    for name, table in (("raw", weak.raw), ("filtered", weak.kept)):
+        t = table_quality(table, weak.raw, truth)
+        assert (t["images"], t["correct"], t["precision"], t["recall"]) == \
+            (q[name]["labelled"], q[name]["correct"], q[name]["precision"], q[name]["recall"])
 
 
 # ------------------------------------------------------------- generated sample

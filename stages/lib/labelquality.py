@@ -68,6 +68,22 @@ def label_quality(weak: WeakLabels, truth: pd.Series) -> dict[str, dict[str, flo
     return _quality(weak.evidence, _truth_codes(weak.evidence, truth, weak.per_class["breed"].tolist()))
 
 
+def table_quality(kept: pd.DataFrame, raw: pd.DataFrame, truth: pd.Series) -> dict[str, float | int | None]:
+    """:func:`label_quality`'s precision and recall for a label table (key,
+    breed) that is not a filter_clicks result, e.g. make_pairs' clean set,
+    whose labels may have been changed: precision = share of ``kept`` images
+    whose label is the true breed; recall = among correctly clicked images
+    (``raw``'s top-clicked breed == true breed), the share that is kept."""
+    kept_true = kept["key"].map(truth)
+    correct_raw = set(raw.loc[raw["breed"].to_numpy() == raw["key"].map(truth).to_numpy(), "key"])
+    n_correct = int((kept["breed"].to_numpy() == kept_true.to_numpy()).sum())
+    n_known = int(kept_true.notna().sum())  # images without a truth entry do not count
+    kept_keys = set(kept["key"])
+    return {"images": len(kept), "correct": n_correct,
+            "precision": n_correct / n_known if n_known else None,
+            "recall": len(correct_raw & kept_keys) / len(correct_raw) if correct_raw else None}
+
+
 def sweep_thresholds(
     clicks: pd.DataFrame,
     breeds: Sequence[str],

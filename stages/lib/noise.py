@@ -88,20 +88,6 @@ def filtered_table(labels: pd.DataFrame, probs: np.ndarray, classes: list[str], 
     return clean, status
 
 
-def label_quality(kept: pd.DataFrame, raw: pd.DataFrame, truth: pd.Series) -> dict[str, float | int | None]:
-    """Precision and recall with filter_clicks' definitions: precision = share of
-    kept images whose label is the true breed; recall = among correctly clicked
-    images (raw top-clicked breed == true breed), the share that is kept."""
-    kept_true = kept["key"].map(truth)
-    correct_raw = set(raw.loc[raw["breed"].to_numpy() == raw["key"].map(truth).to_numpy(), "key"])
-    n_correct = int((kept["breed"].to_numpy() == kept_true.to_numpy()).sum())
-    n_known = int(kept_true.notna().sum())  # images without a truth entry do not count
-    kept_keys = set(kept["key"])
-    return {"images": len(kept), "correct": n_correct,
-            "precision": n_correct / n_known if n_known else None,
-            "recall": len(correct_raw & kept_keys) / len(correct_raw) if correct_raw else None}
-
-
 def class_counts(labels: np.ndarray, classes: list[str]) -> dict[str, int]:
     """Images per class name."""
     counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(classes))

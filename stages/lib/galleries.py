@@ -14,6 +14,7 @@ import pandas as pd
 
 from stages.lib import figures, layout
 from stages.lib.shards import ShardReader
+from stages.lib.tables import read_table
 
 log = logging.getLogger("galleries")
 
@@ -25,11 +26,7 @@ HASH_KEY = "clickdog-gallery"  # 16 characters, as pandas' row hash wants
 def read_tsv_chunks(path: Path, **kwargs: Any) -> Iterable[pd.DataFrame]:
     """A pipeline TSV (header, tab-separated, no quoting) in chunks of rows:
     label tables of the real data do not have to fit in memory."""
-    return pd.read_csv(path, sep="\t", quoting=3, dtype={"key": str}, keep_default_na=False,
-                       chunksize=CHUNK_ROWS, **kwargs)
-
-
-# ------------------------------------------------------------------ data block
+    return read_table(path, chunksize=CHUNK_ROWS, **kwargs)
 
 
 def sample_by_group(path: Path, n: int, group_of: Callable[[pd.DataFrame], pd.Series],
@@ -57,8 +54,7 @@ def lookup(path: Path, keys: set[str], column: str, names: list[str] | None = No
     """``column`` of the rows of ``keys`` in a (possibly large) TSV, streamed."""
     header = None if names else "infer"
     out: dict[str, Any] = {}
-    for chunk in pd.read_csv(path, sep="\t", quoting=3, dtype=str, keep_default_na=False, header=header,
-                             names=names, chunksize=CHUNK_ROWS):
+    for chunk in read_table(path, dtype=str, header=header, names=names, chunksize=CHUNK_ROWS):
         if column not in chunk:
             log.warning("%s has no column %r: left out of the figures", path, column)
             return {}

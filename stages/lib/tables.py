@@ -16,10 +16,12 @@ import pyarrow.compute as pc
 KEY_COLUMNS = ("key", "key_a", "key_b")
 
 
-def read_table(path: str | Path) -> pd.DataFrame:
-    """A table written by a stage (header line, no quoting)."""
-    return pd.read_csv(path, sep="\t", quoting=csv.QUOTE_NONE, dtype=dict.fromkeys(KEY_COLUMNS, str),
-                       keep_default_na=False, encoding="utf-8")
+def read_table(path: str | Path, **kwargs) -> pd.DataFrame:
+    """A table written by a stage (header line, no quoting); ``kwargs`` go to
+    pandas (``chunksize`` streams it, ``usecols``, or ``header=None, names=``
+    for a raw file). A column of ``dtype=str`` keeps every column text."""
+    kwargs.setdefault("dtype", dict.fromkeys(KEY_COLUMNS, str))
+    return pd.read_csv(path, sep="\t", quoting=csv.QUOTE_NONE, keep_default_na=False, encoding="utf-8", **kwargs)
 
 
 def read_headerless(path: str | Path, names: list[str]) -> pd.DataFrame:

@@ -75,8 +75,8 @@ def stage_params(workers: int, max_short_side: int) -> dict:
 def run_stage(tsv: Path, out: Path, workers: int, max_short_side: int) -> int:
     """Measured body: the decode stage on ``tsv`` (test split: a 1-line file)."""
     sys.path.insert(0, str(REPO))
-    from stages.decode import decode_dataset
     from stages.lib import layout
+    from stages.lib.decoding import decode_dataset
 
     raw = out / "raw"
     raw.mkdir(parents=True)

@@ -16,8 +16,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from stages.decode import DecodeConfig, DecodeError, Reject, decode_dataset, decode_image
 from stages.lib import layout
+from stages.lib.decoding import DecodeConfig, DecodeError, Reject, decode_dataset, decode_image
 from stages.lib.shards import ShardReader, read_index
 
 REPO = Path(__file__).resolve().parents[1]
@@ -229,7 +229,7 @@ def test_cli_reads_params_yaml(tmp_path: Path) -> None:
 def test_keys_that_would_break_a_tsv_round_trip_are_rejected(tmp_path: Path) -> None:
     """A key with a quote, a control character or absurd length used to pass:
     a leading quote then swallowed the following rows of every label table."""
-    from stages.decode import MAX_KEY_CHARS
+    from stages.lib.decoding import MAX_KEY_CHARS
     from stages.lib.tables import read_table
 
     jpeg = image_bytes(40, 30, seed=1)

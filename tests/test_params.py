@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.decode import DecodeConfig, DecodeError
 from stages.download import DataConfig
 from stages.evaluate import EvaluateConfig
 from stages.filter_clicks import FilterConfig
 from stages.lib.classifier import ModelConfig, TrainConfig
+from stages.lib.decoding import DecodeConfig, DecodeError
 from stages.lib.pairs import PairsConfig
 from stages.lib.params import ConfigError, load_sections, read_yaml
 from stages.lib.siamese import SiameseConfig

@@ -1,0 +1,471 @@
+"""Decoding base64 image TSVs into validated RGB JPEG shards + index (the
+decode stage's library: ``stages/decode.py`` reads params and calls
+:func:`decode_dataset`).
+
+Streams ``train_images.tsv`` and ``test_images.tsv`` line by line, decodes
+blocks of lines in a process pool, and writes (atomically) the shards,
+``index.parquet``, ``rejects.tsv`` and ``stats.json``. Bad rows are rejected
+with a reason; the stage fails only when a split's reject fraction passes
+``decode.max_reject_fraction``.
+"""
+from __future__ import annotations
+
+import binascii
+import collections
+import contextlib
+import io
+import logging
+import multiprocessing as mp
+import os
+import sys
+import time
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, TextIO
+
+from PIL import Image
+from tqdm import tqdm
+
+from stages.lib import layout
+from stages.lib.atomic import atomic_dir, write_json
+from stages.lib.images import INPUT_FORMATS, to_rgb
+from stages.lib.params import ConfigError, Section
+from stages.lib.shards import IndexWriter, ShardWriter
+
+log = logging.getLogger("decode")
+
+SPLITS = (("train", layout.TRAIN_IMAGES), ("test", layout.TEST_IMAGES))
+# Formats parsed from untrusted input: images.INPUT_FORMATS; everything leaves as JPEG.
+# A block also closes at this many bytes, so that blocks of large images keep
+# the memory in flight bounded whatever block_lines says.
+BLOCK_BYTES = 8 << 20
+KEY_PREFIX_BYTES = 4096  # what is read of an over-long line, to name its key
+SCAN_CHUNK = 1 << 20
+REJECT_KEY_CHARS = 200
+
+# (line number, byte offset, byte length w/o newline): what the main process
+# finds; workers read the bytes themselves, so lines never cross a pipe.
+Span = tuple[int, int, int]
+# (line number, key, reject reason or None, jpeg bytes, width, height, how)
+Result = tuple[int, str, "str | None", "bytes | None", int, int, str]
+
+
+class Reject(Exception):
+    """A row is bad; ``reason`` is the short code written to rejects.tsv."""
+
+    def __init__(self, reason: str, key: str = "") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.key = key
+
+
+class DecodeError(RuntimeError):
+    """The stage must fail (too many rejects, bad params, no input)."""
+
+
+@dataclass(frozen=True)
+class DecodeConfig(Section):
+    """The ``decode`` section of params.yaml, checked (workers: 1 decodes in
+    this process, 0 uses every core)."""
+
+    columns: tuple[str, ...]
+    header: bool
+    max_short_side: int
+    max_pixels: int
+    max_line_bytes: int
+    jpeg_quality: int
+    shard_mb: float
+    workers: int
+    block_lines: int
+    max_reject_fraction: float
+
+    def __post_init__(self) -> None:
+        cols = self.columns
+        if len(set(cols)) != len(cols) or "key" not in cols or "image" not in cols:
+            raise ValueError(f"columns must name 'key' and 'image' once each, got {list(cols)}")
+        if not (self.max_line_bytes > 0 and self.max_pixels > 0 and self.shard_mb > 0
+                and self.block_lines > 0 and self.max_short_side >= 0 and self.workers >= 0):
+            raise ValueError("max_line_bytes, max_pixels, shard_mb and block_lines must be > 0; "
+                             "max_short_side and workers >= 0")
+        if not (1 <= self.jpeg_quality <= 95 and 0 <= self.max_reject_fraction <= 1):
+            raise ValueError("jpeg_quality must be 1..95, max_reject_fraction 0..1")
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any], name: str = "decode") -> DecodeConfig:
+        try:
+            return super().from_params(params, name)
+        except ConfigError as err:  # the stage's own error type: main() turns it into exit 1
+            raise DecodeError(str(err)) from err
+
+    @property
+    def key_col(self) -> int:
+        return self.columns.index("key")
+
+    @property
+    def image_col(self) -> int:
+        return self.columns.index("image")
+
+
+# --------------------------------------------------------------------------
+# Reading: lines and blocks (main process)
+
+
+def scan_lines(f: BinaryIO, header: bool) -> Iterator[Span]:
+    """Yield (line number, offset, length without the newline) for the data
+    lines of ``f``.
+
+    Only newline positions are looked for, in fixed-size chunks, so memory is
+    one chunk whatever the line or file length; an over-long line is just a
+    large ``length`` that no one ever reads. Line numbers are 1-based and
+    count the header, so they match ``sed -n Np``.
+    """
+    line_no, line_start, base = 0, 0, 0
+    while chunk := f.read(SCAN_CHUNK):
+        i = chunk.find(b"\n")
+        while i >= 0:
+            line_no += 1
+            if not (header and line_no == 1):
+                yield line_no, line_start, base + i - line_start
+            line_start = base + i + 1
+            i = chunk.find(b"\n", i + 1)
+        base += len(chunk)
+    if line_start < base:  # a last line without a newline
+        line_no += 1
+        if not (header and line_no == 1):
+            yield line_no, line_start, base - line_start
+
+
+def iter_blocks(spans: Iterable[Span], block_lines: int) -> Iterator[tuple[list[Span], int]]:
+    """Group lines into (block, bytes) of at most ``block_lines`` lines or
+    about ``BLOCK_BYTES`` bytes: the unit of work for the pool."""
+    block: list[Span] = []
+    size = 0
+    for span in spans:
+        block.append(span)
+        size += span[2]
+        if len(block) >= block_lines or size >= BLOCK_BYTES:
+            yield block, size
+            block, size = [], 0
+    if block:
+        yield block, size
+
+
+# --------------------------------------------------------------------------
+# Decoding (worker processes)
+
+
+def init_worker() -> None:
+    """Per-process Pillow set-up. Our own size check rejects images over
+    max_pixels before decoding; Pillow's bomb guard stays on as a backstop
+    (it raises at 2x its limit), and its warning would only repeat our check."""
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+
+
+def capped_size(width: int, height: int, max_short_side: int) -> tuple[int, int]:
+    """(width, height) with the shorter side capped at ``max_short_side``."""
+    short = min(width, height)
+    if max_short_side <= 0 or short <= max_short_side:
+        return width, height
+    scale = max_short_side / short
+    if width <= height:
+        return max_short_side, max(1, round(height * scale))
+    return max(1, round(width * scale)), max_short_side
+
+
+def _is_truncation(e: Exception) -> bool:
+    return isinstance(e, EOFError) or "truncated" in str(e).lower()
+
+
+def decode_image(data: bytes, cfg: DecodeConfig) -> tuple[bytes, int, int, str]:
+    """Validate one image; return (jpeg bytes, width, height, how).
+
+    ``how`` is "copied" when the input already is a baseline RGB JPEG of the
+    right size: its bytes are kept as they are (no generation loss, no encode
+    cost) once a decode has proven them sound. Otherwise the image is
+    converted to RGB, capped in size and re-encoded ("reencoded"/"resized").
+    """
+    if not data:
+        raise Reject("empty_image")
+    try:
+        img = Image.open(io.BytesIO(data), formats=INPUT_FORMATS)
+    except Image.DecompressionBombError:
+        raise Reject("too_many_pixels") from None
+    except Exception as e:  # Pillow's parsers raise many types on garbage input
+        # A known signature whose header then runs out is a truncated image.
+        raise Reject("truncated_image" if _is_truncation(e) else "not_an_image") from None
+    with img:
+        width, height = img.size
+        if width <= 0 or height <= 0:
+            raise Reject("empty_image")
+        if width * height > cfg.max_pixels:
+            raise Reject("too_many_pixels")  # before any pixel is decoded
+        target = capped_size(width, height, cfg.max_short_side)
+        copy = (img.format == "JPEG" and img.mode == "RGB" and target == (width, height)
+                and not img.info.get("progressive"))
+        if copy:
+            # A 1/8-scale decode still entropy-decodes every coefficient, so a
+            # truncated or corrupt stream fails as in a full decode, at about
+            # two thirds of the cost.
+            img.draft("RGB", (max(1, width // 8), max(1, height // 8)))
+        elif target != (width, height):
+            img.draft("RGB", target)  # JPEG: DCT-domain downscale, much faster
+        try:
+            img.load()
+        except Image.DecompressionBombError:
+            raise Reject("too_many_pixels") from None
+        except Exception as e:
+            raise Reject("truncated_image" if _is_truncation(e) else "corrupt_image") from None
+        if copy:
+            return data, width, height, "copied"
+        try:
+            out = to_rgb(img)
+            if out.size != target:
+                out = out.resize(target, Image.Resampling.BICUBIC)
+        except Exception:
+            raise Reject("corrupt_image") from None
+    buf = io.BytesIO()
+    out.save(buf, "JPEG", quality=cfg.jpeg_quality)
+    return buf.getvalue(), target[0], target[1], ("reencoded" if target == (width, height) else "resized")
+
+
+MAX_KEY_CHARS = 256  # Clickture keys are ~40 characters; a longer one is garbage, not a key
+
+
+def valid_key(key: str) -> bool:
+    """What an image key may be: 1..MAX_KEY_CHARS printable characters and no
+    quote (tab, CR, LF and NUL are not printable). Keys are untrusted; one
+    that breaks a TSV round trip (a tab, a line end, a quote) would shift or
+    swallow rows in the tables downstream, so decode rejects it
+    (``invalid_key``) and every later stage sees only valid keys."""
+    return 0 < len(key) <= MAX_KEY_CHARS and key.isprintable() and '"' not in key
+
+
+def parse_line(line: bytes, cfg: DecodeConfig) -> tuple[str, bytes]:
+    """Split one TSV line into (key, base64 field), or raise :class:`Reject`."""
+    if line.endswith(b"\r"):  # CRLF files; the scanner already dropped the LF
+        line = line[:-1]
+    if len(line) <= 1 and not line.strip():
+        raise Reject("blank_line")
+    cols = line.split(b"\t")
+    key_col, image_col = cfg.key_col, cfg.image_col
+    if len(cols) != len(cfg.columns):
+        key = cols[key_col].decode("utf-8", "backslashreplace") if len(cols) > key_col else ""
+        raise Reject("wrong_columns", key)
+    try:
+        texts = [c.decode("utf-8") for i, c in enumerate(cols) if i != image_col]
+    except UnicodeDecodeError:
+        raise Reject("not_utf8", cols[key_col].decode("utf-8", "backslashreplace")) from None
+    key = texts[key_col if key_col < image_col else key_col - 1]
+    if not key.strip():
+        raise Reject("empty_key", key)
+    if not valid_key(key):
+        raise Reject("invalid_key", key)
+    return key, cols[image_col]
+
+
+def decode_line(line_no: int, line: bytes, too_long: bool, cfg: DecodeConfig) -> Result:
+    """Decode one line into an image result or a reject result. For an
+    over-long line, ``line`` is only its first bytes."""
+    key = ""
+    try:
+        if too_long:
+            cols = line.split(b"\t", cfg.key_col + 1)
+            if len(cols) > cfg.key_col + 1:  # the key field ends inside the prefix
+                key = cols[cfg.key_col].decode("utf-8", "backslashreplace")
+            raise Reject("line_too_long", key)
+        key, b64 = parse_line(line, cfg)
+        try:
+            data = binascii.a2b_base64(b64.strip(), strict_mode=True)
+        except (binascii.Error, ValueError):
+            raise Reject("bad_base64", key) from None
+        jpeg, width, height, how = decode_image(data, cfg)
+        return line_no, key, None, jpeg, width, height, how
+    except Reject as r:
+        return line_no, r.key or key, r.reason, None, 0, 0, ""
+
+
+def decode_block(cfg: DecodeConfig, path: str, block: Sequence[Span]) -> list[Result]:
+    """Read and decode a block of lines of ``path`` (runs in a worker process).
+
+    ``os.pread`` from the page cache is far cheaper than pickling the lines
+    through a pipe from the process that scanned them.
+    """
+    results = []
+    with open(path, "rb", buffering=0) as f:
+        fd = f.fileno()
+        for line_no, offset, length in block:
+            # Of an over-long line only the first bytes are read, to name
+            # its key in rejects.tsv.
+            too_long = length > cfg.max_line_bytes
+            line = os.pread(fd, min(length, KEY_PREFIX_BYTES) if too_long else length, offset)
+            results.append(decode_line(line_no, line, too_long, cfg))
+    return results
+
+
+def run_blocks(path: Path, blocks: Iterable[tuple[list[Span], int]], cfg: DecodeConfig,
+               pool: Any | None, workers: int) -> Iterator[tuple[list[Result], int]]:
+    """Decode the blocks of ``path`` in order; yield (results, bytes) per block.
+
+    ``Pool.imap`` would also keep the order, but its feeder thread drains the
+    input as fast as the workers take it and its result queue is unbounded
+    when the writer falls behind. A window of ``2 * workers`` blocks in
+    flight keeps both the order and the memory fixed.
+    """
+    if pool is None:
+        for block, size in blocks:
+            yield decode_block(cfg, str(path), block), size
+        return
+    pending: collections.deque = collections.deque()
+    for block, size in blocks:
+        pending.append((pool.apply_async(decode_block, (cfg, str(path), block)), size))
+        if len(pending) >= 2 * workers:
+            result, nbytes = pending.popleft()
+            yield result.get(), nbytes
+    while pending:
+        result, nbytes = pending.popleft()
+        yield result.get(), nbytes
+
+
+# --------------------------------------------------------------------------
+# Writing (main process)
+
+
+def _clean_key(key: str) -> str:
+    # Keys are untrusted text; in rejects.tsv they must stay one TSV cell.
+    key = key[:REJECT_KEY_CHARS]
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in key)
+
+
+class OutputWriter:
+    """Everything the main process writes: shards, index, rejects, counts."""
+
+    def __init__(self, out_dir: Path, cfg: DecodeConfig) -> None:
+        self.shards = ShardWriter(out_dir, int(cfg.shard_mb * (1 << 20)))
+        self.index = IndexWriter(out_dir / layout.INDEX)
+        self.rejects: TextIO = open(out_dir / layout.REJECTS, "w", encoding="utf-8", newline="\n")
+        self.rejects.write("file\tline\tkey\treason\n")
+        # Keys are unique across splits: later stages look images up by key.
+        self.seen: set[str] = set()
+        self.reasons: collections.Counter[str] = collections.Counter()
+        self.how: collections.Counter[str] = collections.Counter()
+
+    def add(self, file: str, split: str, result: Result, counts: collections.Counter) -> None:
+        """Store one decoded line: an image in the shards and index, or a reject."""
+        line_no, key, reason, jpeg, width, height, how = result
+        counts["lines"] += 1
+        if reason is None and key in self.seen:
+            reason = "duplicate_key"  # the first valid copy wins
+        if reason is not None:
+            counts["rejected"] += 1
+            self.reasons[reason] += 1
+            self.rejects.write(f"{file}\t{line_no}\t{_clean_key(key)}\t{reason}\n")
+            return
+        assert jpeg is not None
+        self.seen.add(key)
+        shard, offset = self.shards.write(jpeg)
+        self.index.add(key, split, shard, offset, len(jpeg), width, height)
+        counts["images"] += 1
+        self.how[how] += 1
+
+    def close(self) -> None:
+        self.shards.close()
+        self.index.close()
+        self.rejects.close()
+
+
+def decode_split(path: Path, split: str, cfg: DecodeConfig, out: OutputWriter,
+                 pool: Any | None, workers: int) -> dict[str, Any]:
+    """Stream one image TSV through the pool into ``out``; return its counts."""
+    counts: collections.Counter[str] = collections.Counter()
+    total = path.stat().st_size
+    start = time.perf_counter()
+    with open(path, "rb", buffering=0) as f, \
+            tqdm(total=total, unit="B", unit_scale=True, desc=f"decode {split}",
+                 mininterval=1.0, file=sys.stderr) as bar:
+        blocks = iter_blocks(scan_lines(f, cfg.header), cfg.block_lines)
+        for results, nbytes in run_blocks(path, blocks, cfg, pool, workers):
+            for result in results:
+                out.add(path.name, split, result, counts)
+            bar.update(nbytes)
+            bar.set_postfix(images=counts["images"], rejected=counts["rejected"], refresh=False)
+        bar.update(total - bar.n)  # newlines and the header were not counted
+    seconds = time.perf_counter() - start
+    log.info("%s: %d lines -> %d images, %d rejected in %.1f s (%.0f images/s, %.1f MB/s)",
+             path.name, counts["lines"], counts["images"], counts["rejected"], seconds,
+             counts["images"] / max(seconds, 1e-9), total / 1e6 / max(seconds, 1e-9))
+    return {"file": path.name, "lines": counts["lines"], "images": counts["images"],
+            "rejected": counts["rejected"], "bytes": total}
+
+
+def check_rejects(split_stats: dict[str, Any], cfg: DecodeConfig, out: OutputWriter) -> None:
+    """Fail the stage when too large a share of a file's lines was rejected."""
+    lines, rejected = split_stats["lines"], split_stats["rejected"]
+    if lines == 0:
+        raise DecodeError(f"{split_stats['file']}: no data lines")
+    if rejected / lines > cfg.max_reject_fraction:
+        reasons = ", ".join(f"{r}: {n}" for r, n in out.reasons.most_common())
+        raise DecodeError(
+            f"{split_stats['file']}: {rejected} of {lines} lines rejected "
+            f"({rejected / lines:.1%} > decode.max_reject_fraction={cfg.max_reject_fraction}); "
+            f"reasons so far: {reasons}. Check decode.columns / decode.header against the file.")
+
+
+def decode_dataset(raw_dir: str | Path, out_dir: str | Path,
+                   params: dict[str, Any] | DecodeConfig) -> dict[str, Any]:
+    """Run the stage: decode both image TSVs of ``raw_dir`` into ``out_dir``.
+
+    Returns the stats also written to stats.json. Raises :class:`DecodeError`
+    (leaving ``out_dir`` untouched) when the stage must fail.
+    """
+    cfg = params if isinstance(params, DecodeConfig) else DecodeConfig.from_params(params)
+    raw_dir, out_dir = Path(raw_dir), Path(out_dir)
+    for _, name in SPLITS:
+        if not (raw_dir / name).is_file():
+            raise DecodeError(f"missing input {raw_dir / name}")
+    Image.MAX_IMAGE_PIXELS = cfg.max_pixels  # this process decodes when workers == 1
+    init_worker()
+    workers = cfg.workers or os.cpu_count() or 1
+    start = time.perf_counter()
+    stats: dict[str, Any] = {"splits": {}}
+    with contextlib.ExitStack() as stack:
+        pool = None
+        if workers > 1:
+            # Created before tqdm starts its monitor thread: fork after threads is unsafe.
+            pool = stack.enter_context(mp.get_context().Pool(workers, initializer=_pool_init,
+                                                             initargs=(cfg.max_pixels,)))
+        tmp = stack.enter_context(atomic_dir(out_dir))
+        out = OutputWriter(tmp, cfg)
+        try:
+            for split, name in SPLITS:
+                stats["splits"][split] = decode_split(raw_dir / name, split, cfg, out, pool, workers)
+                check_rejects(stats["splits"][split], cfg, out)
+        finally:
+            out.close()
+        seconds = time.perf_counter() - start
+        images = sum(s["images"] for s in stats["splits"].values())
+        bytes_in = sum(s["bytes"] for s in stats["splits"].values())
+        stats.update(
+            lines=sum(s["lines"] for s in stats["splits"].values()),
+            images=images,
+            rejected=sum(s["rejected"] for s in stats["splits"].values()),
+            rejects=dict(sorted(out.reasons.items())),
+            how=dict(sorted(out.how.items())),
+            shards=out.shards.n_shards, bytes_in=bytes_in, bytes_out=out.shards.bytes_written,
+        )  # no timings here: stats.json is part of an output that later stages depend on
+        speed = {"seconds": round(seconds, 3), "images_per_s": round(images / max(seconds, 1e-9), 1),
+                 "mb_per_s": round(bytes_in / 1e6 / max(seconds, 1e-9), 2)}
+        write_json(tmp / layout.STATS, stats)
+        if pool is not None:
+            pool.close()
+            pool.join()
+    log.info("%d images in %d shards, %d rejected %s; %.1f s, %.0f images/s, %.1f MB/s (%d workers)",
+             images, stats["shards"], stats["rejected"], stats["rejects"], seconds,
+             speed["images_per_s"], speed["mb_per_s"], workers)
+    return {**stats, **speed}
+
+
+def _pool_init(max_pixels: int) -> None:
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    init_worker()

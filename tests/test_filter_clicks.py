@@ -134,12 +134,14 @@ def test_malformed_lines_counted_not_fatal(tmp_path, matcher):
         "\tpug\t4",                         # empty key
         "k5\tcaniche\t2",                   # valid, names no breed
         "k6\tmaltese \u00e9t\u00e9\t 4 ",   # valid UTF-8, clicks with spaces
+        "a\rk5\tpug\t3",                    # a lone CR inside a key: not a line end
+        '"k7\tpug\t3',                      # a quote: decode rejects such keys too
     ])
     agg, summary = aggregate_clicks(log, matcher, block_size=64)  # many tiny blocks
-    assert summary.lines == 14 and summary.valid_lines == 5
+    assert summary.lines == 16 and summary.valid_lines == 5
     assert summary.malformed == {"wrong_column_count": 2, "empty_line": 1, "invalid_utf8": 1, "empty_key": 1,
-                                 "bad_clicks": 2, "nonpositive_clicks": 2}
-    assert summary.malformed_fraction == pytest.approx(9 / 14)
+                                 "bad_clicks": 2, "nonpositive_clicks": 2, "invalid_key": 2}
+    assert summary.malformed_fraction == pytest.approx(11 / 16)
     assert summary.duplicate_lines == 1
     assert "\\xff" in summary.malformed_examples["invalid_utf8"][0]
     rows = {(r.key, r.breed): r.clicks for r in agg.itertuples()}
@@ -398,3 +400,14 @@ def test_thresholds_that_keep_too_little_stop_the_stage(tmp_path, monkeypatch):
                                          r"Loosen filter\.min_clicks"):
         filter_clicks.main(["data/raw", "data/images", "out"])
     assert not (root / "out").exists()
+
+
+@pytest.mark.parametrize("block_size", [37, 38, 64, 1 << 20])  # CR and LF on both sides of a block boundary
+def test_crlf_logs_read_like_lf_logs(tmp_path, matcher, block_size):
+    lines = [f"k{i}\tpug\t{i + 1}" for i in range(20)] + ["k3\tgolden retriever\t2"]
+    lf, _ = aggregate_clicks(write_log(tmp_path / "lf.tsv", lines), matcher)
+    crlf_path = tmp_path / "crlf.tsv"
+    crlf_path.write_bytes(b"".join(ln.encode() + b"\r\n" for ln in lines))
+    crlf, summary = aggregate_clicks(crlf_path, matcher, block_size=block_size)
+    assert summary.valid_lines == len(lines) and sum(summary.malformed.values()) == 0
+    assert crlf.astype({"key": str}).equals(lf.astype({"key": str}))

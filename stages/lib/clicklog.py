@@ -13,7 +13,7 @@ import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import pandas as pd
@@ -30,8 +30,11 @@ log = logging.getLogger(__name__)
 
 # Why a log line is malformed (index 0 of the per-row code means "valid").
 MALFORMED_REASONS = ("wrong_column_count", "empty_line", "invalid_utf8", "empty_key",
-                     "bad_clicks", "nonpositive_clicks")
-_WRONG_COLUMNS, _EMPTY_LINE, _BAD_UTF8, _EMPTY_KEY, _BAD_CLICKS, _NONPOSITIVE = range(1, 7)
+                     "bad_clicks", "nonpositive_clicks", "invalid_key")
+_WRONG_COLUMNS, _EMPTY_LINE, _BAD_UTF8, _EMPTY_KEY, _BAD_CLICKS, _NONPOSITIVE, _BAD_KEY = range(1, 8)
+# decode's key rule (decoding.valid_key), vectorised: no quote or control character, at most 256 characters
+_BAD_KEY_CHARS = r'["\x00-\x1f\x7f]'
+_MAX_KEY_BYTES = 4 * 256
 _EXAMPLES = 5  # malformed lines quoted per reason in the report
 
 
@@ -308,6 +311,25 @@ class _Aggregate:
         return packed >> 16, (packed & 0xFFFF) - 2, clicks, len(self.pairs[0])
 
 
+class _LineEnds:
+    """A binary file whose CRLF line ends read as LF and whose lone CR reads as
+    NUL. pyarrow's CSV parser also ends a line at a lone CR, so
+    ``a<CR>b<TAB>pug<TAB>3`` credited key ``b``; as ``a<NUL>b`` the key is
+    invalid and the line is counted as malformed (``invalid_key``)."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f, self.closed = f, False
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n) if n is not None and n >= 0 else self.f.read()
+        if data.endswith(b"\r"):
+            data += self.f.read(1)  # the LF of a CRLF that a read boundary split
+        return data.replace(b"\r\n", b"\n").replace(b"\r", b"\x00")
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+
 def _read_blocks(path: Path, summary: ClickLogSummary, block_size: int, progress: bool) -> Iterator[pa.RecordBatch]:
     """Stream the log as binary columns; count lines with a wrong column count.
 
@@ -329,10 +351,11 @@ def _read_blocks(path: Path, summary: ClickLogSummary, block_size: int, progress
                                    null_values=[], strings_can_be_null=False)
     if path.stat().st_size == 0:  # pyarrow refuses an empty file; an empty log is just empty
         return
-    with pa.OSFile(str(path)) as f, tqdm(total=path.stat().st_size, unit="B", unit_scale=True,
-                                          desc="clicks", disable=not progress) as bar:
+    with open(path, "rb") as f, tqdm(total=path.stat().st_size, unit="B", unit_scale=True,
+                                      desc="clicks", disable=not progress) as bar:
         try:
-            reader = pacsv.open_csv(f, read_options=read, parse_options=parse, convert_options=convert)
+            reader = pacsv.open_csv(pa.PythonFile(_LineEnds(f), mode="r"), read_options=read,
+                                    parse_options=parse, convert_options=convert)
             for batch in reader:
                 bar.update(f.tell() - bar.n)
                 yield batch
@@ -371,6 +394,10 @@ def _check_rows(batch: pa.RecordBatch, summary: ClickLogSummary) -> tuple[pa.Arr
     # the first matching reason wins: later np.where calls overwrite earlier ones
     code = np.where(is_int & (values <= 0), _NONPOSITIVE, 0)
     code = np.where(~is_int, _BAD_CLICKS, code)
+    key_text = pc.if_else(pa.array(utf8), key, b"").view(pa.string())
+    bad_key = pc.match_substring_regex(key_text, _BAD_KEY_CHARS).to_numpy(zero_copy_only=False)
+    bad_key |= pc.utf8_length(key_text).to_numpy() > 256
+    code = np.where(bad_key, _BAD_KEY, code)
     code = np.where(lens[0] == 0, _EMPTY_KEY, code)
     code = np.where(~utf8, _BAD_UTF8, code)
     code = np.where((lens[0] == 0) & (lens[1] == 0) & (lens[2] == 0), _EMPTY_LINE, code)

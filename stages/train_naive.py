@@ -37,7 +37,7 @@ from stages.lib.data import load_labels
 from stages.lib.params import load_sections
 from stages.lib.shards import read_index
 from stages.lib.tables import write_table
-from stages.lib.tracking import EpochLogger, file_digest, save_model, stage_code_digest
+from stages.lib.tracking import EpochLogger, file_digest, run_fingerprint, save_model
 
 log = logging.getLogger("train_naive")
 
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     params = load_sections(args.params, model=ModelConfig, train=TrainConfig)
     model_cfg, train_cfg = params["model"], params["train"]
-    engine.init_distributed(train_cfg.device)
+    _, world = engine.init_distributed(train_cfg.device)
 
     labels_path = args.filtered_dir / layout.LABELS
     classes = json.loads((args.filtered_dir / layout.CLASSES).read_text())
@@ -92,9 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         logger = EpochLogger(out / layout.LIVE, snapshot_epoch=cfg.early_epoch,
                              snapshot=lambda m: save_model(checkpoints / layout.EARLY_MODEL, m, **model_meta,
                                                            epochs=cfg.early_epoch))
-    run_args = {"model": model_cfg.as_dict(), "train": cfg.as_dict(),
-                "data": file_digest(labels_path, args.images_dir / layout.INDEX),
-                "code": stage_code_digest("stages.train_naive")}
+    run_args = run_fingerprint("stages.train_naive", model=model_cfg, train=cfg, resolved=resolved_run(cfg),
+                               world_size=world, data=file_digest(labels_path, args.images_dir / layout.INDEX))
     model, info = train_on_labels(plan, name="train_naive", images_dir=args.images_dir, num_classes=len(classes),
                                   model_cfg=model_cfg, checkpoint=checkpoints / "last.pt", args=run_args,
                                   index=index, on_epoch=logger)

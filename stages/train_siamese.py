@@ -25,7 +25,7 @@ from stages.lib.params import load_sections
 from stages.lib.shards import read_index
 from stages.lib.siamese import SiameseConfig, fit_siamese, siamese_from_naive
 from stages.lib.tables import read_table
-from stages.lib.tracking import EpochLogger, file_digest, save_model, stage_code_digest
+from stages.lib.tracking import EpochLogger, file_digest, run_fingerprint, save_model
 
 log = logging.getLogger("train_siamese")
 
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     exit_on_sigterm()  # a killed stage removes its partial outputs
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cfg = load_sections(args.params, siamese=SiameseConfig)["siamese"]
-    engine.init_distributed(cfg.device)
+    _, world = engine.init_distributed(cfg.device)
 
     model, meta = siamese_from_naive(args.naive_dir / layout.MODEL, cfg)
     clean = load_labels(args.pairs_dir / layout.CLEAN)
@@ -50,9 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     if engine.is_main_process():
         out.mkdir(parents=True, exist_ok=True)
         logger = EpochLogger(out / layout.LIVE)
-    run_args = {"siamese": cfg.as_dict(),
-                "data": file_digest(args.pairs_dir / layout.PAIRS, args.naive_dir / layout.MODEL),
-                "code": stage_code_digest("stages.train_siamese")}
+    run_args = run_fingerprint("stages.train_siamese", siamese=cfg, resolved=resolved_run(cfg), world_size=world,
+                               data=file_digest(args.pairs_dir / layout.PAIRS, args.naive_dir / layout.MODEL))
     history = fit_siamese(model, meta, clean, pairs, val, images_dir=args.images_dir,
                           index=read_index(args.images_dir), cfg=cfg, checkpoint=out / layout.CHECKPOINTS / "last.pt",
                           args=run_args, on_epoch=logger)

@@ -275,3 +275,42 @@ def test_odd_checkpoints_are_ignored_with_a_warning(tmp_path: Path, content: str
         assert engine.load_checkpoint(path, {}, epochs=4) is None
     assert "ignoring" in caplog.text
     assert not (tmp_path / "last.pt.tmp").exists()
+
+
+def test_imagenet_weights_load_safely_with_their_hash_checked(monkeypatch) -> None:
+    """torch's download helper unpickled the file and skipped the hash check."""
+    import torchvision
+
+    seen = {}
+
+    def fake_download(url, *args, **kwargs):
+        seen.update(kwargs, url=url)
+        return {}
+
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: type("C", (), {"close": lambda self: None})())
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", fake_download)
+    with pytest.raises(ValueError):  # an empty state dict does not fit: what matters is how it was fetched
+        create_model("resnet18", 3, "imagenet")
+    assert seen["weights_only"] is True and seen["check_hash"] is True and seen["url"].endswith(".pth")
+
+
+def test_the_checkpoint_fingerprint_holds_exactly_what_changes_the_result() -> None:
+    """train.workers cannot change the result (draws are seeded per sample)
+    but threw the checkpoint away; another world size or resolved precision
+    changes the schedule or the numbers but resumed silently."""
+    import yaml
+
+    from stages.lib.classifier import TrainConfig
+    from stages.lib.tracking import run_fingerprint
+
+    train = TrainConfig.from_params(yaml.safe_load((REPO / "params.yaml").read_text())["train"], "train")
+    fp32 = {"device": "cpu", "precision": "fp32"}
+
+    def fingerprint(cfg, resolved=fp32, world=1):
+        return run_fingerprint("stages.train_naive", train=cfg, resolved=resolved, world_size=world, data="d")
+
+    base = fingerprint(train)
+    assert fingerprint(train.replace(workers=train.workers + 3)) == base
+    assert fingerprint(train, world=2) != base
+    assert fingerprint(train, resolved={"device": "cpu", "precision": "bf16"}) != base
+    assert fingerprint(train.replace(lr=train.lr / 2)) != base

@@ -93,7 +93,9 @@ def _imagenet_state_dict(backbone: str) -> dict[str, torch.Tensor]:
     weights = torchvision.models.get_model_weights(backbone).DEFAULT
     try:  # fail at once when offline instead of hanging in urlopen
         socket.create_connection(("download.pytorch.org", 443), timeout=5).close()
-        return weights.get_state_dict(progress=True)
+        # weights_only: a state dict needs no unpickling of code; check_hash: the
+        # file must match the hash prefix in its torchvision file name
+        return weights.get_state_dict(progress=True, check_hash=True, weights_only=True)
     except OSError as exc:
         raise RuntimeError(
             f"model.weights: imagenet needs internet to fetch {weights.url} ({exc}). Download that file "

@@ -33,6 +33,24 @@ def stage_code_digest(module: str) -> str:
     return file_digest(*(ROOT / f for f in stage_files(module)))
 
 
+# settings that cannot change a run's result: a checkpoint stays resumable across them
+NOT_IN_FINGERPRINT = ("workers",)
+
+
+def run_fingerprint(stage: str, *, data: str, resolved: dict[str, str], world_size: int,
+                    **sections: Any) -> dict[str, Any]:
+    """What decides whether a persisted checkpoint may resume: exactly what
+    changes the result. The params sections (``sections``: name -> dataclass
+    with ``as_dict``) less :data:`NOT_IN_FINGERPRINT`, the input data digest,
+    the stage's code (:func:`stage_code_digest`), the device and precision
+    they resolve to on this machine (``precision: auto`` differs between CPUs)
+    and the number of processes (it changes the batches and the schedule)."""
+    params = {name: {k: v for k, v in cfg.as_dict().items() if k not in NOT_IN_FINGERPRINT}
+              for name, cfg in sections.items()}
+    return {**params, "data": data, "code": stage_code_digest(stage), "resolved": dict(resolved),
+            "world_size": int(world_size)}
+
+
 def save_model(path: Path, model: Classifier, *, backbone: str, image_size: int, classes: list[str],
                **extra: Any) -> None:
     """Atomically write the model file (see ``stages.lib.models.model_file``)."""

@@ -69,8 +69,10 @@ FILTERS = {"final": None, "final_ce": None, "threshold": "threshold", "cleanlab"
 # the paper's click-count filter (the defaults before the relabelling filter): see `paper`
 PAPER_CLICK_FILTER = {"min_clicks": 2, "min_share": 0.7}
 # differences reported, paired by seed: (minuend, subtrahend)
-DIFFERENCES = (("final", "raw"), ("final", "naive"), ("final", "final_ce"), ("final", "paper"),
-               ("final", "threshold"), ("final", "cleanlab"), ("paper", "raw"), ("naive", "raw"), ("truth", "raw"))
+DIFFERENCES = (("final", "raw"), ("final", "naive"), ("final", "final_ce"), ("cleanlab", "raw"),
+               ("cleanlab", "naive"), ("paper", "raw"), ("final", "cleanlab"), ("final", "paper"),
+               ("cleanlab", "paper"), ("final", "threshold"), ("naive", "raw"), ("truth", "raw"))
+GAP_CONFIGS = ("final", "cleanlab", "paper", "threshold")  # gap recovery (x - raw) / (truth - raw)
 log = logging.getLogger("seed_study")
 
 
@@ -219,11 +221,13 @@ def paired_differences(runs: pd.DataFrame) -> str:
         se = d.std(ddof=1) / np.sqrt(len(d))
         verdict = "yes" if abs(d.mean()) > 2 * se else "no: within seed noise"
         lines.append(f"| {a} − {b} | {len(d)} | {d.mean():+.3f} ± {se:.3f} | {verdict} |")
-    if {"final", "raw", "truth"} <= set(top1):
-        g = ((top1["final"] - top1["raw"]) / (top1["truth"] - top1["raw"])).dropna()
+    gaps = []
+    for name in [c for c in GAP_CONFIGS if {c, "raw", "truth"} <= set(top1)]:
+        g = ((top1[name] - top1["raw"]) / (top1["truth"] - top1["raw"])).dropna()
         if len(g):
-            lines += ["", "Gap recovery (final − raw) / (truth − raw), per seed: "
-                      + ", ".join(f"{v:.2f}" for v in g) + f"; mean {_mean_se(g)}."]
+            gaps.append(f"{name}: " + ", ".join(f"{v:.2f}" for v in g) + f" (mean {_mean_se(g)})")
+    if gaps:
+        lines += ["", "Gap recovery (model − raw) / (truth − raw), per seed: " + "; ".join(gaps) + "."]
     return "\n".join(lines) + "\n"
 
 

@@ -31,6 +31,6 @@ def test_paired_differences_pair_by_seed_and_judge_by_two_standard_errors() -> N
 def test_gap_recovery_per_seed_and_one_seed_cannot_tell() -> None:
     table = seed_study.paired_differences(_runs({"raw": [0.7], "truth": [0.9], "final": [0.8]}))
     assert "| truth − raw | 1 | +0.200 | one seed: cannot tell |" in table
-    assert "per seed: 0.50; mean 0.500 (one seed)" in table
+    assert "per seed: final: 0.50 (mean 0.500 (one seed))." in table
     summary = seed_study.summary_table(_runs({"naive": [0.70, 0.80]}))
     assert "| naive | 2 | 0.750 ± 0.050 |" in summary

@@ -2,7 +2,7 @@
 Not part of `make repro`: it repeats the pipeline's training for every seed.
 
     python scripts/seed_study.py                      # after `make repro`; 3 seeds, every configuration
-    python scripts/seed_study.py --seeds 0 --configs raw naive final
+    python scripts/seed_study.py --seeds 0 --configs raw naive cleanlab
     python scripts/seed_study.py --summarize          # rewrite seed_study.md from seed_study.json
 
 Each seed is one independent run of the pipeline's training, with the same
@@ -14,15 +14,16 @@ seed. Configurations:
   truth      the naive recipe on the true breeds (truth.tsv; sample only): the ceiling
   raw        the naive recipe on the raw click labels: the paper's baseline
   naive      the naive recipe on the click-filtered labels (train_naive)
-  final      the pipeline's final model: naive, fine-tuned by train_siamese on the
-             pairs of the label filter of params.yaml (pairs.filter)
-  final_ce   the same fine-tuning with siamese.contrastive_weight 0: final - final_ce
-             is the contrastive loss's own share
-  threshold  as final, with the paper's probability filter (pairs.filter: threshold, min_prob)
-  cleanlab   as final, with confident learning that only drops (pairs.filter: cleanlab)
+  cleanlab   make_pairs + train_siamese with pairs.filter: cleanlab (the default):
+             naive, fine-tuned on the pairs of the images confident learning keeps
+  relabel    the same with pairs.filter: relabel
+  threshold  the same with pairs.filter: threshold (the paper's p(label) >= min_prob)
+  <filter>_ce  the same as <filter> with siamese.contrastive_weight 0: <filter> -
+             <filter>_ce is the contrastive loss's own share
   paper      the paper's recipe end to end: click-count filter min_clicks 2, min_share 0.7
              (the pipeline's defaults before this study), naive on those labels, the
              threshold filter, the siamese fine-tuning
+The pipeline's final model is the configuration of params.yaml's pairs.filter.
 
 Every naive-recipe model trains for the optimizer steps of train.epochs epochs
 over the raw click-labelled split (stages.lib.classifier.budgeted). Writes
@@ -62,17 +63,21 @@ from stages.lib.testset import evaluate_model, read_test_set
 from stages.lib.tracking import save_model
 from stages.lib.weaklabels import find_weak_labels
 
-CONFIGS = ("truth", "raw", "naive", "final", "final_ce", "threshold", "cleanlab", "paper")
+CONFIGS = ("truth", "raw", "naive", "cleanlab", "cleanlab_ce", "relabel", "relabel_ce", "threshold", "threshold_ce",
+           "paper")
 REFERENCES = {"truth": "truth", "raw": "raw"}  # config -> label set
-# the label filter of each fine-tuned configuration (None: params.yaml's pairs.filter)
-FILTERS = {"final": None, "final_ce": None, "threshold": "threshold", "cleanlab": "cleanlab"}
+DEFAULT_CONFIGS = ("truth", "raw", "naive", "cleanlab", "relabel", "relabel_ce", "paper")
+# the label filter of each fine-tuned configuration on the pipeline's click labels
+FILTERS = {name: name.removesuffix("_ce") for name in CONFIGS if name.removesuffix("_ce") in
+           ("cleanlab", "relabel", "threshold")}
 # the paper's click-count filter (the defaults before the relabelling filter): see `paper`
 PAPER_CLICK_FILTER = {"min_clicks": 2, "min_share": 0.7}
 # differences reported, paired by seed: (minuend, subtrahend)
-DIFFERENCES = (("final", "raw"), ("final", "naive"), ("final", "final_ce"), ("cleanlab", "raw"),
-               ("cleanlab", "naive"), ("paper", "raw"), ("final", "cleanlab"), ("final", "paper"),
-               ("cleanlab", "paper"), ("final", "threshold"), ("naive", "raw"), ("truth", "raw"))
-GAP_CONFIGS = ("final", "cleanlab", "paper", "threshold")  # gap recovery (x - raw) / (truth - raw)
+DIFFERENCES = (("cleanlab", "raw"), ("cleanlab", "naive"), ("relabel", "raw"), ("relabel", "naive"),
+               ("paper", "raw"), ("threshold", "raw"), ("cleanlab", "relabel"), ("cleanlab", "paper"),
+               ("relabel", "paper"), ("cleanlab", "cleanlab_ce"), ("relabel", "relabel_ce"),
+               ("threshold", "threshold_ce"), ("naive", "raw"), ("truth", "raw"))
+GAP_CONFIGS = ("cleanlab", "relabel", "paper", "threshold")  # gap recovery (x - raw) / (truth - raw)
 log = logging.getLogger("seed_study")
 
 
@@ -134,8 +139,7 @@ def run_seed(study: Study, seed: int, configs: list[str]) -> list[dict[str, Any]
             continue
         path, *_ = study.naive_recipe(name, labels, train_cfg)
         rows.append(study.score(name, path, seed, start))
-    pipeline = {c: FILTERS[c] or study.params["pairs"].filter for c in ("final", "final_ce", "threshold", "cleanlab")
-                if c in configs}
+    pipeline = {c: FILTERS[c] for c in FILTERS if c in configs}
     if "naive" in configs or pipeline:
         click = load_labels(study.data / "filtered" / layout.LABELS)
         rows += naive_and_fine_tuned("naive", click, seed, pipeline, study, train_cfg, "naive" in configs)
@@ -174,7 +178,7 @@ def naive_and_fine_tuned(naive_name: str, labels: pd.DataFrame, seed: int, fine:
         train_clean = clean[~clean["key"].isin(set(plan.val["key"]))].reset_index(drop=True)
         pairs, _, _ = build_pairs(train_clean, val_pred, len(study.classes), p)
         cfg = params["siamese"].replace(seed=seed)
-        if name == "final_ce":
+        if name.endswith("_ce"):
             cfg = cfg.replace(contrastive_weight=0.0)
         model, meta = siamese_from_naive(naive_path, cfg)
         fit_siamese(model, meta, clean, pairs, plan.val, images_dir=study.images, index=study.index, cfg=cfg)
@@ -233,7 +237,8 @@ def paired_differences(runs: pd.DataFrame) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
+    p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(DEFAULT_CONFIGS),
+                   help=f"default: {' '.join(DEFAULT_CONFIGS)} (the committed study)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--data", type=Path, default=Path("data"))
     p.add_argument("--out", type=Path, default=Path("reports"))

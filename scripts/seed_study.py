@@ -108,7 +108,7 @@ class Study:
         return kept.assign(label=kept["breed"].map(position)).reset_index(drop=True)
 
     def labels(self, name: str) -> pd.DataFrame | None:
-        return label_set(name, raw_dir=self.data / "raw", filtered_dir=self.data / "filtered", pairs_dir=None,
+        return label_set(name, raw_dir=self.data / "raw", filtered_dir=self.data / "filtered",
                          classes=self.classes, train_keys=self.keys)
 
     def score(self, name: str, path: Path, seed: int, start: float, **extra: Any) -> dict[str, Any]:

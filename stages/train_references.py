@@ -59,11 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     classes = json.loads((args.filtered_dir / layout.CLASSES).read_text())
     index = read_index(args.images_dir)
     keys = train_keys(index)
-    sets = {name: label_set(name, raw_dir=args.raw_dir, filtered_dir=args.filtered_dir, pairs_dir=None,
+    sets = {name: label_set(name, raw_dir=args.raw_dir, filtered_dir=args.filtered_dir,
                             classes=classes, train_keys=keys) for name in names}
     raw = sets.get("raw")
     if raw is None:
-        raw = label_set("raw", raw_dir=args.raw_dir, filtered_dir=args.filtered_dir, pairs_dir=None,
+        raw = label_set("raw", raw_dir=args.raw_dir, filtered_dir=args.filtered_dir,
                         classes=classes, train_keys=keys)
     reference_train = reference_size(raw, train_cfg)
     report: dict[str, dict | None] = {}

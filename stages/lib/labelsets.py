@@ -5,9 +5,7 @@ pipeline's reference models and for the seed study.
   (``filter_clicks``' ``raw_labels.tsv``): the paper's baseline, *naive
   training on the clicks*;
 * ``truth``: the true breeds of ``truth.tsv`` (the generated sample only; a
-  real Clickture release has none): the ceiling;
-* ``click``: the click-filtered labels (``labels.tsv``);
-* ``clean``: click + probability filtered (``make_pairs``' ``clean.tsv``).
+  real Clickture release has none): the ceiling.
 
 Every set is restricted to the model's classes (``classes.json``) and to the
 decoded training images, so all of them are trained and scored alike.
@@ -22,11 +20,11 @@ from stages.lib import layout
 from stages.lib.data import load_labels
 from stages.lib.tables import read_truth
 
-NAMES = ("raw", "truth", "click", "clean")
+NAMES = ("raw", "truth")
 
 
-def label_set(name: str, *, raw_dir: Path, filtered_dir: Path, pairs_dir: Path | None,
-              classes: list[str], train_keys: set[str]) -> pd.DataFrame | None:
+def label_set(name: str, *, raw_dir: Path, filtered_dir: Path, classes: list[str],
+              train_keys: set[str]) -> pd.DataFrame | None:
     """(key, label, breed) of label set ``name``; None for ``truth`` when the
     data has no ``truth.tsv``. Rows whose breed is not a class (a
     ``distractor`` in truth.tsv, label -1 in raw_labels.tsv) are left out."""
@@ -35,12 +33,8 @@ def label_set(name: str, *, raw_dir: Path, filtered_dir: Path, pairs_dir: Path |
         if not path.is_file():
             return None
         df = read_truth(path).reset_index()
-    elif name in ("raw", "click"):
-        df = load_labels(filtered_dir / (layout.RAW_LABELS if name == "raw" else layout.LABELS))
-    elif name == "clean":
-        if pairs_dir is None:
-            raise ValueError("label set 'clean' needs the make_pairs output folder")
-        df = load_labels(pairs_dir / layout.CLEAN)
+    elif name == "raw":
+        df = load_labels(filtered_dir / layout.RAW_LABELS)
     else:
         raise ValueError(f"unknown label set {name!r}: choose from {NAMES}")
     position = {c: i for i, c in enumerate(classes)}

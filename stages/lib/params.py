@@ -139,7 +139,11 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     """The params file as plain data (safe: no Python objects), duplicate keys refused."""
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.load(f, Loader=_UniqueKeyLoader) or {}
+            loader = _UniqueKeyLoader(f)  # a SafeLoader: plain data only
+            try:
+                data = loader.get_single_data() or {}
+            finally:
+                loader.dispose()
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from err
     if not isinstance(data, dict):

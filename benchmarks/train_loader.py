@@ -1,7 +1,8 @@
 """Loader efficiency of the naive training step (a benchmark, not a test).
 
 Images/s of the real pipeline (shard reads, JPEG decode, augmentation in
-DataLoader workers, forward/backward/step) against the same step on
+DataLoader workers, forward/backward/step; and the same from the decoded-image
+cache, ``cache.max_mb``) against the same step on
 in-memory random tensors of the same shape. Ratio = real / in-memory; 1.0
 means the loader costs nothing. Run after `make repro` (needs data/filtered
 and data/images):
@@ -11,6 +12,7 @@ and data/images):
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 from pathlib import Path
@@ -20,8 +22,10 @@ import torch
 from stages.lib import engine, layout
 from stages.lib.classifier import ModelConfig, TrainConfig, run_context
 from stages.lib.data import ShardDataset, build_transform, load_labels
+from stages.lib.imagecache import DecodedImages
 from stages.lib.models import create_model
 from stages.lib.params import load_sections
+from stages.lib.shards import read_index
 
 
 def sync(device: torch.device) -> None:
@@ -68,13 +72,18 @@ def main() -> None:
     fake = [(torch.randint(0, 256, (bs, 3, size, size), dtype=torch.uint8, generator=g),
              torch.randint(0, len(classes), (bs,), generator=g))
             for _ in range(4)]
-    ideal = time_steps(model, loss_fn, (fake[i % 4] for i in range(10**9)), optimizer, ctx, args.steps)
+    # a long warm-up: the first steps of a fresh model run slow (allocator, thread pool)
+    ideal = time_steps(model, loss_fn, (fake[i % 4] for i in range(10**9)), optimizer, ctx, args.steps, warmup=15)
     print(f"backbone {model_cfg.backbone}, {size}px, batch {bs}, precision {ctx.amp_dtype or 'fp32'}, "
           f"{torch.get_num_threads()} threads")
     print("| loader | images/s | ratio to in-memory |\n|---|---|---|")
     print(f"| in-memory random tensors | {ideal:.0f} | 1.00 |")
-    for workers in args.workers:
-        loader = engine.make_loader(ds, batch_size=bs, train=True, seed=0, workers=workers, device=ctx.device)
+    cached = ShardDataset(args.data / "images", labels["key"].tolist(), labels["label"].tolist(),
+                          build_transform(size, train=True, augment=cfg.augment),
+                          cache=DecodedImages.decode(args.data / "images", read_index(args.data / "images"),
+                                                     labels["key"]))
+    for (name, data), workers in itertools.product([("shards", ds), ("decoded cache", cached)], args.workers):
+        loader = engine.make_loader(data, batch_size=bs, train=True, seed=0, workers=workers, device=ctx.device)
 
         def forever(loader=loader):
             epoch = 0
@@ -83,8 +92,17 @@ def main() -> None:
                 yield from loader
                 epoch += 1
 
-        real = time_steps(model, loss_fn, forever(), optimizer, ctx, args.steps)
-        print(f"| shards, {workers} workers | {real:.0f} | {real / ideal:.2f} |")
+        batches = forever()
+        real = time_steps(model, loss_fn, batches, optimizer, ctx, args.steps)
+        print(f"| {name}, {workers} workers | {real:.0f} | {real / ideal:.2f} |", flush=True)
+        # stop this loader's persistent workers before the next row: idle workers left alive slowed every
+        # later row's training step by ~40% on 2 cores, whatever loader it used
+        batches.close()
+        if loader._iterator is not None:
+            loader._iterator._shutdown_workers()
+        del loader, batches
+    again = time_steps(model, loss_fn, (fake[i % 4] for i in range(10**9)), optimizer, ctx, args.steps)
+    print(f"| in-memory random tensors, again | {again:.0f} | {again / ideal:.2f} |")
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ import pandas as pd
 from stages.lib import figures, layout
 from stages.lib.atomic import atomic_dir, atomic_file, exit_on_sigterm, write_json
 from stages.lib.galleries import click_gallery, lookup, prob_gallery
+from stages.lib.imagecache import CacheConfig, hold_decoded
 from stages.lib.metrics import SUMMARY_METRICS
 from stages.lib.params import Section, load_sections
 from stages.lib.shards import ShardReader, read_index
@@ -238,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     exit_on_sigterm()  # a killed stage removes its partial outputs
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    cfg = load_sections(args.params, evaluate=EvaluateConfig)["evaluate"]
+    params = load_sections(args.params, evaluate=EvaluateConfig, cache=CacheConfig)
+    cfg = params["evaluate"]
     dirs = {k: getattr(args, k) for k in ("raw", "images", "filtered", "pairs", "naive", "siamese")}
 
     index = read_index(args.images)
@@ -251,8 +253,9 @@ def main(argv: list[str] | None = None) -> int:
             models[name] = path
         else:
             log.info("no %s reference model (%s): left out", name, path)
-    results = [evaluate_model(name, path, test, args.images, index, device=cfg.device, batch_size=cfg.batch_size)
-               for name, path in models.items()]
+    cache = hold_decoded(args.images, index, test["key"], params["cache"])  # one decode for every model
+    results = [evaluate_model(name, path, test, args.images, index, device=cfg.device, batch_size=cfg.batch_size,
+                              cache=cache) for name, path in models.items()]
     filter_report = _read_json(args.filtered / layout.REPORT)
     pairs_report = _read_json(args.pairs / layout.REPORT)
     metrics = {r.name: r.block for r in results}

@@ -41,6 +41,7 @@ from stages.lib import layout
 from stages.lib.atomic import atomic_dir, exit_on_sigterm, write_json
 from stages.lib.classifier import ModelConfig, TrainConfig
 from stages.lib.data import load_labels
+from stages.lib.imagecache import CacheConfig, DecodedImages, hold_decoded
 from stages.lib.labelquality import table_quality
 from stages.lib.noise import RELABELLED, check_enough_left, class_counts, filtered_table
 from stages.lib.pairs import PairsConfig, build_pairs
@@ -53,20 +54,21 @@ log = logging.getLogger("make_pairs")
 
 
 def score(labels: pd.DataFrame, args: argparse.Namespace, p: PairsConfig, num_classes: int,
-          model_cfg: ModelConfig, train_cfg: TrainConfig, index: pd.DataFrame):
+          model_cfg: ModelConfig, train_cfg: TrainConfig, index: pd.DataFrame, cache: DecodedImages | None):
     """(probabilities of the chosen scorer, scores table, seconds per scorer)."""
     scores = labels[["key", "label", "breed"]].copy()
     rows = np.arange(len(labels))
     y = labels["label"].to_numpy()
     probs, cost = {}, {}
     start = time.time()
-    probs["early"] = score_with_model(args.naive_dir / layout.EARLY_MODEL, labels, args.images_dir, index, train_cfg)
+    probs["early"] = score_with_model(args.naive_dir / layout.EARLY_MODEL, labels, args.images_dir, index, train_cfg,
+                                      cache)
     cost["early_s"] = round(time.time() - start, 1)
     if p.scorer == "crossfit":
         start = time.time()
         probs["crossfit"] = score_crossfit(labels, folds=p.folds, epochs=p.crossfit_epochs, seed=p.seed,
                                            images=args.images_dir, index=index, num_classes=num_classes,
-                                           model_cfg=model_cfg, train_cfg=train_cfg)
+                                           model_cfg=model_cfg, train_cfg=train_cfg, cache=cache)
         cost["crossfit_s"] = round(time.time() - start, 1)
     for name, pr in probs.items():
         scores[f"p_{name}"] = pr[rows, y]
@@ -81,14 +83,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     exit_on_sigterm()  # a killed stage removes its partial outputs
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    params = load_sections(args.params, pairs=PairsConfig, model=ModelConfig, train=TrainConfig)
+    params = load_sections(args.params, pairs=PairsConfig, model=ModelConfig, train=TrainConfig, cache=CacheConfig)
     p, model_cfg, train_cfg = params["pairs"], params["model"], params["train"]
 
     classes = json.loads((args.filtered_dir / layout.CLASSES).read_text())
     labels = load_labels(args.filtered_dir / layout.LABELS)
     index = read_index(args.images_dir)
     val_pred = read_table(args.naive_dir / layout.VAL_PREDICTIONS)
-    probs, scores, cost = score(labels, args, p, len(classes), model_cfg, train_cfg, index)
+    cache = hold_decoded(args.images_dir, index, labels["key"], params["cache"])  # one decode for every fold
+    probs, scores, cost = score(labels, args, p, len(classes), model_cfg, train_cfg, index, cache)
 
     clean, status = filtered_table(labels, probs, classes, **p.noise_settings())
     scores["top_breed"] = np.asarray(classes, dtype=object)[probs.argmax(1)]

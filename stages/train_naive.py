@@ -34,6 +34,7 @@ from stages.lib.classifier import (
     train_on_labels,
 )
 from stages.lib.data import load_labels
+from stages.lib.imagecache import CacheConfig, DecodedImages, hold_decoded
 from stages.lib.params import load_sections
 from stages.lib.shards import read_index
 from stages.lib.tables import write_table
@@ -43,10 +44,10 @@ log = logging.getLogger("train_naive")
 
 
 def write_val_predictions(path: Path, model, val_df: pd.DataFrame, images_dir: Path, model_cfg: ModelConfig,
-                          train_cfg: TrainConfig, index: pd.DataFrame) -> float:
+                          train_cfg: TrainConfig, index: pd.DataFrame, cache: DecodedImages | None) -> float:
     ctx = run_context(train_cfg.device, train_cfg.precision)
     loader = eval_loader(images_dir, val_df, image_size=model_cfg.image_size,
-                         batch_size=train_cfg.batch_size, workers=0, device=ctx.device, index=index)
+                         batch_size=train_cfg.batch_size, workers=0, device=ctx.device, index=index, cache=cache)
     probs, labels = engine.predict(model, loader, ctx)
     out = val_df[["key", "label"]].copy()
     out["pred"] = probs.argmax(1)
@@ -54,6 +55,21 @@ def write_val_predictions(path: Path, model, val_df: pd.DataFrame, images_dir: P
     with atomic_file(path, "wb") as f:
         write_table(out, f)
     return float((out["pred"] == out["label"]).mean())
+
+
+def drop_resume_without_early(checkpoints: Path, run_args: dict, cfg: TrainConfig) -> None:
+    """An interrupted run past ``early_epoch`` whose early model is gone cannot
+    give early.pt (make_pairs' early scorer) when resumed: train from scratch."""
+    last = checkpoints / "last.pt"
+    if (checkpoints / layout.EARLY_MODEL).exists() or not last.exists():
+        return
+    state = engine.load_checkpoint(last, run_args, cfg.epochs)  # every rank decides alike
+    engine.barrier()  # ... before rank 0 removes the file
+    if state is not None and state["epoch"] + 1 >= cfg.early_epoch and engine.is_main_process():
+        log.warning("%s is missing: the run in %s is past epoch %d and cannot be resumed; training from scratch",
+                    checkpoints / layout.EARLY_MODEL, last, cfg.early_epoch)
+        last.unlink()
+    engine.barrier()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     exit_on_sigterm()  # a killed stage removes its partial outputs
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    params = load_sections(args.params, model=ModelConfig, train=TrainConfig)
+    params = load_sections(args.params, model=ModelConfig, train=TrainConfig, cache=CacheConfig)
     model_cfg, train_cfg = params["model"], params["train"]
     _, world = engine.init_distributed(train_cfg.device)
 
@@ -76,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = plan_run(labels, train_cfg, reference_size(raw[raw["label"] >= 0], train_cfg))
     cfg = plan.cfg
     index = read_index(args.images_dir)
+    cache = hold_decoded(args.images_dir, index, labels["key"], params["cache"])
     log.info("%d training / %d validation images, %d classes; %d epochs = %d optimizer steps (the budget of "
              "train.epochs %d over the raw click-labelled set)", len(plan.train), len(plan.val), len(classes),
              cfg.epochs, plan.steps, train_cfg.epochs)
@@ -94,12 +111,13 @@ def main(argv: list[str] | None = None) -> int:
                                                            epochs=cfg.early_epoch))
     run_args = run_fingerprint("stages.train_naive", model=model_cfg, train=cfg, resolved=resolved_run(cfg),
                                world_size=world, data=file_digest(labels_path, args.images_dir / layout.INDEX))
+    drop_resume_without_early(checkpoints, run_args, cfg)
     model, info = train_on_labels(plan, name="train_naive", images_dir=args.images_dir, num_classes=len(classes),
                                   model_cfg=model_cfg, checkpoint=checkpoints / "last.pt", args=run_args,
-                                  index=index, on_epoch=logger)
+                                  index=index, cache=cache, on_epoch=logger)
     if engine.is_main_process():
         val_acc = write_val_predictions(out / layout.VAL_PREDICTIONS, model, plan.val, args.images_dir,
-                                        model_cfg, cfg, index)
+                                        model_cfg, cfg, index, cache)
         save_model(out / layout.MODEL, model, **model_meta, epochs=cfg.epochs, steps=plan.steps)
         with open(checkpoints / layout.EARLY_MODEL, "rb") as src, atomic_file(out / layout.EARLY_MODEL, "wb") as dst:
             shutil.copyfileobj(src, dst)

@@ -26,6 +26,7 @@ from typing import Literal
 from stages.lib import layout
 from stages.lib.atomic import atomic_dir, exit_on_sigterm, write_json
 from stages.lib.classifier import ModelConfig, TrainConfig, plan_run, reference_size, train_on_labels
+from stages.lib.imagecache import CacheConfig, hold_decoded
 from stages.lib.labelsets import label_set, train_keys
 from stages.lib.params import Section, load_sections
 from stages.lib.shards import read_index
@@ -53,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     exit_on_sigterm()  # a killed stage removes its partial outputs
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    params = load_sections(args.params, model=ModelConfig, train=TrainConfig, reference=ReferenceConfig)
+    params = load_sections(args.params, model=ModelConfig, train=TrainConfig, reference=ReferenceConfig,
+                           cache=CacheConfig)
     model_cfg, train_cfg, names = params["model"], params["train"], params["reference"].labels
 
     classes = json.loads((args.filtered_dir / layout.CLASSES).read_text())
@@ -66,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         raw = label_set("raw", raw_dir=args.raw_dir, filtered_dir=args.filtered_dir,
                         classes=classes, train_keys=keys)
     reference_train = reference_size(raw, train_cfg)
+    cache = hold_decoded(args.images_dir, index, (k for s in sets.values() if s is not None for k in s["key"]),
+                         params["cache"])
     report: dict[str, dict | None] = {}
     with atomic_dir(args.out_dir) as tmp:
         for name, labels in sets.items():
@@ -77,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             start = time.time()
             plan = plan_run(labels, train_cfg, reference_train)
             model, info = train_on_labels(plan, name=f"reference {name}", images_dir=args.images_dir,
-                                          num_classes=len(classes), model_cfg=model_cfg, index=index)
+                                          num_classes=len(classes), model_cfg=model_cfg, index=index, cache=cache)
             save_model(tmp / name / layout.MODEL, model, backbone=model_cfg.backbone,
                        image_size=model_cfg.image_size, classes=classes, labels=name, **info)
             report[name] = {**info, "seconds": round(time.time() - start, 1)}

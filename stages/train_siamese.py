@@ -21,6 +21,7 @@ from stages.lib import engine, layout
 from stages.lib.atomic import exit_on_sigterm
 from stages.lib.classifier import resolved_run
 from stages.lib.data import load_labels
+from stages.lib.imagecache import CacheConfig, hold_decoded
 from stages.lib.params import load_sections
 from stages.lib.shards import read_index
 from stages.lib.siamese import SiameseConfig, fit_siamese, siamese_from_naive
@@ -38,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     exit_on_sigterm()  # a killed stage removes its partial outputs
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    cfg = load_sections(args.params, siamese=SiameseConfig)["siamese"]
+    params = load_sections(args.params, siamese=SiameseConfig, cache=CacheConfig)
+    cfg = params["siamese"]
     _, world = engine.init_distributed(cfg.device)
 
     model, meta = siamese_from_naive(args.naive_dir / layout.MODEL, cfg)
@@ -52,9 +54,11 @@ def main(argv: list[str] | None = None) -> int:
         logger = EpochLogger(out / layout.LIVE)
     run_args = run_fingerprint("stages.train_siamese", siamese=cfg, resolved=resolved_run(cfg), world_size=world,
                                data=file_digest(args.pairs_dir / layout.PAIRS, args.naive_dir / layout.MODEL))
-    history = fit_siamese(model, meta, clean, pairs, val, images_dir=args.images_dir,
-                          index=read_index(args.images_dir), cfg=cfg, checkpoint=out / layout.CHECKPOINTS / "last.pt",
-                          args=run_args, on_epoch=logger)
+    index = read_index(args.images_dir)
+    cache = hold_decoded(args.images_dir, index, [*clean["key"], *val["key"]], params["cache"])
+    history = fit_siamese(model, meta, clean, pairs, val, images_dir=args.images_dir, index=index, cfg=cfg,
+                          cache=cache, checkpoint=out / layout.CHECKPOINTS / "last.pt", args=run_args,
+                          on_epoch=logger)
     if engine.is_main_process():
         save_model(out / layout.MODEL, model, backbone=meta["backbone"], image_size=meta["image_size"],
                    classes=meta["classes"], epochs=cfg.epochs, **resolved_run(cfg))

@@ -54,6 +54,7 @@ def tiny_pipeline(tmp_path: Path) -> Path:
     train.to_csv(filtered / layout.RAW_LABELS, sep="\t", index=False)
     (filtered / layout.CLASSES).write_text(json.dumps(classes))
     params = {
+        "cache": {"max_mb": 64},
         "model": {"backbone": "resnet18", "weights": "none", "image_size": 32},
         "train": {"device": "cpu", "precision": "fp32", "epochs": 4, "batch_size": 16, "optimizer": "sgd",
                   "lr": 0.05, "momentum": 0.9, "weight_decay": 0.0005, "warmup_epochs": 1, "label_smoothing": 0.1,

@@ -142,7 +142,7 @@ def tree(tmp_path: Path) -> Path:
     _write_curves(tmp_path / "models/naive/live", ["train/loss", "train/acc", "val/acc"])
     _write_curves(tmp_path / "models/siamese/live", ["train/loss", "train/ce", "train/contrastive", "val/acc"])
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(
-        {"evaluate": {"device": "cpu", "batch_size": 16, "gallery_per_reason": 2}}))
+        {"evaluate": {"device": "cpu", "batch_size": 16, "gallery_per_reason": 2}, "cache": {"max_mb": 64}}))
     return tmp_path
 
 

@@ -12,6 +12,7 @@ from stages.evaluate import EvaluateConfig
 from stages.filter_clicks import FilterConfig
 from stages.lib.classifier import ModelConfig, TrainConfig
 from stages.lib.decoding import DecodeConfig, DecodeError
+from stages.lib.imagecache import CacheConfig
 from stages.lib.pairs import PairsConfig
 from stages.lib.params import ConfigError, load_sections, read_yaml
 from stages.lib.siamese import SiameseConfig
@@ -20,7 +21,7 @@ from stages.train_references import ReferenceConfig
 ROOT = Path(__file__).resolve().parents[1]
 DECLARED = {"data": DataConfig, "decode": DecodeConfig, "filter": FilterConfig, "model": ModelConfig,
             "train": TrainConfig, "pairs": PairsConfig, "siamese": SiameseConfig, "reference": ReferenceConfig,
-            "evaluate": EvaluateConfig}
+            "evaluate": EvaluateConfig, "cache": CacheConfig}
 
 
 def committed() -> dict:

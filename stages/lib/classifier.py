@@ -20,6 +20,7 @@ import torch
 
 from stages.lib import engine
 from stages.lib.data import ShardDataset, build_transform, split_train_val
+from stages.lib.imagecache import DecodedImages
 from stages.lib.models import Classifier, create_model
 from stages.lib.params import Section, in_range
 
@@ -74,8 +75,9 @@ class OptimConfig(Section):
     augment: AugmentConfig
 
     def __post_init__(self) -> None:
-        if self.epochs < 0 or self.batch_size < 1 or self.workers < 0:
-            raise ValueError("epochs must be >= 0, batch_size >= 1, workers >= 0")
+        if self.epochs < 1 or self.batch_size < 1 or self.workers < 0:  # 0 epochs would train on nothing
+            raise ValueError(f"epochs must be >= 1, batch_size >= 1, workers >= 0; got {self.epochs}, "
+                             f"{self.batch_size}, {self.workers}")
         if self.lr <= 0 or self.weight_decay < 0 or self.clip_grad_norm < 0 or self.warmup_epochs < 0:
             raise ValueError("lr must be > 0; weight_decay, clip_grad_norm and warmup_epochs >= 0")
         in_range("momentum", self.momentum, 0, 1)
@@ -95,7 +97,7 @@ class TrainConfig(OptimConfig):
         super().__post_init__()
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
-        if not 1 <= self.early_epoch <= max(1, self.epochs):
+        if not 1 <= self.early_epoch <= self.epochs:
             raise ValueError(f"early_epoch must be in 1..epochs, got {self.early_epoch}")
 
 
@@ -152,26 +154,29 @@ def chance_check(val_acc: float, n_val: int, num_classes: int) -> tuple[bool, fl
 
 
 def eval_loader(images_dir: Path, df: pd.DataFrame, *, image_size: int, batch_size: int, workers: int,
-                device: torch.device, index: pd.DataFrame | None = None) -> torch.utils.data.DataLoader:
+                device: torch.device, index: pd.DataFrame | None = None,
+                cache: DecodedImages | None = None) -> torch.utils.data.DataLoader:
     """Deterministic loader (eval transforms) over ``df``'s keys and labels."""
     labels = df["label"] if "label" in df else [0] * len(df)
     ds = ShardDataset(images_dir, df["key"].tolist(), list(labels),
-                      build_transform(image_size, train=False), index=index)
+                      build_transform(image_size, train=False), index=index, cache=cache)
     return engine.make_loader(ds, batch_size=batch_size, train=False, seed=0, workers=workers, device=device)
 
 
 def train_classifier(train_df: pd.DataFrame, val_df: pd.DataFrame | None, *, images_dir: Path, num_classes: int,
                      model_cfg: ModelConfig, train_cfg: OptimConfig, checkpoint: Path | None = None,
                      args: dict[str, Any] | None = None, index: pd.DataFrame | None = None,
-                     on_epoch: Callable | None = None) -> tuple[Classifier, list[dict[str, float]]]:
+                     cache: DecodedImages | None = None, on_epoch: Callable | None = None,
+                     ) -> tuple[Classifier, list[dict[str, float]]]:
     """Train a softmax classifier on ``train_df`` (key, label), validating on
-    ``val_df``; returns the trained model (unwrapped) and the history."""
+    ``val_df``; returns the trained model (unwrapped) and the history. Images
+    come from ``cache`` when given (it must hold every key), else the shards."""
     engine.seed_everything(train_cfg.seed)
     ctx = run_context(train_cfg.device, train_cfg.precision, train_cfg.clip_grad_norm)
     size = model_cfg.image_size
     train_ds = ShardDataset(images_dir, train_df["key"].tolist(), train_df["label"].tolist(),
                             build_transform(size, train=True, augment=train_cfg.augment),
-                            seed=train_cfg.seed, index=index)
+                            seed=train_cfg.seed, index=index, cache=cache)
     train_loader = engine.make_loader(train_ds, batch_size=train_cfg.batch_size, train=True,
                                       seed=train_cfg.seed, workers=train_cfg.workers, device=ctx.device)
     if len(train_loader) == 0:
@@ -179,7 +184,7 @@ def train_classifier(train_df: pd.DataFrame, val_df: pd.DataFrame | None, *, ima
     val_loader = None
     if val_df is not None and len(val_df):
         val_loader = eval_loader(images_dir, val_df, image_size=size, batch_size=train_cfg.batch_size,
-                                 workers=0, device=ctx.device, index=index)
+                                 workers=0, device=ctx.device, index=index, cache=cache)
     model = create_model(model_cfg.backbone, num_classes, model_cfg.weights)
     loss_fn = engine.classification_loss(train_cfg.label_smoothing)
     history = engine.fit(model, loss_fn, train_loader, val_loader, train_cfg, ctx,
@@ -218,9 +223,9 @@ def reference_size(raw_labels: pd.DataFrame, train_cfg: TrainConfig) -> int:
 
 
 def train_on_labels(plan: RunPlan, *, name: str, images_dir: Path, num_classes: int, model_cfg: ModelConfig,
-                    index: pd.DataFrame | None = None, checkpoint: Path | None = None,
-                    args: dict[str, Any] | None = None, on_epoch: Callable | None = None,
-                    ) -> tuple[Classifier, dict[str, Any]]:
+                    index: pd.DataFrame | None = None, cache: DecodedImages | None = None,
+                    checkpoint: Path | None = None, args: dict[str, Any] | None = None,
+                    on_epoch: Callable | None = None) -> tuple[Classifier, dict[str, Any]]:
     """The naive recipe on a planned run, and a check that validation top-1 is
     above chance (:class:`ModelAtChanceError` otherwise, naming the params to
     change). Returns the model and a summary (images, epochs, steps, val_acc,
@@ -228,7 +233,7 @@ def train_on_labels(plan: RunPlan, *, name: str, images_dir: Path, num_classes: 
     cfg = plan.cfg
     model, history = train_classifier(plan.train, plan.val, images_dir=images_dir, num_classes=num_classes,
                                       model_cfg=model_cfg, train_cfg=cfg, checkpoint=checkpoint, args=args,
-                                      index=index, on_epoch=on_epoch)
+                                      index=index, cache=cache, on_epoch=on_epoch)
     val_acc = history[-1]["val_acc"] if history else float("nan")
     above, bar = chance_check(val_acc, len(plan.val), num_classes)
     info = {"images": len(plan.train) + len(plan.val), "train_images": len(plan.train),

@@ -19,6 +19,7 @@ from PIL import Image
 from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset, DistributedSampler
 
+from stages.lib.imagecache import DecodedImages
 from stages.lib.shards import ShardReader, read_index
 from stages.lib.tables import read_table
 
@@ -126,11 +127,13 @@ class ShardDataset(Dataset):
     """Images of ``keys`` read by random access from the shards.
 
     Items are ``(uint8 CHW image, label)``; a sampler may pass ``(index, epoch)``
-    instead of an index to seed the augmentation of that draw.
+    instead of an index to seed the augmentation of that draw. With ``cache``
+    (:class:`~stages.lib.imagecache.DecodedImages` holding every key), images
+    come from memory instead: the same pixels, without decoding them again.
     """
 
     def __init__(self, images_dir: str | Path, keys: Sequence[str], labels: Sequence[int], transform, *,
-                 seed: int = 0, index: pd.DataFrame | None = None) -> None:
+                 seed: int = 0, index: pd.DataFrame | None = None, cache: DecodedImages | None = None) -> None:
         index = read_index(images_dir) if index is None else index
         rows = index.drop_duplicates("key").set_index("key")
         missing = [k for k in keys if k not in rows.index]
@@ -143,11 +146,16 @@ class ShardDataset(Dataset):
         self.reader = ShardReader(images_dir)
         self.transform = transform
         self.seed = seed
+        if cache is not None and any(k not in cache for k in self.keys):
+            raise KeyError("the decoded-image cache does not hold every key of the dataset")
+        self.cache = cache
 
     def __len__(self) -> int:
         return len(self.keys)
 
     def load(self, i: int) -> Image.Image:
+        if self.cache is not None:
+            return self.cache.image(self.keys[i])
         shard, offset, length = self.locations[i]
         return self.reader.open_image({"shard": shard, "offset": offset, "length": length})
 

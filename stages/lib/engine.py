@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,9 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or inf: the run stops instead of training on garbage."""
 
 
+DDP_TIMEOUT_ENV = "CLICKDOG_DDP_TIMEOUT_S"
+
+
 class TrainingInterrupted(RuntimeError):
     """Raised after the checkpoint of the epoch named by ``CLICKDOG_STOP_AFTER_EPOCH``."""
 
@@ -56,8 +60,17 @@ def init_distributed(device: str = "auto") -> tuple[int, int]:
         backend = "nccl" if device in ("auto", "cuda") and torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend)
+        # a rank that hangs (a dead node, a stuck file system) must end the run, not leave the others
+        # waiting in a collective for the backends' defaults (30 min for gloo); torchrun then stops every
+        # rank with a non-zero exit. CLICKDOG_DDP_TIMEOUT_S: longer for slow first epochs on big data
+        dist.init_process_group(backend, timeout=timedelta(seconds=float(os.environ.get(DDP_TIMEOUT_ENV, 600))))
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def barrier() -> None:
+    """Wait for every rank (a no-op without a process group)."""
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def is_main_process() -> bool:
@@ -170,11 +183,14 @@ def classification_loss(label_smoothing: float = 0.0) -> LossFn:
 
 def train_one_epoch(model: nn.Module, loss_fn: LossFn, loader: DataLoader, optimizer, scheduler,
                     scaler: torch.amp.GradScaler | None, ctx: RunContext, epoch: int) -> dict[str, float]:
-    """One pass over ``loader``; returns the sample-weighted mean of each logged value."""
+    """One pass over ``loader``; returns the sample-weighted mean of each logged value,
+    images/s, and ``data_wait_s``: the seconds the step waited for its batches
+    (with loader workers, only what their prefetching did not hide)."""
     model.train()
     sums: dict[str, float] = {}
     seen, start = 0, time.time()
-    for step, batch in enumerate(loader):
+    waits = [0.0]
+    for step, batch in enumerate(_timed(loader, waits)):
         with ctx.autocast():
             loss, logs, n = loss_fn(model, batch, ctx)
         if not torch.isfinite(loss):
@@ -199,8 +215,22 @@ def train_one_epoch(model: nn.Module, loss_fn: LossFn, loader: DataLoader, optim
         seen += n
     out = {k: v / max(1, seen) for k, v in sums.items()}
     out["images_per_s"] = seen / max(1e-9, time.time() - start)
+    out["data_wait_s"] = waits[0]
     out["lr"] = optimizer.param_groups[0]["lr"]
     return out
+
+
+def _timed(batches, waits: list[float]):
+    """Yield from ``batches``, adding the time each ``next`` took to ``waits[0]``."""
+    it = iter(batches)
+    while True:
+        t = time.perf_counter()
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        waits[0] += time.perf_counter() - t
+        yield batch
 
 
 @torch.inference_mode()

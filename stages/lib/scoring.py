@@ -11,32 +11,35 @@ from sklearn.model_selection import StratifiedKFold
 
 from stages.lib import engine
 from stages.lib.classifier import ModelConfig, TrainConfig, eval_loader, run_context, train_classifier
+from stages.lib.imagecache import DecodedImages
 from stages.lib.models import load_model_file
 
 log = logging.getLogger("scoring")
 
 
 def class_probs(model, df: pd.DataFrame, images: Path, index: pd.DataFrame, ctx: engine.RunContext, *,
-                image_size: int, batch_size: int) -> np.ndarray:
+                image_size: int, batch_size: int, cache: DecodedImages | None = None) -> np.ndarray:
     """The model's class probabilities for each row (eval transforms, no gradients)."""
     loader = eval_loader(images, df, image_size=image_size, batch_size=batch_size, workers=0, device=ctx.device,
-                         index=index)
+                         index=index, cache=cache)
     return engine.predict(model, loader, ctx)[0]
 
 
 def score_with_model(model_path: Path, df: pd.DataFrame, images: Path, index: pd.DataFrame,
-                     train_cfg: TrainConfig) -> np.ndarray:
+                     train_cfg: TrainConfig, cache: DecodedImages | None = None) -> np.ndarray:
     """Class probabilities of each row of ``df`` under a saved model."""
     ctx = run_context(train_cfg.device, train_cfg.precision)
     model, meta = load_model_file(model_path, ctx.device)
     return class_probs(model, df, images, index, ctx, image_size=meta["image_size"],
-                       batch_size=train_cfg.batch_size)
+                       batch_size=train_cfg.batch_size, cache=cache)
 
 
 def score_crossfit(df: pd.DataFrame, *, folds: int, epochs: int, seed: int, images: Path, index: pd.DataFrame,
-                   num_classes: int, model_cfg: ModelConfig, train_cfg: TrainConfig) -> np.ndarray:
+                   num_classes: int, model_cfg: ModelConfig, train_cfg: TrainConfig,
+                   cache: DecodedImages | None = None) -> np.ndarray:
     """Out-of-fold class probabilities: ``folds`` models, each trained on the
-    other folds for ``epochs`` epochs, each scoring the fold it did not see."""
+    other folds for ``epochs`` epochs, each scoring the fold it did not see
+    (all folds read the one ``cache`` of decoded images when given)."""
     if folds < 2:
         raise ValueError(f"pairs.folds must be >= 2 for cross-fitting, got {folds}")
     cfg = train_cfg.replace(epochs=epochs, early_epoch=1)
@@ -46,7 +49,8 @@ def score_crossfit(df: pd.DataFrame, *, folds: int, epochs: int, seed: int, imag
     for k, (fit_idx, score_idx) in enumerate(splitter.split(df, df["label"])):
         log.info("cross-fit fold %d/%d: train on %d, score %d", k + 1, folds, len(fit_idx), len(score_idx))
         model, _ = train_classifier(df.iloc[fit_idx], None, images_dir=images, num_classes=num_classes,
-                                    model_cfg=model_cfg, train_cfg=cfg.replace(seed=cfg.seed + k), index=index)
+                                    model_cfg=model_cfg, train_cfg=cfg.replace(seed=cfg.seed + k), index=index,
+                                    cache=cache)
         p[score_idx] = class_probs(model, df.iloc[score_idx], images, index, ctx,
-                                   image_size=model_cfg.image_size, batch_size=cfg.batch_size)
+                                   image_size=model_cfg.image_size, batch_size=cfg.batch_size, cache=cache)
     return p

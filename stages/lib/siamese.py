@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 from stages.lib import engine
 from stages.lib.classifier import OptimConfig, eval_loader, run_context
 from stages.lib.data import ShardDataset, build_transform
+from stages.lib.imagecache import DecodedImages
 from stages.lib.losses import ContrastiveLoss
 from stages.lib.models import Classifier, build_model, load_model_file
 
@@ -108,22 +109,23 @@ def siamese_from_naive(naive_path: Path, cfg: SiameseConfig) -> tuple[Classifier
 
 def fit_siamese(model: Classifier, meta: dict[str, Any], clean: pd.DataFrame, pairs: pd.DataFrame,
                 val: pd.DataFrame, *, images_dir: Path, index: pd.DataFrame, cfg: SiameseConfig,
-                checkpoint: Path | None = None, args: dict[str, Any] | None = None,
-                on_epoch=None) -> list[dict[str, float]]:
-    """Fine-tune ``model`` on ``pairs`` of ``clean`` images, validating on ``val``."""
+                cache: DecodedImages | None = None, checkpoint: Path | None = None,
+                args: dict[str, Any] | None = None, on_epoch=None) -> list[dict[str, float]]:
+    """Fine-tune ``model`` on ``pairs`` of ``clean`` images, validating on ``val``
+    (images from ``cache`` when given, which must hold both sets' keys)."""
     engine.seed_everything(cfg.seed)
     ctx = run_context(cfg.device, cfg.precision, cfg.clip_grad_norm)
     size = meta["image_size"]
     images = ShardDataset(images_dir, clean["key"].tolist(), clean["label"].tolist(),
                           build_transform(size, train=True, augment=cfg.augment),
-                          seed=cfg.seed, index=index)
+                          seed=cfg.seed, index=index, cache=cache)
     train_loader = engine.make_loader(PairDataset(images, pairs), batch_size=cfg.batch_size, train=True,
                                       seed=cfg.seed, workers=cfg.workers, device=ctx.device)
     if len(train_loader) == 0:  # no stage trains on nothing and exits 0
         raise ValueError(f"train_siamese: {len(pairs)} pairs give no full batch of siamese.batch_size "
                          f"{cfg.batch_size}: nothing to fine-tune on (see make_pairs' report.json)")
     val_loader = eval_loader(images_dir, val, image_size=size, batch_size=2 * cfg.batch_size, workers=0,
-                             device=ctx.device, index=index)
+                             device=ctx.device, index=index, cache=cache)
     log.info("%d clean images, %d pairs %s, %d validation images", len(clean), len(pairs),
              pairs["kind"].value_counts().to_dict(), len(val))
     loss_fn = siamese_loss(contrastive_weight=cfg.contrastive_weight, margin=cfg.margin,

@@ -13,6 +13,7 @@ import pandas as pd
 
 from stages.lib import engine, layout
 from stages.lib.classifier import chance_check, eval_loader, run_context
+from stages.lib.imagecache import DecodedImages
 from stages.lib.metrics import summarize
 from stages.lib.models import load_model_file
 from stages.lib.tables import read_headerless
@@ -51,7 +52,7 @@ def read_test_set(raw_dir: Path, index: pd.DataFrame) -> tuple[pd.DataFrame, dic
 
 
 def evaluate_model(name: str, path: Path, test: pd.DataFrame, images_dir: Path, index: pd.DataFrame,
-                   *, device: str, batch_size: int) -> ModelResult:
+                   *, device: str, batch_size: int, cache: DecodedImages | None = None) -> ModelResult:
     """Score one model file on the test images whose breed is one of its classes."""
     # fp32: reported numbers must not depend on whether this CPU has bf16
     ctx = run_context(device, "fp32")
@@ -67,7 +68,7 @@ def evaluate_model(name: str, path: Path, test: pd.DataFrame, images_dir: Path, 
     start = time.time()
     if len(scored):
         loader = eval_loader(images_dir, scored, image_size=meta["image_size"], batch_size=batch_size,
-                             workers=0, device=ctx.device, index=index)
+                             workers=0, device=ctx.device, index=index, cache=cache)
         probs, labels = engine.predict(model, loader, ctx)
     else:
         probs, labels = np.zeros((0, len(classes)), np.float32), np.zeros(0, np.int64)

@@ -1,17 +1,25 @@
 """Check the pipeline wiring after a full `dvc repro`: nothing is left to run,
 and changing one param would re-run exactly the stages that read it and their
-dependants. Run by .ci/run; edits params.yaml in place and always restores it.
+dependants. Run by .ci/run. The params are changed in a scratch copy of the
+work tree made of hard links (``.check_wiring.tmp-<pid>-*``, git- and
+dvc-ignored, removed afterwards or by the next run once its process is gone):
+the real params.yaml is never edited, so a killed check leaves it as it was.
 
     python scripts/check_wiring.py
 """
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import yaml
+
+from stages.lib.atomic import TMP_TAG, exit_on_sigterm, remove_stale_temporaries
 
 ORDER = ["download", "decode", "filter_clicks", "train_naive", "train_references", "make_pairs", "train_siamese",
          "evaluate"]
@@ -26,35 +34,63 @@ CASES = [
 ]
 
 
-def planned_stages() -> list[str]:
+def planned_stages(repo: Path) -> list[str]:
     """Stages a `dvc repro` would run. Plain `--dry` lists only the stages whose
     own inputs changed (it cannot know whether their outputs will change);
     `--force-downstream` adds everything that depends on them."""
     out = subprocess.run(["dvc", "repro", "--dry", "--force-downstream"], capture_output=True, text=True,
-                         check=True).stdout
+                         check=True, cwd=repo).stdout
     return re.findall(r"Running stage '([\w-]+)'", out)
 
 
-def main() -> int:
-    params_path = Path("params.yaml")
-    original = params_path.read_text()
-    failures = []
-    stale = planned_stages()
-    print(f"after repro: would run {stale or 'nothing'}")
-    if stale:
-        failures.append(f"a second dvc repro would run {stale}")
+def _link_or_copy(src: str, dst: str) -> None:
     try:
+        os.link(src, dst)
+    except OSError:  # another file system, or no hard links there
+        shutil.copy2(src, dst)
+
+
+def scratch_copy(root: Path) -> Path:
+    """The work tree as hard links (git and DVC replace files, never write into
+    them), less the virtual environment, DVC's state database and its cache,
+    which the copy reads where it is (an output missing from the cache counts
+    as changed)."""
+    remove_stale_temporaries(root / "check_wiring")
+    dest = Path(tempfile.mkdtemp(prefix=f".check_wiring{TMP_TAG}{os.getpid()}-", dir=root))
+    skip = {root / ".venv", root / ".dvc" / "tmp", root / ".dvc" / "cache", root / ".dvc" / "config.local"}
+    shutil.copytree(root, dest, symlinks=True, copy_function=_link_or_copy, dirs_exist_ok=True,
+                    ignore=lambda d, names: [n for n in names if Path(d) / n in skip or TMP_TAG in n])
+    if (root / ".dvc" / "config.local").exists():  # a real copy: dvc config writes into the file
+        shutil.copy2(root / ".dvc" / "config.local", dest / ".dvc" / "config.local")
+    cache = subprocess.run(["dvc", "cache", "dir"], capture_output=True, text=True, check=True, cwd=root).stdout
+    subprocess.run(["dvc", "config", "--local", "cache.dir", cache.strip()], check=True, cwd=dest)
+    return dest
+
+
+def main() -> int:
+    exit_on_sigterm()  # the scratch copy is removed on SIGTERM too
+    root = Path.cwd().resolve()
+    original = (root / "params.yaml").read_text()
+    failures = []
+    repo = scratch_copy(root)
+    params_path = repo / "params.yaml"
+    try:
+        stale = planned_stages(repo)
+        print(f"after repro: would run {stale or 'nothing'}")
+        if stale:
+            failures.append(f"a second dvc repro would run {stale}")
         for (section, key, value), expected in CASES:
             params = yaml.safe_load(original)
             params[section][key] = value
+            params_path.unlink()  # a hard link to the real params.yaml: replace it, never write into it
             params_path.write_text(yaml.safe_dump(params, sort_keys=False))
-            got = planned_stages()
+            got = planned_stages(repo)
             verdict = "ok" if sorted(got) == sorted(expected) else "WRONG"
             print(f"{section}.{key}={value}: would run {got} [{verdict}]")
             if verdict != "ok":
                 failures.append(f"{section}.{key}: expected {expected}, got {got}")
     finally:
-        params_path.write_text(original)
+        shutil.rmtree(repo, ignore_errors=True)
     for f in failures:
         print(f"FAIL: {f}", file=sys.stderr)
     return 1 if failures else 0

@@ -47,18 +47,23 @@ class FilterConfig(Section):
     min_images_per_class: int
     min_kept_share: float
     aliases: dict[str, str]
+    max_clicks_per_line: int
+    max_line_bytes: int
     max_reject_fraction: float
 
     def __post_init__(self) -> None:
+        in_range("max_clicks_per_line", self.max_clicks_per_line, 1, 10**12)
+        in_range("max_line_bytes", self.max_line_bytes, 64, 1 << 26)
         check_thresholds(min_clicks=self.min_clicks, min_share=self.min_share,
                          min_images_per_class=self.min_images_per_class)
         in_range("max_reject_fraction", self.max_reject_fraction, 0, 1)
         in_range("min_kept_share", self.min_kept_share, 0, 1)
 
 
-def load_inputs(raw: Path, images: Path, aliases: dict[str, str]
+def load_inputs(raw: Path, images: Path, params: FilterConfig
                 ) -> tuple[list[str], pa.Array, pd.DataFrame, ClickLogSummary, pd.Series | None]:
     """Read the vocabulary, the training keys and the click log (streamed)."""
+    aliases = params.aliases
     breeds = read_breeds(raw / layout.BREEDS)
     # One params.yaml serves the sample and the real data: an alias of a breed
     # this vocabulary lacks is skipped, not an error.
@@ -72,7 +77,9 @@ def load_inputs(raw: Path, images: Path, aliases: dict[str, str]
         raise SystemExit(f"filter.aliases / {layout.BREEDS}: {err}") from err
     train_keys = read_train_keys(images / layout.INDEX)
     t0 = time.perf_counter()
-    clicks, summary = aggregate_clicks(raw / layout.CLICKS, matcher, progress=True)
+    clicks, summary = aggregate_clicks(raw / layout.CLICKS, matcher, max_clicks=params.max_clicks_per_line,
+                                       max_line_bytes=params.max_line_bytes,
+                                       block_size=max(4 << 20, 2 * params.max_line_bytes), progress=True)
     dt = time.perf_counter() - t0
     log.info("click log: %d lines (%d valid, %d malformed, %d duplicates summed) in %.1f s (%.0f lines/s); "
              "%d distinct queries", summary.lines, summary.valid_lines, sum(summary.malformed.values()),
@@ -213,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         params = load_sections(args.params, filter=FilterConfig)["filter"]
     except ValueError as err:  # ConfigError, or a threshold out of range
         raise SystemExit(f"filter_clicks: {err}") from err
-    breeds, train_keys, clicks, summary, truth = load_inputs(args.raw, args.images, params.aliases)
+    breeds, train_keys, clicks, summary, truth = load_inputs(args.raw, args.images, params)
     check_rejects(summary, params.max_reject_fraction)
     if args.sweep is not None:
         run_sweep(args.sweep, clicks, breeds, train_keys, truth, params)

@@ -6,8 +6,10 @@ import io
 import json
 import os
 import pickle
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from stages.lib import layout
+from stages.lib import decoding, layout
 from stages.lib.decoding import DecodeConfig, DecodeError, Reject, decode_dataset, decode_image
 from stages.lib.shards import ShardReader, read_index
 
@@ -273,3 +275,84 @@ def test_the_table_writer_keeps_rows_with_missing_values(tmp_path: Path) -> None
     assert back["key"].tolist() == ["a", "b", "c"] and back["label"].tolist() == [1, 2, 3]
     assert str(back["share"][0]) == "0.1235" and back["share"][1] == ""  # missing: an empty cell
     assert back.loc[1, "breed"] == "" and back.loc[2, "breed"] == "basset hound"
+
+
+_decode_line = decoding.decode_line
+
+
+def _die_on_boom(line_no: int, line: bytes, too_long: bool, cfg: DecodeConfig):
+    # a worker killed mid-block, as the kernel's out-of-memory killer or a segfault would
+    if line.startswith(b"boom\t"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _decode_line(line_no, line, too_long, cfg)
+
+
+def test_a_dying_decode_worker_fails_the_stage_at_once_and_leaves_nothing(tmp_path: Path, monkeypatch) -> None:
+    train = good_lines("a", 30)
+    train.insert(17, b"boom\t" + b64(image_bytes(40, 30)))
+    raw = make_raw(tmp_path, train)
+    monkeypatch.setattr(decoding, "decode_line", _die_on_boom)  # the fork-started workers inherit it
+    start = time.monotonic()
+    with pytest.raises(DecodeError, match=r"train_images.tsv: a decode worker died while decoding the block "
+                                          r"from line 17 \(killed for memory"):
+        decode_dataset(raw, tmp_path / "images", {**PARAMS, "workers": 2})
+    assert time.monotonic() - start < 30  # multiprocessing.Pool waited forever here
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]
+
+
+def _oriented_jpeg(orientation: int) -> bytes:
+    """A 40x30 JPEG (left half dark, right half light) tagged with an EXIF orientation."""
+    arr = np.zeros((30, 40, 3), np.uint8)
+    arr[:, 20:] = 220
+    arr[:10, :, 0] = 255  # and a red top band: every turn and flip is distinct
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "JPEG", quality=95, exif=exif.tobytes())
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_to_rgb_turns_photos_upright_as_pillow_exif_transpose(orientation: int) -> None:
+    from PIL import ImageOps
+
+    from stages.lib.images import to_rgb
+    img = Image.open(io.BytesIO(_oriented_jpeg(orientation)))
+    want = ImageOps.exif_transpose(Image.open(io.BytesIO(_oriented_jpeg(orientation)))).convert("RGB")
+    got = to_rgb(img)
+    assert got.size == want.size and np.array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_decode_and_predict_see_a_phone_photo_upright(tmp_path: Path) -> None:
+    from PIL import ImageOps
+
+    from stages.predict import load_image
+    data = _oriented_jpeg(6)  # stored 40x30, upright 30x40
+    raw = make_raw(tmp_path, [b"phone\t" + b64(data)] + good_lines("a", 3))
+    decode_dataset(raw, tmp_path / "images", PARAMS)
+    row = read_index(tmp_path / "images").set_index("key").loc["phone"]
+    assert (row["width"], row["height"]) == (30, 40)
+    with ShardReader(tmp_path / "images") as reader:
+        decoded = np.asarray(reader.open_image(row), dtype=np.int16)
+    want = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"), dtype=np.int16)
+    assert np.abs(decoded - want).mean() < 3  # one more JPEG generation
+    (tmp_path / "phone.jpg").write_bytes(data)
+    assert np.array_equal(np.asarray(load_image(tmp_path / "phone.jpg")), np.asarray(want, dtype=np.uint8))
+
+
+def test_sixteen_bit_images_keep_their_tones() -> None:
+    grey = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (16, 1))  # a dark-to-light ramp
+    buf = io.BytesIO()
+    Image.fromarray(grey).save(buf, "PNG")
+    jpeg, width, height, how = decode_image(buf.getvalue(), DecodeConfig.from_params(PARAMS))
+    out = np.asarray(Image.open(io.BytesIO(jpeg)).convert("L"), dtype=np.float64)
+    assert (width, height, how) == (64, 16, "reencoded")
+    assert abs(out.mean() - 127.5) < 3 and out[:, :8].mean() < 20  # not clipped to white
+
+
+def test_bytes_after_a_jpeg_end_stay_out_of_the_shards() -> None:
+    cfg = DecodeConfig.from_params(PARAMS)
+    clean = image_bytes(40, 30)
+    assert decode_image(clean, cfg)[3] == "copied"
+    jpeg, _, _, how = decode_image(clean + b"MotionPhoto_Data" + b"\0" * 3000, cfg)
+    assert how == "reencoded" and jpeg.endswith(b"\xff\xd9") and b"MotionPhoto" not in jpeg

@@ -40,6 +40,8 @@ class Server:
         self.status: dict[str, int] = {}     # path -> error status to answer with
         self.stall_first: dict[str, float] = {}  # path -> seconds to wait before the first answer
         self.requests: list[tuple[str, str | None]] = []  # (path, Range header)
+        self.redirect: dict[str, str] = {}   # path -> Location of a 302
+        self.endless: set[str] = set()       # paths answered with bytes until the client hangs up
         self._lock = threading.Lock()
         server = self
 
@@ -53,6 +55,21 @@ class Server:
                 if self.path in server.status:
                     self.send_error(server.status[self.path])
                     return
+                if self.path in server.redirect:
+                    self.send_response(302)
+                    self.send_header("Location", server.redirect[self.path])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                if self.path in server.endless:  # no Content-Length: the body ends when the connection does
+                    self.send_response(200)
+                    self.end_headers()
+                    self.close_connection = True
+                    try:
+                        while True:
+                            self.wfile.write(b"x" * 65536)
+                    except OSError:
+                        return
                 data = server.files.get(self.path)
                 if data is None:
                     self.send_error(404)
@@ -322,3 +339,34 @@ def test_bad_params_fail_before_any_request(tmp_path: Path, change, source: str,
 
 def test_module_roles_match_layout() -> None:
     assert fetch.REQUIRED_ROLES == ROLES and fetch.OPTIONAL_ROLES == ("truth",)
+
+
+def test_an_endless_response_stops_at_the_size_in_params(server: Server, tmp_path: Path) -> None:
+    files, _ = serve_roles(server)
+    files["clicks"] = {"url": server.url("/endless"), "sha256": sha(b"1234"), "size": 4}
+    server.endless.add("/endless")
+    with pytest.raises(FetchError, match=r"clicks .*: the server sent more than the 4 bytes of data.files size"):
+        fetch_raw(files, tmp_path / "raw", source="url", retries=0, backoff_s=0)
+    assert not (tmp_path / "raw").exists() or not any((tmp_path / "raw").iterdir())
+
+
+def test_a_size_that_contradicts_the_server_is_an_error(server: Server, tmp_path: Path) -> None:
+    files, data = serve_roles(server)
+    files["clicks"]["size"] = len(data["clicks"]) + 1
+    with pytest.raises(FetchError, match=f"announces {len(data['clicks'])} bytes, data.files gives size"):
+        fetch_raw(files, tmp_path / "raw", source="url", retries=0, backoff_s=0)
+    files["clicks"]["size"] = "12"
+    with pytest.raises(ValueError, match=r"data.files.clicks: size must be the download's length in bytes"):
+        fetch_raw(files, tmp_path / "raw", source="url", retries=0, backoff_s=0)
+
+
+def test_redirects_are_followed_to_http_only(server: Server, tmp_path: Path) -> None:
+    files, data = serve_roles(server)
+    server.redirect["/moved"] = "/clicks.tsv"  # http -> http: followed
+    files["clicks"]["url"] = server.url("/moved")
+    fetch_raw(files, tmp_path / "raw", source="url", retries=0, backoff_s=0)
+    assert (tmp_path / "raw" / "clicks.tsv").read_bytes() == data["clicks"]
+    server.redirect["/elsewhere"] = "ftp://127.0.0.1/clicks.tsv"
+    files["clicks"]["url"] = server.url("/elsewhere")
+    with pytest.raises(FetchError, match=r"redirected to 'ftp://127.0.0.1/clicks.tsv'; only http\(s\)"):
+        fetch_raw(files, tmp_path / "raw2", source="url", retries=0, backoff_s=0)

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from stages.lib import layout
+from stages.lib import clicklog, layout
 from stages.lib.clicklog import aggregate_clicks
 from stages.lib.labelquality import label_quality, table_quality
 from stages.lib.queries import MULTIPLE_BREEDS, NO_BREED, BreedMatcher, normalize_query
@@ -140,7 +140,8 @@ def test_malformed_lines_counted_not_fatal(tmp_path, matcher):
     agg, summary = aggregate_clicks(log, matcher, block_size=64)  # many tiny blocks
     assert summary.lines == 16 and summary.valid_lines == 5
     assert summary.malformed == {"wrong_column_count": 2, "empty_line": 1, "invalid_utf8": 1, "empty_key": 1,
-                                 "bad_clicks": 2, "nonpositive_clicks": 2, "invalid_key": 2}
+                                 "bad_clicks": 2, "nonpositive_clicks": 2, "invalid_key": 2, "too_many_clicks": 0,
+                                 "line_too_long": 0}
     assert summary.malformed_fraction == pytest.approx(11 / 16)
     assert summary.duplicate_lines == 1
     assert "\\xff" in summary.malformed_examples["invalid_utf8"][0]
@@ -290,7 +291,7 @@ def make_stage_inputs(root: Path, *, filter_params: dict | None = None, bad_line
     pd.DataFrame({"key": keys + ["t0"], "split": ["train"] * len(keys) + ["test"]}).to_parquet(
         images / layout.INDEX)
     params = {"min_clicks": 2, "min_share": 0.7, "min_images_per_class": 3, "min_kept_share": 0.1,
-              "max_reject_fraction": 0.05,
+              "max_reject_fraction": 0.05, "max_clicks_per_line": 1000, "max_line_bytes": 4096,
               "aliases": {"lab": "labrador retriever", "yorkie": "yorkshire terrier"}, **(filter_params or {})}
     (root / "params.yaml").write_text(yaml.safe_dump({"filter": params}))
     return root
@@ -411,3 +412,29 @@ def test_crlf_logs_read_like_lf_logs(tmp_path, matcher, block_size):
     crlf, summary = aggregate_clicks(crlf_path, matcher, block_size=block_size)
     assert summary.valid_lines == len(lines) and sum(summary.malformed.values()) == 0
     assert crlf.astype({"key": str}).equals(lf.astype({"key": str}))
+
+
+def test_huge_click_counts_are_malformed_and_sums_are_checked(tmp_path, matcher, monkeypatch):
+    # ten lines of 999999999999999999 clicks summed to -8.4e18 (int64 overflow)
+    lines = ["k1\tpug\t999999999999999999"] * 10 + ["k2\tpug\t3", "k3\tpug\t1000"]
+    agg, summary = aggregate_clicks(write_log(tmp_path / "c.tsv", lines), matcher, max_clicks=1000)
+    assert summary.malformed["too_many_clicks"] == 10 and summary.valid_lines == 2
+    assert {r.key: r.clicks for r in agg.itertuples()} == {"k2": 3, "k3": 1000}
+    monkeypatch.setattr(clicklog, "_MAX_TOTAL_CLICKS", 1002)  # as if the log summed past int64
+    with pytest.raises(ValueError, match=r"c.tsv: the clicks total 1003 by line 12, past what int64 sums hold"):
+        aggregate_clicks(tmp_path / "c.tsv", matcher, max_clicks=1000)
+
+
+@pytest.mark.parametrize("block_size", [4096, 1 << 20])
+def test_over_long_click_lines_are_counted_not_fatal(tmp_path, matcher, block_size):
+    good = [f"k{i}\tpug\t{i + 1}" for i in range(30)]
+    long = "x" * 9000 + "\tpug\t1"  # over the block: pyarrow's parser stopped the stage here
+    lines = good[:10] + [long] + good[10:20] + [long, long] + good[20:] + ["k0\t" + "pug " * 600 + "\t2"]
+    path = write_log(tmp_path / "c.tsv", lines)
+    path.write_bytes(path.read_bytes() + b"y" * 5000)  # and a last over-long line without a newline
+    agg, summary = aggregate_clicks(path, matcher, max_line_bytes=2000, block_size=block_size)
+    assert summary.malformed["line_too_long"] == 5 and summary.lines == 35 and summary.valid_lines == 30
+    want, _ = aggregate_clicks(write_log(tmp_path / "good.tsv", good), matcher)
+    assert agg.astype({"key": str}).equals(want.astype({"key": str}))
+    with pytest.raises(ValueError, match="max_line_bytes must be in"):
+        aggregate_clicks(path, matcher, max_line_bytes=4096, block_size=4096)

@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -109,6 +110,39 @@ def test_ddp_with_two_gloo_processes(tiny_pipeline: Path) -> None:
     # 48 training images sharded over 2 ranks: each rank's epoch is one batch of 16 (drop_last)
     assert all(h["train_images_per_s"] > 0 for h in ckpt["history"])
     assert len((tiny_pipeline / "models/ddp/live/plots/metrics/train/loss.tsv").read_text().splitlines()) == 5
+
+
+DYING_RANK = """
+import os, sys, time
+from stages import train_naive
+from stages.lib import engine
+real = engine.train_one_epoch
+def one_epoch(*args, **kwargs):
+    if os.environ["RANK"] == "1" and args[-1] == 1:  # rank 1, second epoch
+        if sys.argv[1] == "exit":
+            os._exit(3)  # killed: out of memory, a lost node
+        time.sleep(600)  # hangs: the other rank waits in its next collective
+    return real(*args, **kwargs)
+engine.train_one_epoch = one_epoch
+train_naive.main(["data/filtered", "data/images", "models/ddp"])
+"""
+
+
+@pytest.mark.parametrize("fault", ["exit", "hang"])
+def test_a_dying_or_hanging_ddp_rank_ends_the_run_with_an_error(tiny_pipeline: Path, fault: str) -> None:
+    (tiny_pipeline / "run.py").write_text(DYING_RANK)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", engine.DDP_TIMEOUT_ENV: "15"}
+    start = time.monotonic()
+    proc = subprocess.run(
+        [str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
+         "run.py", fault], cwd=tiny_pipeline, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert time.monotonic() - start < 150  # gloo's default would wait 30 minutes for the hanging rank
+    assert not (tiny_pipeline / "models/ddp/model.pt").exists()
 
 
 def test_weights_from_a_local_file_fill_the_trunk_and_keep_a_new_head(tmp_path: Path) -> None:
@@ -233,7 +267,7 @@ def test_default_recipe_on_a_few_hundred_photos_learns_or_says_why(tmp_path: Pat
     (filtered / layout.CLASSES).write_text(json.dumps([f"breed {c}" for c in range(10)]))
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["train"]["workers"] = 0
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"model": params["model"], "train": params["train"]}))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({k: params[k] for k in ("model", "train", "cache")}))
     try:
         run_stage(tmp_path)
     except ModelAtChanceError as err:
@@ -314,3 +348,32 @@ def test_the_checkpoint_fingerprint_holds_exactly_what_changes_the_result() -> N
     assert fingerprint(train, world=2) != base
     assert fingerprint(train, resolved={"device": "cpu", "precision": "bf16"}) != base
     assert fingerprint(train.replace(lr=train.lr / 2)) != base
+
+
+def test_zero_epochs_are_refused_at_entry() -> None:
+    import yaml
+
+    from stages.lib.classifier import TrainConfig
+    from stages.lib.params import ConfigError
+
+    train = yaml.safe_load((REPO / "params.yaml").read_text())["train"]
+    with pytest.raises(ConfigError, match=r"train: epochs must be >= 1"):  # it would train on nothing
+        TrainConfig.from_params({**train, "epochs": 0}, "train")
+
+
+def test_a_run_past_the_early_epoch_without_its_early_model_trains_again(tiny_pipeline: Path, monkeypatch,
+                                                                          caplog) -> None:
+    run_stage(tiny_pipeline, "models/straight")
+    monkeypatch.setenv(engine.STOP_ENV, "3")  # early_epoch is 2
+    with pytest.raises(engine.TrainingInterrupted):
+        run_stage(tiny_pipeline, "models/resumed")
+    monkeypatch.delenv(engine.STOP_ENV)
+    (tiny_pipeline / "models/resumed/checkpoints/early.pt").unlink()  # resuming could never write early.pt
+    shutil.rmtree(tiny_pipeline / "models/resumed/live")
+    caplog.set_level("WARNING")
+    run_stage(tiny_pipeline, "models/resumed")
+    assert "cannot be resumed; training from scratch" in caplog.text
+    models = tiny_pipeline / "models"
+    for name in ("model.pt", "early.pt"):
+        a, b = state(models / "straight" / name), state(models / "resumed" / name)
+        assert all(torch.equal(a[k], b[k]) for k in a)

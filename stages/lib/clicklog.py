@@ -30,8 +30,13 @@ log = logging.getLogger(__name__)
 
 # Why a log line is malformed (index 0 of the per-row code means "valid").
 MALFORMED_REASONS = ("wrong_column_count", "empty_line", "invalid_utf8", "empty_key",
-                     "bad_clicks", "nonpositive_clicks", "invalid_key")
-_WRONG_COLUMNS, _EMPTY_LINE, _BAD_UTF8, _EMPTY_KEY, _BAD_CLICKS, _NONPOSITIVE, _BAD_KEY = range(1, 8)
+                     "bad_clicks", "nonpositive_clicks", "invalid_key", "too_many_clicks", "line_too_long")
+(_WRONG_COLUMNS, _EMPTY_LINE, _BAD_UTF8, _EMPTY_KEY, _BAD_CLICKS, _NONPOSITIVE, _BAD_KEY, _TOO_MANY,
+ _TOO_LONG) = range(1, 10)
+# what an over-long line reads as (see _LineEnds): a NUL in a key is invalid anywhere else
+_TOO_LONG_ROW = b"\x00line_too_long\t\t0"
+# every (image, class) sum is at most the log's total: kept below this, no int64 sum can overflow
+_MAX_TOTAL_CLICKS = 2**62
 # decode's key rule (decoding.valid_key), vectorised: no quote or control character, at most 256 characters
 _BAD_KEY_CHARS = r'["\x00-\x1f\x7f]'
 _MAX_KEY_BYTES = 4 * 256
@@ -312,25 +317,65 @@ class _Aggregate:
 
 
 class _LineEnds:
-    """A binary file whose CRLF line ends read as LF and whose lone CR reads as
-    NUL. pyarrow's CSV parser also ends a line at a lone CR, so
+    """A binary file whose CRLF line ends read as LF, whose lone CR reads as
+    NUL, and whose lines longer than ``max_line`` bytes read as one short
+    marker row. pyarrow's CSV parser also ends a line at a lone CR, so
     ``a<CR>b<TAB>pug<TAB>3`` credited key ``b``; as ``a<NUL>b`` the key is
-    invalid and the line is counted as malformed (``invalid_key``)."""
+    invalid and the line is counted as malformed (``invalid_key``). A line
+    longer than the parser's block stops the parser: as the marker it is
+    counted (``line_too_long``) and the read goes on. Only whole lines are
+    handed on; the incomplete last one waits (at most ``max_line`` bytes)."""
 
-    def __init__(self, f: BinaryIO) -> None:
-        self.f, self.closed = f, False
+    def __init__(self, f: BinaryIO, max_line: int) -> None:
+        self.f, self.closed, self.max_line = f, False, max_line
+        self.tail = b""  # the start of a line whose end has not been read yet
+        self.skipping = False  # inside an over-long line: drop bytes up to its end
 
     def read(self, n: int = -1) -> bytes:
-        data = self.f.read(n) if n is not None and n >= 0 else self.f.read()
-        if data.endswith(b"\r"):
-            data += self.f.read(1)  # the LF of a CRLF that a read boundary split
-        return data.replace(b"\r\n", b"\n").replace(b"\r", b"\x00")
+        while True:
+            data = self.f.read(n) if n is not None and n >= 0 else self.f.read()
+            if data.endswith(b"\r"):
+                data += self.f.read(1)  # the LF of a CRLF that a read boundary split
+            if not data:  # the end: a last line without a newline
+                last = _TOO_LONG_ROW if self.skipping else self.tail
+                self.tail, self.skipping = b"", False
+                return last
+            data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\x00")
+            end = data.rfind(b"\n")
+            if end < 0:  # no line ends here
+                if not self.skipping:
+                    self.tail += data
+                    if len(self.tail) > self.max_line:
+                        self.tail, self.skipping = b"", True
+                continue
+            whole, rest = data[:end + 1], data[end + 1:]
+            if self.skipping:  # the end of an over-long line
+                whole = _TOO_LONG_ROW + whole[whole.find(b"\n"):]
+            else:
+                whole = self.tail + whole
+            self.tail, self.skipping = (b"", True) if len(rest) > self.max_line else (rest, False)
+            return _mark_long_lines(whole, self.max_line)
 
     def tell(self) -> int:
         return self.f.tell()
 
 
-def _read_blocks(path: Path, summary: ClickLogSummary, block_size: int, progress: bool) -> Iterator[pa.RecordBatch]:
+def _mark_long_lines(data: bytes, max_line: int) -> bytes:
+    """``data`` (whole lines) with each line over ``max_line`` bytes as the marker row."""
+    ends = np.flatnonzero(np.frombuffer(data, np.uint8) == ord("\n"))
+    starts = np.r_[0, ends[:-1] + 1]
+    long = np.flatnonzero(ends - starts > max_line)
+    if not len(long):  # the usual case: one vectorised check
+        return data
+    parts, at = [], 0
+    for i in long:
+        parts += [data[at:starts[i]], _TOO_LONG_ROW]
+        at = ends[i]
+    return b"".join([*parts, data[at:]])
+
+
+def _read_blocks(path: Path, summary: ClickLogSummary, block_size: int, progress: bool,
+                 max_line: int) -> Iterator[pa.RecordBatch]:
     """Stream the log as binary columns; count lines with a wrong column count.
 
     Binary, not string, so that one non-UTF-8 line is a malformed line, not a
@@ -354,7 +399,7 @@ def _read_blocks(path: Path, summary: ClickLogSummary, block_size: int, progress
     with open(path, "rb") as f, tqdm(total=path.stat().st_size, unit="B", unit_scale=True,
                                       desc="clicks", disable=not progress) as bar:
         try:
-            reader = pacsv.open_csv(pa.PythonFile(_LineEnds(f), mode="r"), read_options=read,
+            reader = pacsv.open_csv(pa.PythonFile(_LineEnds(f, max_line), mode="r"), read_options=read,
                                     parse_options=parse, convert_options=convert)
             for batch in reader:
                 bar.update(f.tell() - bar.n)
@@ -381,7 +426,8 @@ def _utf8_ok(col: pa.Array) -> np.ndarray:
     return ok
 
 
-def _check_rows(batch: pa.RecordBatch, summary: ClickLogSummary) -> tuple[pa.Array, pa.Array, np.ndarray]:
+def _check_rows(batch: pa.RecordBatch, summary: ClickLogSummary,
+                max_clicks: int) -> tuple[pa.Array, pa.Array, np.ndarray]:
     """Validate a block: return the valid rows' key, query (strings) and clicks."""
     key, query, clicks = batch.columns
     n = len(batch)
@@ -392,12 +438,15 @@ def _check_rows(batch: pa.RecordBatch, summary: ClickLogSummary) -> tuple[pa.Arr
     is_int = pc.match_substring_regex(text, r"^-?[0-9]{1,18}$").to_numpy(zero_copy_only=False)
     values = pc.cast(pc.if_else(pa.array(is_int), text, "0"), pa.int64()).to_numpy()
     # the first matching reason wins: later np.where calls overwrite earlier ones
-    code = np.where(is_int & (values <= 0), _NONPOSITIVE, 0)
+    code = np.where(is_int & (values > max_clicks), _TOO_MANY, 0)
+    code = np.where(is_int & (values <= 0), _NONPOSITIVE, code)
     code = np.where(~is_int, _BAD_CLICKS, code)
     key_text = pc.if_else(pa.array(utf8), key, b"").view(pa.string())
     bad_key = pc.match_substring_regex(key_text, _BAD_KEY_CHARS).to_numpy(zero_copy_only=False)
     bad_key |= pc.utf8_length(key_text).to_numpy() > 256
     code = np.where(bad_key, _BAD_KEY, code)
+    code = np.where(pc.equal(key, pa.scalar(_TOO_LONG_ROW.split(b"\t")[0], pa.binary())).to_numpy(
+        zero_copy_only=False), _TOO_LONG, code)
     code = np.where(lens[0] == 0, _EMPTY_KEY, code)
     code = np.where(~utf8, _BAD_UTF8, code)
     code = np.where((lens[0] == 0) & (lens[1] == 0) & (lens[2] == 0), _EMPTY_LINE, code)
@@ -420,13 +469,19 @@ def aggregate_clicks(
     path: str | Path,
     matcher: BreedMatcher,
     *,
+    max_clicks: int = 10**9,
+    max_line_bytes: int | None = None,
     block_size: int = 4 << 20,
     progress: bool = False,
 ) -> tuple[pd.DataFrame, ClickLogSummary]:
     """Stream a ``key<TAB>query<TAB>clicks`` log into clicks per (image, query class).
 
     Malformed lines (see :data:`MALFORMED_REASONS`) are counted in the summary
-    and skipped. Duplicate (key, query) lines are summed and counted.
+    and skipped: among them lines of more than ``max_clicks`` clicks
+    (``too_many_clicks``) and lines longer than ``max_line_bytes`` (default:
+    what fits in a parser block; ``line_too_long``). Duplicate (key, query) lines are summed
+    and counted; the sums are checked (a log whose clicks total 2**62 or more
+    is refused rather than summed past int64).
 
     Returns:
         A DataFrame with one row per (key, breed), sorted by key and breed:
@@ -438,11 +493,21 @@ def aggregate_clicks(
     """
     if len(matcher.breeds) > 0xFFFF - 3:
         raise ValueError("at most 65532 breeds")  # the class code is packed into 16 bits
+    max_line = block_size - 2 if max_line_bytes is None else max_line_bytes  # a row must fit in a block
+    if not 0 < max_clicks <= 10**12:
+        raise ValueError(f"max_clicks must be in [1, 10**12], got {max_clicks}")
+    if not 0 < max_line < block_size:
+        raise ValueError(f"max_line_bytes must be in [1, block_size), got {max_line} (block {block_size})")
     path = Path(path)
     summary = ClickLogSummary()
     queries, keys, agg = _QueryTable(matcher), _KeyTable(), _Aggregate()
-    for batch in _read_blocks(path, summary, block_size, progress):
-        key, query, clicks = _check_rows(batch, summary)
+    total = 0
+    for batch in _read_blocks(path, summary, block_size, progress, max_line):
+        key, query, clicks = _check_rows(batch, summary, max_clicks)
+        total += int(clicks.sum())  # a block: < 1M lines of <= 10**12 clicks, no overflow
+        if total >= _MAX_TOTAL_CLICKS:
+            raise ValueError(f"{path}: the clicks total {total} by line {summary.lines}, past what int64 sums "
+                             f"hold (2**62): lower filter.max_clicks_per_line ({max_clicks}) or split the log")
         if len(key):
             qid, code = queries.encode(query, clicks)
             agg.add(keys.encode(key), qid, code, clicks)

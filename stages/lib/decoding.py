@@ -21,6 +21,8 @@ import sys
 import time
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO
@@ -30,7 +32,7 @@ from tqdm import tqdm
 
 from stages.lib import layout
 from stages.lib.atomic import atomic_dir, write_json
-from stages.lib.images import INPUT_FORMATS, to_rgb
+from stages.lib.images import INPUT_FORMATS, exif_orientation, to_rgb
 from stages.lib.params import ConfigError, Section
 from stages.lib.shards import IndexWriter, ShardWriter
 
@@ -181,10 +183,13 @@ def _is_truncation(e: Exception) -> bool:
 def decode_image(data: bytes, cfg: DecodeConfig) -> tuple[bytes, int, int, str]:
     """Validate one image; return (jpeg bytes, width, height, how).
 
-    ``how`` is "copied" when the input already is a baseline RGB JPEG of the
-    right size: its bytes are kept as they are (no generation loss, no encode
-    cost) once a decode has proven them sound. Otherwise the image is
-    converted to RGB, capped in size and re-encoded ("reencoded"/"resized").
+    ``how`` is "copied" when the input already is an upright baseline RGB
+    JPEG of the right size that ends at its end-of-image marker: its bytes are
+    kept as they are (no generation loss, no encode cost) once a decode has
+    proven them sound. Otherwise the image is made RGB and upright
+    (:func:`~stages.lib.images.to_rgb`, as predict does), capped in size and
+    re-encoded ("reencoded"/"resized"); bytes after a JPEG's end (phone
+    metadata, an appended video) are not carried into the shards.
     """
     if not data:
         raise Reject("empty_image")
@@ -201,16 +206,18 @@ def decode_image(data: bytes, cfg: DecodeConfig) -> tuple[bytes, int, int, str]:
             raise Reject("empty_image")
         if width * height > cfg.max_pixels:
             raise Reject("too_many_pixels")  # before any pixel is decoded
-        target = capped_size(width, height, cfg.max_short_side)
+        turned = exif_orientation(img) in (5, 6, 7, 8)  # upright, it is height x width
+        upright = (height, width) if turned else (width, height)
+        target = capped_size(*upright, cfg.max_short_side)
         copy = (img.format == "JPEG" and img.mode == "RGB" and target == (width, height)
-                and not img.info.get("progressive"))
+                and not img.info.get("progressive") and exif_orientation(img) == 1 and data.endswith(b"\xff\xd9"))
         if copy:
             # A 1/8-scale decode still entropy-decodes every coefficient, so a
             # truncated or corrupt stream fails as in a full decode, at about
             # two thirds of the cost.
             img.draft("RGB", (max(1, width // 8), max(1, height // 8)))
-        elif target != (width, height):
-            img.draft("RGB", target)  # JPEG: DCT-domain downscale, much faster
+        elif target != upright:
+            img.draft("RGB", target[::-1] if turned else target)  # JPEG: DCT-domain downscale, much faster
         try:
             img.load()
         except Image.DecompressionBombError:
@@ -227,7 +234,7 @@ def decode_image(data: bytes, cfg: DecodeConfig) -> tuple[bytes, int, int, str]:
             raise Reject("corrupt_image") from None
     buf = io.BytesIO()
     out.save(buf, "JPEG", quality=cfg.jpeg_quality)
-    return buf.getvalue(), target[0], target[1], ("reencoded" if target == (width, height) else "resized")
+    return buf.getvalue(), target[0], target[1], ("reencoded" if target == upright else "resized")
 
 
 MAX_KEY_CHARS = 256  # Clickture keys are ~40 characters; a longer one is garbage, not a key
@@ -308,24 +315,36 @@ def run_blocks(path: Path, blocks: Iterable[tuple[list[Span], int]], cfg: Decode
                pool: Any | None, workers: int) -> Iterator[tuple[list[Result], int]]:
     """Decode the blocks of ``path`` in order; yield (results, bytes) per block.
 
-    ``Pool.imap`` would also keep the order, but its feeder thread drains the
-    input as fast as the workers take it and its result queue is unbounded
-    when the writer falls behind. A window of ``2 * workers`` blocks in
-    flight keeps both the order and the memory fixed.
+    ``Executor.map`` would also keep the order, but it submits the whole input
+    at once, and its results wait in memory when the writer falls behind. A
+    window of ``2 * workers`` blocks in flight keeps both the order and the
+    memory fixed. A worker that dies (killed for memory, a crash in an image
+    library) breaks the pool: :class:`DecodeError`, not a wait for a block
+    that will never come (``multiprocessing.Pool`` replaces the worker and
+    loses its task).
     """
     if pool is None:
         for block, size in blocks:
             yield decode_block(cfg, str(path), block), size
         return
     pending: collections.deque = collections.deque()
-    for block, size in blocks:
-        pending.append((pool.apply_async(decode_block, (cfg, str(path), block)), size))
-        if len(pending) >= 2 * workers:
-            result, nbytes = pending.popleft()
-            yield result.get(), nbytes
-    while pending:
-        result, nbytes = pending.popleft()
-        yield result.get(), nbytes
+    try:
+        for block, size in blocks:
+            pending.append((pool.submit(decode_block, cfg, str(path), block), size, block[0][0]))
+            if len(pending) >= 2 * workers:
+                future, nbytes, _ = pending[0]
+                yield future.result(), nbytes
+                pending.popleft()
+        while pending:
+            future, nbytes, _ = pending[0]
+            yield future.result(), nbytes
+            pending.popleft()
+    except BrokenProcessPool as err:
+        where = f" while decoding the block from line {pending[0][2]}" if pending else ""
+        raise DecodeError(
+            f"{path}: a decode worker died{where} (killed for memory "
+            f"by the system, or a crash in the image library): lower decode.workers or decode.block_lines, or "
+            f"look for the line that kills it with decode.workers: 1") from err
 
 
 # --------------------------------------------------------------------------
@@ -432,9 +451,11 @@ def decode_dataset(raw_dir: str | Path, out_dir: str | Path,
     with contextlib.ExitStack() as stack:
         pool = None
         if workers > 1:
-            # Created before tqdm starts its monitor thread: fork after threads is unsafe.
-            pool = stack.enter_context(mp.get_context().Pool(workers, initializer=_pool_init,
-                                                             initargs=(cfg.max_pixels,)))
+            pool = stack.enter_context(ProcessPoolExecutor(workers, mp_context=mp.get_context(),
+                                                           initializer=_pool_init, initargs=(cfg.max_pixels,)))
+            # the first task forks every worker, before tqdm starts its monitor thread (fork after threads
+            # is unsafe) and before the executor's own thread
+            pool.submit(int).result()
         tmp = stack.enter_context(atomic_dir(out_dir))
         out = OutputWriter(tmp, cfg)
         try:
@@ -457,9 +478,6 @@ def decode_dataset(raw_dir: str | Path, out_dir: str | Path,
         speed = {"seconds": round(seconds, 3), "images_per_s": round(images / max(seconds, 1e-9), 1),
                  "mb_per_s": round(bytes_in / 1e6 / max(seconds, 1e-9), 2)}
         write_json(tmp / layout.STATS, stats)
-        if pool is not None:
-            pool.close()
-            pool.join()
     log.info("%d images in %d shards, %d rejected %s; %.1f s, %.0f images/s, %.1f MB/s (%d workers)",
              images, stats["shards"], stats["rejected"], stats["rejects"], seconds,
              speed["images_per_s"], speed["mb_per_s"], workers)

@@ -44,7 +44,7 @@ SOURCES = ("url", "path")
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
 
 _SPEC_KEYS = {  # source -> (required keys, optional keys)
-    "url": ({"url", "sha256"}, {"member"}),
+    "url": ({"url", "sha256"}, {"member", "size"}),
     "path": ({"path"}, {"sha256", "member"}),
 }
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
@@ -72,6 +72,7 @@ class _Spec:
     location: str          # url (source url) or local path (source path)
     sha256: str | None     # of the file at ``location``: the archive when ``member`` is set
     member: str | None     # normalised path inside the archive
+    size: int | None = None  # bytes of the download (url source), when params give it
 
 
 def fetch_raw(
@@ -180,7 +181,10 @@ def _validate(files: Mapping[str, Mapping[str, str]], *, source: str) -> list[_S
             raise ValueError(f"{where}: missing {sorted(required - keys)} (source {source!r} needs {sorted(required)})")
         if keys - required - optional:
             raise ValueError(f"{where}: unexpected key(s) {sorted(keys - required - optional)}")
-        if not all(isinstance(v, str) and v for v in spec.values()):
+        size = spec.get("size")
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size <= 0):
+            raise ValueError(f"{where}: size must be the download's length in bytes (an integer > 0), got {size!r}")
+        if not all(isinstance(v, str) and v for k, v in spec.items() if k != "size"):
             raise ValueError(f"{where}: every value must be a non-empty string, got {dict(spec)!r}")
         location = spec["url"] if source == "url" else spec["path"]
         if source == "url" and urllib.parse.urlsplit(location).scheme not in ("http", "https"):
@@ -199,7 +203,7 @@ def _validate(files: Mapping[str, Mapping[str, str]], *, source: str) -> list[_S
         if location in archive_sha and archive_sha[location] != digest:
             raise ValueError(f"{where}: {_redact(location)!r} is listed with different sha256 values")
         archive_sha[location] = digest
-        specs.append(_Spec(role, location, digest, member))
+        specs.append(_Spec(role, location, digest, member, size))
     return specs
 
 
@@ -208,6 +212,7 @@ def download_file(
     dest: Path,
     *,
     sha256: str,
+    size: int | None = None,
     retries: int = 5,
     timeout_s: float = 60.0,
     backoff_s: float = 1.0,
@@ -218,19 +223,23 @@ def download_file(
     Bytes accumulate in ``dest + ".part"``, which a later call resumes with an
     HTTP Range request (a server that ignores Range is read from the start).
     ``dest`` itself only ever appears complete and verified: a checksum
-    mismatch deletes the part file and raises ``ChecksumError``.
+    mismatch deletes the part file and raises ``ChecksumError``. A body longer
+    than ``size`` (or than the server's own Content-Length) stops the download
+    with ``FetchError`` at that length, not when the disk is full.
     """
     label = label or _redact(url)
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
-    resumed = _download_with_retries(url, part, retries=retries, timeout_s=timeout_s, backoff_s=backoff_s, label=label)
+    resumed = _download_with_retries(url, part, size=size, retries=retries, timeout_s=timeout_s, backoff_s=backoff_s,
+                               label=label)
     actual = sha256_file(part)
     if actual != sha256 and resumed:
         # The kept prefix may come from another version of the file: one fresh try before blaming the source.
         log.warning("%s: sha256 mismatch after a resumed download; downloading again from the start", label)
         part.unlink()
-        _download_with_retries(url, part, retries=retries, timeout_s=timeout_s, backoff_s=backoff_s, label=label)
+        _download_with_retries(url, part, size=size, retries=retries, timeout_s=timeout_s, backoff_s=backoff_s,
+                               label=label)
         actual = sha256_file(part)
     if actual != sha256:
         part.unlink()
@@ -247,6 +256,7 @@ def _download_all(
     for spec in specs:
         roles.setdefault(spec.location, []).append(spec.role)
     sha = {spec.location: spec.sha256 for spec in specs}
+    sizes = {spec.location: spec.size for spec in specs if spec.size is not None}
     local: dict[str, Path] = {}
     for url, names in roles.items():
         label = f"{'+'.join(names)} ({_redact(url)})"
@@ -258,19 +268,19 @@ def _download_all(
                 continue
             log.warning("%s: cached copy is corrupt; downloading again", label)
             dest.unlink()
-        local[url] = download_file(url, dest, sha256=sha[url], retries=retries, timeout_s=timeout_s,
-                                   backoff_s=backoff_s, label=label)
+        local[url] = download_file(url, dest, sha256=sha[url], size=sizes.get(url), retries=retries,
+                                   timeout_s=timeout_s, backoff_s=backoff_s, label=label)
     return local
 
 
 def _download_with_retries(
-    url: str, part: Path, *, retries: int, timeout_s: float, backoff_s: float, label: str
+    url: str, part: Path, *, size: int | None, retries: int, timeout_s: float, backoff_s: float, label: str
 ) -> bool:
     """Run attempts until one completes; return whether any resumed from kept bytes."""
     resumed = False
     for attempt in range(retries + 1):
         try:
-            resumed |= _attempt(url, part, timeout_s=timeout_s, label=label)
+            resumed |= _attempt(url, part, size=size, timeout_s=timeout_s, label=label)
             return resumed
         except urllib.error.HTTPError as e:
             if e.code not in _RETRY_HTTP_CODES:
@@ -286,7 +296,21 @@ def _download_with_retries(
     raise AssertionError("unreachable")
 
 
-def _attempt(url: str, part: Path, *, timeout_s: float, label: str) -> bool:
+class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow redirects to http(s) only, at every hop: urllib's own handler
+    also follows ``ftp://``, which the url source never asked for."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001 (urllib's signature)
+        if urllib.parse.urlsplit(newurl).scheme not in ("http", "https"):
+            raise FetchError(f"{_redact(req.full_url)}: redirected to {_redact(newurl)!r}; only http(s) "
+                             f"redirects are followed")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+_OPENER = urllib.request.build_opener(_HttpOnlyRedirects)
+
+
+def _attempt(url: str, part: Path, *, size: int | None, timeout_s: float, label: str) -> bool:
     """One GET appending to ``part`` from its current size; return whether it resumed.
 
     Raises ``_Retryable`` when the body ends short, so the caller tries again
@@ -298,7 +322,7 @@ def _attempt(url: str, part: Path, *, timeout_s: float, label: str) -> bool:
     if offset:
         headers["Range"] = f"bytes={offset}-"
     try:
-        response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout_s)
+        response = _OPENER.open(urllib.request.Request(url, headers=headers), timeout=timeout_s)
     except urllib.error.HTTPError as e:
         if e.code != 416 or not offset:
             raise
@@ -321,12 +345,22 @@ def _attempt(url: str, part: Path, *, timeout_s: float, label: str) -> bool:
             offset = 0
         else:
             raise FetchError(f"{label}: unexpected HTTP status {response.status}")
+        if size is not None and total is not None and total != size:
+            raise FetchError(f"{label}: the server announces {total} bytes, data.files gives size {size}")
+        limit = size if size is not None else total
         started = time.monotonic()
         with open(part, "ab" if offset else "wb") as f, tqdm(
             total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
             desc=label, leave=False, disable=None,
         ) as bar:
+            written = offset
             while chunk := response.read(_CHUNK_BYTES):
+                written += len(chunk)
+                if limit is not None and written > limit:
+                    f.close()
+                    part.unlink()
+                    raise FetchError(f"{label}: the server sent more than the {limit} bytes of "
+                                     f"{'data.files size' if size is not None else 'its Content-Length'}; stopped")
                 f.write(chunk)
                 bar.update(len(chunk))
     size = part.stat().st_size

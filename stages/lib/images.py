@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import IO
 
-from PIL import Image
+import numpy as np
+from PIL import ExifTags, Image
 
 # The formats a search engine serves as photos. Pillow would otherwise open
 # whatever it recognises, EPS and PDF included, which it hands to Ghostscript.
@@ -27,12 +28,39 @@ def open_image(fp: str | IO[bytes], *, max_pixels: int) -> Image.Image:
     return img
 
 
+# EXIF orientation -> the transpose that makes the image upright (as ImageOps.exif_transpose)
+_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}
+
+
+def exif_orientation(img: Image.Image) -> int:
+    """The EXIF orientation tag (1..8; 1, upright, when absent or invalid)."""
+    try:
+        value = img.getexif().get(ExifTags.Base.Orientation, 1)
+    except Exception:  # a broken EXIF block is no reason to lose the photo
+        return 1
+    return value if value in _UPRIGHT else 1
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
-    """RGB, with transparent pixels composited on white: their hidden colours
-    are arbitrary, and convert("RGB") would expose them."""
+    """RGB and upright, the one rule of decode and predict:
+
+    - transparent pixels composited on white (their hidden colours are
+      arbitrary, and convert("RGB") would expose them);
+    - 16-bit greyscale scaled to 8 bits (convert("RGB") clips it: nearly
+      every pixel of a 16-bit photo came out white);
+    - turned as its EXIF orientation says: a phone photo is stored sideways
+      with a tag, and the camera's view is the one the clicks were made on.
+    """
+    orientation = exif_orientation(img)
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
-        canvas = Image.new("RGB", rgba.size, (255, 255, 255))
-        canvas.paste(rgba, mask=rgba.getchannel("A"))
-        return canvas
-    return img.convert("RGB")
+        out = Image.new("RGB", rgba.size, (255, 255, 255))
+        out.paste(rgba, mask=rgba.getchannel("A"))
+    elif img.mode.startswith("I"):  # I;16, I;16B, I: 16-bit samples in a wider integer
+        grey = np.right_shift(np.asarray(img, dtype=np.uint32), 8).clip(0, 255).astype(np.uint8)
+        out = Image.fromarray(grey, "L").convert("RGB")
+    else:
+        out = img.convert("RGB")
+    return out.transpose(_UPRIGHT[orientation]) if orientation != 1 else out

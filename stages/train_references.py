@@ -21,13 +21,16 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
+
+import pandas as pd
 
 from stages.lib import layout
 from stages.lib.atomic import atomic_dir, exit_on_sigterm, write_json
 from stages.lib.classifier import ModelConfig, TrainConfig, plan_run, reference_size, train_on_labels
-from stages.lib.imagecache import CacheConfig, hold_decoded
+from stages.lib.imagecache import CacheConfig, DecodedImages, hold_decoded
 from stages.lib.labelsets import label_set, train_keys
+from stages.lib.parallel import map_runs
 from stages.lib.params import Section, load_sections
 from stages.lib.shards import read_index
 from stages.lib.tracking import save_model
@@ -71,23 +74,33 @@ def main(argv: list[str] | None = None) -> int:
     cache = hold_decoded(args.images_dir, index, (k for s in sets.values() if s is not None for k in s["key"]),
                          params["cache"])
     report: dict[str, dict | None] = {}
+    for name in (n for n, labels in sets.items() if labels is None):
+        log.info("reference %s skipped: the data has no %s (only the generated sample does)", name, layout.TRUTH)
+        report[name] = None
+    todo = [name for name, labels in sets.items() if labels is not None]
     with atomic_dir(args.out_dir) as tmp:
-        for name, labels in sets.items():
-            if labels is None:
-                log.info("reference %s skipped: the data has no %s (only the generated sample does)", name,
-                         layout.TRUTH)
-                report[name] = None
-                continue
-            start = time.time()
-            plan = plan_run(labels, train_cfg, reference_train)
-            model, info = train_on_labels(plan, name=f"reference {name}", images_dir=args.images_dir,
-                                          num_classes=len(classes), model_cfg=model_cfg, index=index, cache=cache)
-            save_model(tmp / name / layout.MODEL, model, backbone=model_cfg.backbone,
-                       image_size=model_cfg.image_size, classes=classes, labels=name, **info)
-            report[name] = {**info, "seconds": round(time.time() - start, 1)}
-            log.info("reference %s: %s", name, report[name])
-        write_json(tmp / layout.REPORT, report)
+        # the references are independent: side by side (train.parallel_runs)
+        infos = map_runs(train_reference, [(name, sets[name], reference_train, tmp / name / layout.MODEL,
+                                            args.images_dir, classes, model_cfg, train_cfg, index, cache)
+                                           for name in todo], train_cfg.parallel_runs)
+        for name, info in zip(todo, infos):
+            report[name] = info
+            log.info("reference %s: %s", name, info)
+        write_json(tmp / layout.REPORT, dict(sorted(report.items(), key=lambda kv: list(sets).index(kv[0]))))
     return 0
+
+
+def train_reference(name: str, labels: pd.DataFrame, reference_train: int, path: Path, images_dir: Path,
+                    classes: list[str], model_cfg: ModelConfig, train_cfg: TrainConfig, index: pd.DataFrame,
+                    cache: DecodedImages | None) -> dict[str, Any]:
+    """Train one reference (the naive recipe on its labels) and save it to ``path``; its report entry."""
+    start = time.time()
+    plan = plan_run(labels, train_cfg, reference_train)
+    model, info = train_on_labels(plan, name=f"reference {name}", images_dir=images_dir, num_classes=len(classes),
+                                  model_cfg=model_cfg, index=index, cache=cache)
+    save_model(path, model, backbone=model_cfg.backbone, image_size=model_cfg.image_size, classes=classes,
+               labels=name, **info)
+    return {**info, "seconds": round(time.time() - start, 1)}
 
 
 if __name__ == "__main__":

@@ -92,9 +92,12 @@ class TrainConfig(OptimConfig):
 
     val_fraction: float
     early_epoch: int
+    parallel_runs: int  # independent runs (references, cross-fitting folds) at once: stages.lib.parallel
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.parallel_runs < 1:
+            raise ValueError(f"parallel_runs must be >= 1, got {self.parallel_runs}")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if not 1 <= self.early_epoch <= self.epochs:

@@ -13,6 +13,7 @@ from stages.lib import engine
 from stages.lib.classifier import ModelConfig, TrainConfig, eval_loader, run_context, train_classifier
 from stages.lib.imagecache import DecodedImages
 from stages.lib.models import load_model_file
+from stages.lib.parallel import map_runs
 
 log = logging.getLogger("scoring")
 
@@ -43,14 +44,24 @@ def score_crossfit(df: pd.DataFrame, *, folds: int, epochs: int, seed: int, imag
     if folds < 2:
         raise ValueError(f"pairs.folds must be >= 2 for cross-fitting, got {folds}")
     cfg = train_cfg.replace(epochs=epochs, early_epoch=1)
-    ctx = run_context(cfg.device, cfg.precision)
     p = np.full((len(df), num_classes), np.nan)
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    for k, (fit_idx, score_idx) in enumerate(splitter.split(df, df["label"])):
-        log.info("cross-fit fold %d/%d: train on %d, score %d", k + 1, folds, len(fit_idx), len(score_idx))
-        model, _ = train_classifier(df.iloc[fit_idx], None, images_dir=images, num_classes=num_classes,
-                                    model_cfg=model_cfg, train_cfg=cfg.replace(seed=cfg.seed + k), index=index,
-                                    cache=cache)
-        p[score_idx] = class_probs(model, df.iloc[score_idx], images, index, ctx,
-                                   image_size=model_cfg.image_size, batch_size=cfg.batch_size, cache=cache)
+    splits = list(splitter.split(df, df["label"]))
+    # the folds are independent: side by side (train.parallel_runs)
+    calls = [(k, folds, df.iloc[fit_idx], df.iloc[score_idx], images, index, num_classes, model_cfg,
+              cfg.replace(seed=cfg.seed + k), cache) for k, (fit_idx, score_idx) in enumerate(splits)]
+    for (_, score_idx), probs in zip(splits, map_runs(_fit_and_score, calls, cfg.parallel_runs)):
+        p[score_idx] = probs
     return p
+
+
+def _fit_and_score(k: int, folds: int, fit: pd.DataFrame, held_out: pd.DataFrame, images: Path,
+                   index: pd.DataFrame, num_classes: int, model_cfg: ModelConfig, cfg: TrainConfig,
+                   cache: DecodedImages | None) -> np.ndarray:
+    """One cross-fitting fold: train on ``fit``, return class probabilities of ``held_out``."""
+    log.info("cross-fit fold %d/%d: train on %d, score %d", k + 1, folds, len(fit), len(held_out))
+    model, _ = train_classifier(fit, None, images_dir=images, num_classes=num_classes, model_cfg=model_cfg,
+                                train_cfg=cfg, index=index, cache=cache)
+    ctx = run_context(cfg.device, cfg.precision)
+    return class_probs(model, held_out, images, index, ctx, image_size=model_cfg.image_size,
+                       batch_size=cfg.batch_size, cache=cache)

@@ -356,3 +356,13 @@ def test_bytes_after_a_jpeg_end_stay_out_of_the_shards() -> None:
     assert decode_image(clean, cfg)[3] == "copied"
     jpeg, _, _, how = decode_image(clean + b"MotionPhoto_Data" + b"\0" * 3000, cfg)
     assert how == "reencoded" and jpeg.endswith(b"\xff\xd9") and b"MotionPhoto" not in jpeg
+
+
+def test_key_set_finds_every_repeat_and_grows() -> None:
+    from stages.lib.decoding import KeySet
+    keys = KeySet(capacity=8)
+    rng = np.random.default_rng(0)
+    names = [f"k{i}" for i in rng.integers(0, 3000, 10_000)]
+    assert [keys.add(k) for k in names] == [k not in set(names[:i]) for i, k in enumerate(names)]
+    assert len(keys) == len(set(names)) and len(keys.table) >= 2 * len(keys)
+    assert keys.add("\udcff odd") and not keys.add("\udcff odd")  # surrogates from undecodable bytes

@@ -1,8 +1,9 @@
 """Backbones, initial weights, and the model file that carries everything
 needed to use a trained model without ``params.yaml``.
 
-A ``Classifier`` is a torchvision trunk (the network up to its pooled
-features) plus a linear head; the siamese stage adds an optional projection
+A ``Classifier`` is a trunk (the network up to its pooled features: a
+torchvision model, or with ``timm/<name>`` a timm model made with
+``num_classes=0``) plus a linear head; the siamese stage adds an optional projection
 head for the embedding. Model files hold plain tensors and python values only,
 so they load with ``torch.load(..., weights_only=True)``.
 """
@@ -78,14 +79,38 @@ def _split_last_linear(model: nn.Module) -> tuple[nn.Module, int]:
     return model, last.in_features
 
 
+TIMM_PREFIX = "timm/"
+
+
+def _timm_trunk(name: str) -> tuple[nn.Module, int]:
+    """A timm model without its classifier (``num_classes=0``: pooled features out)."""
+    try:
+        import timm
+    except ImportError as exc:
+        raise ValueError(f"model.backbone {TIMM_PREFIX}{name}: timm is not installed "
+                         f"(pip install 'clickdog[timm]', or pip install timm)") from exc
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:10]
+        raise ValueError(f"model.backbone {TIMM_PREFIX}{name} is not a timm model; similar: {close}")
+    trunk = timm.create_model(name, pretrained=False, num_classes=0)  # never downloads
+    return trunk, int(trunk.num_features)
+
+
 def build_model(backbone: str, num_classes: int, *, embedding_dim: int = 0, normalize: bool = False,
                 mean=IMAGENET_MEAN, std=IMAGENET_STD) -> Classifier:
-    """A randomly initialised ``Classifier`` on a torchvision backbone."""
-    available = torchvision.models.list_models(module=torchvision.models)
-    if backbone not in available:
-        raise ValueError(f"model.backbone {backbone!r} is not a torchvision classification model; "
-                         f"choose one of: {', '.join(sorted(available))}")
-    trunk, dim = _split_last_linear(torchvision.models.get_model(backbone, weights=None))
+    """A randomly initialised ``Classifier`` on a torchvision backbone, or a
+    timm one named ``timm/<name>`` (``timm/convnext_tiny``)."""
+    if backbone.startswith(TIMM_PREFIX):
+        trunk, dim = _timm_trunk(backbone.removeprefix(TIMM_PREFIX))
+        if (tuple(mean), tuple(std)) == (IMAGENET_MEAN, IMAGENET_STD):  # a new model: its backbone's own
+            cfg = getattr(trunk, "pretrained_cfg", None) or {}  # normalisation (CLIP/EVA weights use others)
+            mean, std = tuple(cfg.get("mean", mean)), tuple(cfg.get("std", std))
+    else:
+        available = torchvision.models.list_models(module=torchvision.models)
+        if backbone not in available:
+            raise ValueError(f"model.backbone {backbone!r} is not a torchvision classification model (or timm/<name> "
+                             f"for a timm one); choose one of: {', '.join(sorted(available))}")
+        trunk, dim = _split_last_linear(torchvision.models.get_model(backbone, weights=None))
     return Classifier(trunk, dim, num_classes, embedding_dim=embedding_dim, normalize=normalize, mean=mean, std=std)
 
 
@@ -106,6 +131,9 @@ def _file_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"model.weights: no such file {path}")
     try:
+        if path.suffix == ".safetensors":  # the format of timm's weights on the Hugging Face hub: tensors only
+            from safetensors.torch import load_file
+            return load_file(path, device="cpu")
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt or not a torch file: say which file
         raise ValueError(f"model.weights: {path} is not a readable weights file: {exc}") from exc
@@ -127,6 +155,10 @@ def load_initial_weights(model: Classifier, weights: str) -> None:
     if weights == "imagenet":
         if backbone_name is None:
             raise ValueError("imagenet weights need the backbone name")
+        if backbone_name.startswith(TIMM_PREFIX):
+            raise ValueError(f"model.weights: imagenet is for torchvision backbones; for {backbone_name}, download "
+                             f"its weights file (model.safetensors from the Hugging Face hub) and set model.weights "
+                             f"to its path")
         state = _imagenet_state_dict(backbone_name)
     else:
         state = _file_state_dict(Path(weights))

@@ -9,7 +9,7 @@ export DVC_NO_ANALYTICS := 1
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PYTHONHASHSEED := 0
 
-.PHONY: repro test lint install lock bench clean
+.PHONY: repro test lint install lock plots bench clean
 
 install: $(STAMP)
 
@@ -24,6 +24,10 @@ $(STAMP): pyproject.toml requirements.lock
 repro: $(STAMP)
 	$(VENV)/bin/dvc repro
 
+# dvc plots show as a page that works offline (Vega inlined): dvc_plots/index.html
+plots: $(STAMP)
+	$(PY) scripts/plots_offline.py
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
@@ -33,7 +37,7 @@ test: lint
 # re-resolve the lock from pyproject.toml in a scratch venv (torch pinned as for the sample run)
 lock:
 	rm -rf .lock-venv && python3 -m venv .lock-venv
-	.lock-venv/bin/pip install -q torch==2.14.1 torchvision==0.29.1 -e '.[test,timm]'
+	.lock-venv/bin/pip install -q torch==2.14.1 torchvision==0.29.1 -e '.[test,timm,plots]'
 	{ sed -n '1,3p' requirements.lock; .lock-venv/bin/pip freeze --exclude-editable; } > requirements.lock.new
 	mv requirements.lock.new requirements.lock && rm -rf .lock-venv
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,18 @@ def write_images(images_dir: Path, rows: list[tuple[str, str, int]], seed: int =
             data = tiny_image(label, rng)
             shard, offset = shards.write(data)
             index.add(key, split, shard, offset, len(data), 32, 32)
+
+
+def run_train_naive(workdir: Path, out: str = "models/naive") -> None:
+    """The train_naive stage, in-process, in ``workdir`` (which holds params.yaml and data/)."""
+    from stages import train_naive
+
+    old = Path.cwd()
+    os.chdir(workdir)
+    try:
+        train_naive.main(["data/filtered", "data/images", out])
+    finally:
+        os.chdir(old)
 
 
 @pytest.fixture

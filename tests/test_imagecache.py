@@ -3,16 +3,15 @@ and off above its size limit."""
 from __future__ import annotations
 
 import io
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import run_train_naive
 from PIL import Image
 
-from stages import train_naive
 from stages.lib.data import ShardDataset, build_transform
 from stages.lib.imagecache import CacheConfig, DecodedImages, decoded_bytes, hold_decoded
 from stages.lib.layout import INDEX
@@ -36,12 +35,7 @@ def shards(tmp_path: Path) -> Path:
 
 
 def run_stage(workdir: Path, out: str) -> dict[str, torch.Tensor]:
-    old = Path.cwd()
-    os.chdir(workdir)
-    try:
-        train_naive.main(["data/filtered", "data/images", out])
-    finally:
-        os.chdir(old)
+    run_train_naive(workdir, out)
     return torch.load(workdir / out / "model.pt", map_location="cpu", weights_only=True)["state_dict"]
 
 

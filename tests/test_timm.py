@@ -2,7 +2,6 @@
 model-file contract, local weights loaded safely, clear errors."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -11,9 +10,10 @@ import yaml
 
 pytest.importorskip("timm")  # an optional extra; requirements.lock installs it
 
+from conftest import run_train_naive  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402 (after the skip)
 
-from stages import predict, train_naive  # noqa: E402
+from stages import predict  # noqa: E402
 from stages.lib.models import create_model, load_model_file  # noqa: E402
 
 BACKBONE = "timm/test_convnext"  # one of timm's tiny test models: random weights, no download
@@ -25,12 +25,7 @@ def test_a_timm_backbone_trains_and_predicts_through_the_model_file(tiny_pipelin
     params["train"]["epochs"] = 2
     params["train"]["early_epoch"] = 1
     (tiny_pipeline / "params.yaml").write_text(yaml.safe_dump(params))
-    old = Path.cwd()
-    os.chdir(tiny_pipeline)
-    try:
-        train_naive.main(["data/filtered", "data/images", "models/naive"])
-    finally:
-        os.chdir(old)
+    run_train_naive(tiny_pipeline)
     model, meta = load_model_file(tiny_pipeline / "models/naive/model.pt")
     assert meta["backbone"] == BACKBONE and type(model.trunk).__module__.startswith("timm.")
     with torch.inference_mode():

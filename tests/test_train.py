@@ -13,21 +13,16 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import run_train_naive
 
-from stages import train_naive
 from stages.lib import engine
 from stages.lib.models import build_model, create_model, load_model_file
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_stage(workdir: Path, out: str = "models/naive", env: dict | None = None) -> None:
-    old = Path.cwd()
-    os.chdir(workdir)
-    try:
-        train_naive.main(["data/filtered", "data/images", out])
-    finally:
-        os.chdir(old)
+def run_stage(workdir: Path, out: str = "models/naive") -> None:
+    run_train_naive(workdir, out)
 
 
 def state(path: Path) -> dict[str, torch.Tensor]:

@@ -9,7 +9,7 @@ export DVC_NO_ANALYTICS := 1
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PYTHONHASHSEED := 0
 
-.PHONY: repro test lint install lock plots bench clean
+.PHONY: repro test lint install lock plots revalidate bench clean
 
 install: $(STAMP)
 
@@ -23,6 +23,11 @@ $(STAMP): pyproject.toml requirements.lock
 
 repro: $(STAMP)
 	$(VENV)/bin/dvc repro
+
+# CI for a commit made on the real data: pull the committed models and data from the DVC remote, re-run
+# evaluate only, compare with the committed metrics and with BASELINE's (default HEAD~1)
+revalidate: $(STAMP)
+	$(PY) -m stages.revalidate $(if $(BASELINE),--baseline $(BASELINE)) $(if $(REMOTE),--remote $(REMOTE))
 
 # dvc plots show as a page that works offline (Vega inlined): dvc_plots/index.html
 plots: $(STAMP)

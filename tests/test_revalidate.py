@@ -1,0 +1,103 @@
+"""stages.revalidate: a committed run re-validated from a DVC remote without
+retraining; it fails on hand-edited metrics and on a regression against the
+baseline commit."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(shutil.which("dvc") is None, reason="needs the dvc command (make test's PATH)")
+
+TRAIN = """import sys, yaml, pathlib
+score = yaml.safe_load(open("params.yaml"))["train"]["score"]
+pathlib.Path("models").mkdir(exist_ok=True)
+pathlib.Path("models/model.txt").write_text(str(score))  # a 'model' whose test top-1 is its content
+"""
+EVALUATE = """import json, pathlib
+top1 = float(pathlib.Path("models/model.txt").read_text())
+pathlib.Path("reports").mkdir(exist_ok=True)
+pathlib.Path("reports/metrics.json").write_text(json.dumps({"siamese": {"top1": top1}, "data": {"n": 1}}))
+"""
+DVC_YAML = {"stages": {
+    "train": {"cmd": "python train.py", "deps": ["train.py"], "params": ["train"], "outs": ["models/model.txt"]},
+    "evaluate": {"cmd": "python evaluate.py", "deps": ["evaluate.py", "models/model.txt"],
+                 "metrics": [{"reports/metrics.json": {"cache": False}}]}}}
+
+
+def sh(*cmd: str, cwd: Path) -> str:
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    return subprocess.run(cmd, cwd=cwd, env=env, check=True, capture_output=True, text=True).stdout
+
+
+def commit_run(repo: Path, score: float, message: str) -> str:
+    """Train with ``score``, evaluate, push to the remote, commit; the commit id."""
+    (repo / "params.yaml").write_text(yaml.safe_dump({"train": {"score": score},
+                                                      "check": {"tolerance": {"top1": 0.01}}}))
+    sh("dvc", "repro", "-q", cwd=repo)
+    sh("dvc", "push", "-q", cwd=repo)
+    sh("git", "add", "-A", cwd=repo)
+    sh("git", "commit", "-qm", message, cwd=repo)
+    return sh("git", "rev-parse", "HEAD", cwd=repo).strip()
+
+
+def revalidate(repo: Path, tmp: Path, baseline: str) -> subprocess.CompletedProcess:
+    """A fresh clone (no models, as on CI), then the re-validation."""
+    clone = tmp / f"clone-{len(list(tmp.iterdir()))}"
+    sh("git", "clone", "-q", str(repo), str(clone), cwd=tmp)
+    assert not (clone / "models" / "model.txt").exists()
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "stages.revalidate", "--baseline", baseline], cwd=clone, env=env,
+                          capture_output=True, text=True)
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    sh("git", "init", "-q", cwd=repo)
+    sh("dvc", "init", "-q", cwd=repo)
+    sh("dvc", "remote", "add", "-d", "local", str(tmp_path / "remote"), cwd=repo)  # a local-directory remote
+    (repo / "train.py").write_text(TRAIN)
+    (repo / "evaluate.py").write_text(EVALUATE)
+    (repo / "dvc.yaml").write_text(yaml.safe_dump(DVC_YAML, sort_keys=False))
+    return repo
+
+
+def test_a_committed_run_revalidates_from_the_remote(repo: Path, tmp_path: Path) -> None:
+    first = commit_run(repo, 0.80, "baseline run")
+    commit_run(repo, 0.82, "a better run")
+    (tmp_path / "work").mkdir()
+    proc = revalidate(repo, tmp_path / "work", first)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "revalidate: ok" in proc.stdout and "siamese.top1" in proc.stdout
+
+
+def test_hand_edited_metrics_fail(repo: Path, tmp_path: Path) -> None:
+    first = commit_run(repo, 0.80, "baseline run")
+    metrics = json.loads((repo / "reports/metrics.json").read_text())
+    metrics["siamese"]["top1"] = 0.95  # claimed, not measured
+    (repo / "reports/metrics.json").write_text(json.dumps(metrics))
+    sh("git", "commit", "-qam", "edited metrics", cwd=repo)
+    (tmp_path / "work").mkdir()
+    proc = revalidate(repo, tmp_path / "work", first)
+    assert proc.returncode == 1
+    assert "the committed metrics are not what the committed models score" in proc.stderr
+
+
+def test_a_regressed_model_fails_against_the_baseline(repo: Path, tmp_path: Path) -> None:
+    first = commit_run(repo, 0.80, "baseline run")
+    commit_run(repo, 0.70, "a worse model, its metrics honestly committed")
+    (tmp_path / "work").mkdir()
+    proc = revalidate(repo, tmp_path / "work", first)
+    assert proc.returncode == 1, proc.stdout
+    assert f"worse than {first} by more than check.tolerance" in proc.stderr
+    assert "REGRESSION" in proc.stdout

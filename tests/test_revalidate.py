@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -32,8 +33,13 @@ DVC_YAML = {"stages": {
                  "metrics": [{"reports/metrics.json": {"cache": False}}]}}}
 
 
+# an S3 API on 127.0.0.1 only (moto's server), with made-up credentials: nothing leaves the machine
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+          "AWS_EC2_METADATA_DISABLED": "true"}
+
+
 def sh(*cmd: str, cwd: Path) -> str:
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+    env = {**os.environ, **S3_ENV, "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
            "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
     return subprocess.run(cmd, cwd=cwd, env=env, check=True, capture_output=True, text=True).stdout
 
@@ -54,18 +60,43 @@ def revalidate(repo: Path, tmp: Path, baseline: str) -> subprocess.CompletedProc
     clone = tmp / f"clone-{len(list(tmp.iterdir()))}"
     sh("git", "clone", "-q", str(repo), str(clone), cwd=tmp)
     assert not (clone / "models" / "model.txt").exists()
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, **S3_ENV, "DVC_NO_ANALYTICS": "1", "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", "stages.revalidate", "--baseline", baseline], cwd=clone, env=env,
                           capture_output=True, text=True)
 
 
 @pytest.fixture
-def repo(tmp_path: Path) -> Path:
+def s3_endpoint() -> str:
+    """moto's S3 server on 127.0.0.1 (the way dvc-s3's own tests run) with one bucket."""
+    pytest.importorskip("dvc_s3")
+    pytest.importorskip("moto")
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    boto3.client("s3", endpoint_url=endpoint, **{k.lower(): v for k, v in S3_ENV.items()
+                                                 if k.startswith("AWS_") and "KEY" in k},
+                 region_name="us-east-1").create_bucket(Bucket="clickdog")
+    yield endpoint
+    server.stop()
+
+
+@pytest.fixture(params=["local", "s3"])
+def repo(request, tmp_path: Path) -> Path:
     repo = tmp_path / "repo"
     repo.mkdir()
     sh("git", "init", "-q", cwd=repo)
     sh("dvc", "init", "-q", cwd=repo)
-    sh("dvc", "remote", "add", "-d", "local", str(tmp_path / "remote"), cwd=repo)  # a local-directory remote
+    if request.param == "local":  # a local-directory remote
+        sh("dvc", "remote", "add", "-d", "store", str(tmp_path / "remote"), cwd=repo)
+    else:  # S3 through dvc-s3, against moto's server: the credentials come from the environment
+        sh("dvc", "remote", "add", "-d", "store", "s3://clickdog/runs", cwd=repo)
+        sh("dvc", "remote", "modify", "store", "endpointurl", request.getfixturevalue("s3_endpoint"), cwd=repo)
     (repo / "train.py").write_text(TRAIN)
     (repo / "evaluate.py").write_text(EVALUATE)
     (repo / "dvc.yaml").write_text(yaml.safe_dump(DVC_YAML, sort_keys=False))

@@ -30,8 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 STAGE_LINE = re.compile(r"Running stage '([^']+)'")
 # checkpoints whose history tells images/s and loader waits (newer commits log data_wait_s)
-HISTORIES = {"train_naive": ["models/naive/checkpoints/last.pt"],
-             "train_siamese": ["models/siamese/checkpoints/last.pt"]}
+HISTORIES = {"train_naive": "models/naive/checkpoints/last.pt", "train_siamese": "models/siamese/checkpoints/last.pt"}
 
 
 def repro(commit: str, workdir: Path) -> dict:
@@ -69,15 +68,14 @@ def repro(commit: str, workdir: Path) -> dict:
 
 def training_stats(clone: Path) -> dict:
     out = {}
-    for stage, paths in HISTORIES.items():
-        for p in paths:
-            history = torch.load(clone / p, map_location="cpu", weights_only=True)["history"]
-            secs = sum(h["epoch_s"] for h in history)
-            stats = {"epochs": len(history), "epoch_s": round(secs, 1),
-                     "images_per_s": round(sum(h["train_images_per_s"] for h in history) / len(history))}
-            if all("train_data_wait_s" in h for h in history):
-                stats["data_wait_share"] = round(sum(h["train_data_wait_s"] for h in history) / secs, 3)
-            out[stage] = stats
+    for stage, path in HISTORIES.items():
+        history = torch.load(clone / path, map_location="cpu", weights_only=True)["history"]
+        secs = sum(h["epoch_s"] for h in history)
+        stats = {"epochs": len(history), "epoch_s": round(secs, 1),
+                 "images_per_s": round(sum(h["train_images_per_s"] for h in history) / len(history))}
+        if all("train_data_wait_s" in h for h in history):
+            stats["data_wait_share"] = round(sum(h["train_data_wait_s"] for h in history) / secs, 3)
+        out[stage] = stats
     return out
 
 

@@ -73,10 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     reference_train = reference_size(raw, train_cfg)
     cache = hold_decoded(args.images_dir, index, (k for s in sets.values() if s is not None for k in s["key"]),
                          params["cache"])
-    report: dict[str, dict | None] = {}
+    report: dict[str, dict | None] = dict.fromkeys(sets)  # in params order; None: skipped
     for name in (n for n, labels in sets.items() if labels is None):
         log.info("reference %s skipped: the data has no %s (only the generated sample does)", name, layout.TRUTH)
-        report[name] = None
     todo = [name for name, labels in sets.items() if labels is not None]
     with atomic_dir(args.out_dir) as tmp:
         # the references are independent: side by side (train.parallel_runs)
@@ -86,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, info in zip(todo, infos):
             report[name] = info
             log.info("reference %s: %s", name, info)
-        write_json(tmp / layout.REPORT, dict(sorted(report.items(), key=lambda kv: list(sets).index(kv[0]))))
+        write_json(tmp / layout.REPORT, report)
     return 0
 
 

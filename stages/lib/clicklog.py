@@ -39,7 +39,6 @@ _TOO_LONG_ROW = b"\x00line_too_long\t\t0"
 _MAX_TOTAL_CLICKS = 2**62
 # decode's key rule (decoding.valid_key), vectorised: no quote or control character, at most 256 characters
 _BAD_KEY_CHARS = r'["\x00-\x1f\x7f]'
-_MAX_KEY_BYTES = 4 * 256
 _EXAMPLES = 5  # malformed lines quoted per reason in the report
 
 

@@ -20,7 +20,7 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset, DistributedSampler
 
 from stages.lib.imagecache import DecodedImages
-from stages.lib.shards import ShardReader, read_index
+from stages.lib.shards import ShardReader, index_rows, read_index
 from stages.lib.tables import read_table
 
 GREY = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
@@ -134,12 +134,7 @@ class ShardDataset(Dataset):
 
     def __init__(self, images_dir: str | Path, keys: Sequence[str], labels: Sequence[int], transform, *,
                  seed: int = 0, index: pd.DataFrame | None = None, cache: DecodedImages | None = None) -> None:
-        index = read_index(images_dir) if index is None else index
-        rows = index.drop_duplicates("key").set_index("key")
-        missing = [k for k in keys if k not in rows.index]
-        if missing:
-            raise KeyError(f"{len(missing)} keys have no decoded image, e.g. {missing[:3]}")
-        rows = rows.loc[list(keys)]
+        rows = index_rows(read_index(images_dir) if index is None else index, keys)
         self.locations = rows[["shard", "offset", "length"]].to_numpy(dtype=np.int64)
         self.labels = np.asarray(labels, dtype=np.int64)
         self.keys = list(keys)

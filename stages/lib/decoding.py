@@ -208,11 +208,12 @@ def decode_image(data: bytes, cfg: DecodeConfig) -> tuple[bytes, int, int, str]:
             raise Reject("empty_image")
         if width * height > cfg.max_pixels:
             raise Reject("too_many_pixels")  # before any pixel is decoded
-        turned = exif_orientation(img) in (5, 6, 7, 8)  # upright, it is height x width
+        orientation = exif_orientation(img)
+        turned = orientation in (5, 6, 7, 8)  # upright, it is height x width
         upright = (height, width) if turned else (width, height)
         target = capped_size(*upright, cfg.max_short_side)
         copy = (img.format == "JPEG" and img.mode == "RGB" and target == (width, height)
-                and not img.info.get("progressive") and exif_orientation(img) == 1 and data.endswith(b"\xff\xd9"))
+                and not img.info.get("progressive") and orientation == 1 and data.endswith(b"\xff\xd9"))
         if copy:
             # A 1/8-scale decode still entropy-decodes every coefficient, so a
             # truncated or corrupt stream fails as in a full decode, at about

@@ -15,6 +15,7 @@ writes.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -189,8 +190,13 @@ def train_one_epoch(model: nn.Module, loss_fn: LossFn, loader: DataLoader, optim
     model.train()
     sums: dict[str, float] = {}
     seen, start = 0, time.time()
-    waits = [0.0]
-    for step, batch in enumerate(_timed(loader, waits)):
+    batches, wait = iter(loader), 0.0
+    for step in itertools.count():
+        t = time.perf_counter()
+        batch = next(batches, None)  # a DataLoader never yields None
+        wait += time.perf_counter() - t
+        if batch is None:
+            break
         with ctx.autocast():
             loss, logs, n = loss_fn(model, batch, ctx)
         if not torch.isfinite(loss):
@@ -215,22 +221,9 @@ def train_one_epoch(model: nn.Module, loss_fn: LossFn, loader: DataLoader, optim
         seen += n
     out = {k: v / max(1, seen) for k, v in sums.items()}
     out["images_per_s"] = seen / max(1e-9, time.time() - start)
-    out["data_wait_s"] = waits[0]
+    out["data_wait_s"] = wait
     out["lr"] = optimizer.param_groups[0]["lr"]
     return out
-
-
-def _timed(batches, waits: list[float]):
-    """Yield from ``batches``, adding the time each ``next`` took to ``waits[0]``."""
-    it = iter(batches)
-    while True:
-        t = time.perf_counter()
-        try:
-            batch = next(it)
-        except StopIteration:
-            return
-        waits[0] += time.perf_counter() - t
-        yield batch
 
 
 @torch.inference_mode()

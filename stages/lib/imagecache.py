@@ -26,7 +26,7 @@ import pandas as pd
 from PIL import Image
 
 from stages.lib.params import Section
-from stages.lib.shards import ShardReader
+from stages.lib.shards import ShardReader, index_rows
 
 log = logging.getLogger("imagecache")
 
@@ -51,9 +51,12 @@ class DecodedImages:
 
     @classmethod
     def decode(cls, images_dir: str | Path, index: pd.DataFrame, keys: Iterable[str]) -> DecodedImages:
-        rows = _rows(index, keys)
-        sizes = (rows["width"].to_numpy(np.int64) * rows["height"].to_numpy(np.int64) * 3)
-        offsets = np.concatenate([[0], np.cumsum(sizes)])
+        return cls.from_rows(images_dir, _rows(index, keys))
+
+    @classmethod
+    def from_rows(cls, images_dir: str | Path, rows: pd.DataFrame) -> DecodedImages:
+        """Decode the images of index ``rows`` (indexed by key, distinct)."""
+        offsets = np.concatenate([[0], np.cumsum(_sizes(rows))])
         pixels = np.empty(int(offsets[-1]), dtype=np.uint8)
         slots = {}
         with ShardReader(images_dir) as reader:
@@ -84,32 +87,31 @@ class DecodedImages:
 
 def _rows(index: pd.DataFrame, keys: Iterable[str]) -> pd.DataFrame:
     """Index rows of the distinct ``keys``, in first-seen order."""
-    wanted = list(dict.fromkeys(keys))
-    rows = index.drop_duplicates("key").set_index("key")
-    missing = [k for k in wanted if k not in rows.index]
-    if missing:
-        raise KeyError(f"{len(missing)} keys have no decoded image, e.g. {missing[:3]}")
-    return rows.loc[wanted]
+    return index_rows(index, list(dict.fromkeys(keys)))
+
+
+def _sizes(rows: pd.DataFrame) -> np.ndarray:
+    """Bytes of each row's decoded RGB pixels (from the index's sizes)."""
+    return rows["width"].to_numpy(np.int64) * rows["height"].to_numpy(np.int64) * 3
 
 
 def decoded_bytes(index: pd.DataFrame, keys: Iterable[str]) -> int:
-    """Bytes the decoded RGB pixels of ``keys`` take (from the index's sizes)."""
-    rows = _rows(index, keys)
-    return int((rows["width"].to_numpy(np.int64) * rows["height"].to_numpy(np.int64) * 3).sum())
+    """Bytes the decoded RGB pixels of ``keys`` take."""
+    return int(_sizes(_rows(index, keys)).sum())
 
 
 def hold_decoded(images_dir: str | Path, index: pd.DataFrame, keys: Iterable[str],
                  cfg: CacheConfig) -> DecodedImages | None:
     """The decoded images of ``keys`` when they fit in ``cache.max_mb``, else
     None (the loaders then decode from the shards every epoch)."""
-    keys = list(dict.fromkeys(keys))
-    size = decoded_bytes(index, keys)
+    rows = _rows(index, keys)
+    size = int(_sizes(rows).sum())
     if size > cfg.max_mb * 2**20:
-        log.info("not holding %d decoded images in memory: %.0f MB > cache.max_mb %d", len(keys), size / 2**20,
+        log.info("not holding %d decoded images in memory: %.0f MB > cache.max_mb %d", len(rows), size / 2**20,
                  cfg.max_mb)
         return None
     start = time.perf_counter()
-    cache = DecodedImages.decode(images_dir, index, keys)
+    cache = DecodedImages.from_rows(images_dir, rows)
     log.info("holding %d decoded images in memory (%.0f MB, decoded in %.1f s)", len(cache), cache.nbytes / 2**20,
              time.perf_counter() - start)
     return cache

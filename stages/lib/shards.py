@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -133,6 +134,16 @@ def read_index(images_dir: str | Path) -> pd.DataFrame:
     """The index of a decoded image folder: one row per image with key, split,
     shard, offset, length, width, height (in decode order)."""
     return pd.read_parquet(Path(images_dir) / INDEX)
+
+
+def index_rows(index: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
+    """The index rows of ``keys``, in their order, indexed by key (the first
+    row of a key given twice); KeyError naming the keys that have none."""
+    rows = index.drop_duplicates("key").set_index("key")
+    missing = [k for k in keys if k not in rows.index]
+    if missing:
+        raise KeyError(f"{len(missing)} keys have no decoded image, e.g. {missing[:3]}")
+    return rows.loc[list(keys)]
 
 
 def _field(row: Any, name: str) -> Any:

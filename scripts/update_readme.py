@@ -56,7 +56,7 @@ def results_block(reports: Path) -> str:
         parts += ["#### Seed study (test set, mean ± standard error over seeds)", "",
                   "From `python scripts/seed_study.py` (`reports/seed_study.json` has every run). It was run before "
                   "`train.parallel_runs` (each cross-fitting fold then trained on 2 threads, now on 1: single runs "
-                  "differ in detail, as across seeds, not in distribution).", "",
+                  "differ; the study has not been re-run on this code).", "",
                   study.read_text(encoding="utf-8")]
     sweep = reports / "sweep" / "filter_sweep.png"
     figures = [(f"figures/{name}", alt) for name, alt in FIGURES if (reports / "figures" / name).is_file()]

@@ -9,6 +9,11 @@ and, where present, ``raw/truth.tsv`` (reports only). Writes the files of
 ``stages.lib.layout`` for data/filtered/, atomically. The rules and their
 notation are in :mod:`stages.lib.weaklabels`.
 
+A release without a click log (no ``raw/clicks.tsv``) whose image file has
+a breed column (``decode.columns: [breed, key, image]``) gets its weak labels
+from that column: click counts are unknown, so the click thresholds do not
+apply and only make_pairs' probability filter judges the labels.
+
 ``--sweep DIR`` applies a grid of ``min_clicks`` x ``min_share`` instead, and
 writes ``filter_sweep.{csv,md,png}`` (precision against kept images) to DIR;
 it needs ``truth.tsv``.
@@ -24,6 +29,8 @@ from typing import Any
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from stages.lib import layout
 from stages.lib.atomic import atomic_dir, atomic_file, exit_on_sigterm, write_json
@@ -33,7 +40,15 @@ from stages.lib.noise import check_enough_left
 from stages.lib.params import Section, in_range, load_sections
 from stages.lib.queries import BreedMatcher
 from stages.lib.tables import read_truth, write_table
-from stages.lib.weaklabels import DROP_REASONS, WeakLabels, check_thresholds, find_weak_labels
+from stages.lib.weaklabels import (
+    COLUMN_DROP_REASONS,
+    DROP_REASONS,
+    UNKNOWN_BREED,
+    WeakLabels,
+    check_thresholds,
+    find_weak_labels,
+    labels_from_column,
+)
 
 log = logging.getLogger("filter_clicks")
 
@@ -60,9 +75,8 @@ class FilterConfig(Section):
         in_range("min_kept_share", self.min_kept_share, 0, 1)
 
 
-def load_inputs(raw: Path, images: Path, params: FilterConfig
-                ) -> tuple[list[str], pa.Array, pd.DataFrame, ClickLogSummary, pd.Series | None]:
-    """Read the vocabulary, the training keys and the click log (streamed)."""
+def read_vocabulary(raw: Path, params: FilterConfig) -> tuple[list[str], BreedMatcher]:
+    """The breeds of breeds.tsv and the matcher of queries (or breed cells) to them."""
     aliases = params.aliases
     breeds = read_breeds(raw / layout.BREEDS)
     # One params.yaml serves the sample and the real data: an alias of a breed
@@ -75,6 +89,12 @@ def load_inputs(raw: Path, images: Path, params: FilterConfig
         matcher = BreedMatcher(breeds, aliases)
     except ValueError as err:
         raise SystemExit(f"filter.aliases / {layout.BREEDS}: {err}") from err
+    return breeds, matcher
+
+
+def load_inputs(raw: Path, images: Path, breeds: list[str], matcher: BreedMatcher, params: FilterConfig
+                ) -> tuple[pa.Array, pd.DataFrame, ClickLogSummary, pd.Series | None]:
+    """Read the training keys and the click log (streamed)."""
     train_keys = read_train_keys(images / layout.INDEX)
     t0 = time.perf_counter()
     clicks, summary = aggregate_clicks(raw / layout.CLICKS, matcher, max_clicks=params.max_clicks_per_line,
@@ -84,8 +104,48 @@ def load_inputs(raw: Path, images: Path, params: FilterConfig
     log.info("click log: %d lines (%d valid, %d malformed, %d duplicates summed) in %.1f s (%.0f lines/s); "
              "%d distinct queries", summary.lines, summary.valid_lines, sum(summary.malformed.values()),
              summary.duplicate_lines, dt, summary.lines / max(dt, 1e-9), summary.queries["distinct"])
-    truth = read_truth(raw / layout.TRUTH) if (raw / layout.TRUTH).exists() else None
-    return breeds, train_keys, clicks, summary, truth
+    return train_keys, clicks, summary, read_truth(raw / layout.TRUTH) if (raw / layout.TRUTH).exists() else None
+
+
+def labels_from_image_file(raw: Path, images: Path, breeds: list[str], matcher: BreedMatcher,
+                           params: FilterConfig) -> tuple[WeakLabels, dict[str, Any]]:
+    """The weak labels of a release without a click log: the breed column
+    that decode kept in the index. A clear error when there is none."""
+    index = pq.read_table(images / layout.INDEX)
+    if "breed" not in index.column_names:
+        raise SystemExit(
+            f"filter_clicks: there is no click log ({raw / layout.CLICKS}) and {images / layout.INDEX} has no breed "
+            f"column: give the click log (data.files.clicks), or, for a release whose image file carries the weak "
+            f"labels, name that column in decode.columns (e.g. [breed, key, image])")
+    log.warning("no click log (%s): the weak labels are the breed column of %s (decode.columns). Click counts are "
+                "unknown, so filter.min_clicks and filter.min_share do not apply; only make_pairs' probability "
+                "filter (pairs.filter) judges these labels", raw / layout.CLICKS, layout.TRAIN_IMAGES)
+    train = index.filter(pc.equal(index["split"], "train")).select(["key", "breed"]).to_pandas()
+    weak = labels_from_column(train["key"], train["breed"], breeds, matcher.classify,
+                              min_images_per_class=params.min_images_per_class)
+    reasons = weak.dropped["reason"].value_counts()
+    unmatched = weak.evidence.loc[weak.evidence["reason"] == UNKNOWN_BREED, "text"].value_counts()
+    report = {
+        "labels_from": "image_file",
+        "params": {"min_images_per_class": params.min_images_per_class},
+        "images": {"decoded_train": len(train), "raw_labelled": len(weak.raw), "kept": len(weak.kept),
+                   "dropped": {r: int(reasons.get(r, 0)) for r in COLUMN_DROP_REASONS}},
+        "breed_cells": {"distinct": int(train["breed"].nunique()),
+                        "unknown": {t: int(n) for t, n in unmatched.head(20).items()}},
+        **class_report(weak),
+        "quality": None,
+    }
+    if len(unmatched):
+        log.warning("%d training images have a breed cell that names no breed of %s (or several): %s", unmatched.sum(),
+                    layout.BREEDS, {t: int(n) for t, n in unmatched.head(5).items()})
+    return weak, report
+
+
+def class_report(weak: WeakLabels) -> dict[str, Any]:
+    return {"classes": {"kept": weak.classes,
+                        "dropped": [b for b in weak.per_class["breed"] if b not in set(weak.classes)]},
+            "per_class": {r.breed: {"raw": int(r.raw), "passed": int(r.passed), "kept": int(r.kept)}
+                          for r in weak.per_class.itertuples()}}
 
 
 def check_rejects(summary: ClickLogSummary, max_fraction: float) -> None:
@@ -113,10 +173,7 @@ def build_report(weak: WeakLabels, summary: ClickLogSummary, truth: pd.Series | 
         "images": {"clicked": int((ev["breed_clicks"] + ev["other_clicks"] > 0).sum()),
                    "decoded_train": int(ev["decoded"].sum()), "raw_labelled": len(weak.raw),
                    "kept": len(weak.kept), "dropped": {r: int(reasons.get(r, 0)) for r in DROP_REASONS}},
-        "classes": {"kept": weak.classes,
-                    "dropped": [b for b in weak.per_class["breed"] if b not in set(weak.classes)]},
-        "per_class": {r.breed: {"raw": int(r.raw), "passed": int(r.passed), "kept": int(r.kept)}
-                      for r in weak.per_class.itertuples()},
+        **class_report(weak),
         "quality": label_quality(weak, truth) if truth is not None else None,
     }
 
@@ -176,24 +233,21 @@ def run_sweep(out: Path, clicks: pd.DataFrame, breeds: list[str], train_keys: pa
     log.info("sweep written to %s", out)
 
 
-def filter_and_write(out: Path, clicks: pd.DataFrame, breeds: list[str], train_keys: pa.Array,
-                     truth: pd.Series | None, summary: ClickLogSummary, params: FilterConfig) -> None:
-    """Apply the thresholds of params.yaml and write data/filtered/."""
-    weak = find_weak_labels(clicks, breeds, train_keys=train_keys, min_clicks=params.min_clicks,
-                            min_share=params.min_share, min_images_per_class=params.min_images_per_class)
+def check_and_write(out: Path, weak: WeakLabels, report: dict[str, Any], params: FilterConfig) -> None:
+    """Stop when too little is left, else write data/filtered/."""
     if not weak.classes:
         raise SystemExit("filter_clicks: no class keeps filter.min_images_per_class images; "
                          "lower filter.min_clicks / min_share / min_images_per_class")
     # a breed with too few raw-clicked images is left out (the data's doing); one
     # that had enough and lost it to the thresholds stops the stage (the filter's)
-    pc = weak.per_class
+    per_class = weak.per_class
     try:
-        check_enough_left(dict(zip(pc["breed"], pc["raw"].astype(int))), dict(zip(pc["breed"], pc["kept"].astype(int))),
+        check_enough_left(dict(zip(per_class["breed"], per_class["raw"].astype(int))),
+                          dict(zip(per_class["breed"], per_class["kept"].astype(int))),
                           stage="filter_clicks", min_per_class=params.min_images_per_class,
                           min_kept_share=params.min_kept_share, params="filter.min_clicks / filter.min_share")
     except ValueError as err:
         raise SystemExit(str(err)) from err
-    report = build_report(weak, summary, truth, params)
     write_outputs(out, weak, report)
     log.info("kept %d of %d decoded training images in %d classes; dropped: %s", len(weak.kept),
              report["images"]["decoded_train"], len(weak.classes),
@@ -220,12 +274,23 @@ def main(argv: list[str] | None = None) -> int:
         params = load_sections(args.params, filter=FilterConfig)["filter"]
     except ValueError as err:  # ConfigError, or a threshold out of range
         raise SystemExit(f"filter_clicks: {err}") from err
-    breeds, train_keys, clicks, summary, truth = load_inputs(args.raw, args.images, params)
+    breeds, matcher = read_vocabulary(args.raw, params)
+    if not (args.raw / layout.CLICKS).exists():  # a release with the weak labels in its image file
+        if args.sweep is not None:
+            raise SystemExit(f"--sweep sweeps click thresholds: it needs {args.raw / layout.CLICKS}")
+        weak, report = labels_from_image_file(args.raw, args.images, breeds, matcher, params)
+        if (args.raw / layout.TRUTH).exists():
+            report["quality"] = label_quality(weak, read_truth(args.raw / layout.TRUTH))
+        check_and_write(args.out, weak, report, params)
+        return 0
+    train_keys, clicks, summary, truth = load_inputs(args.raw, args.images, breeds, matcher, params)
     check_rejects(summary, params.max_reject_fraction)
     if args.sweep is not None:
         run_sweep(args.sweep, clicks, breeds, train_keys, truth, params)
-    else:
-        filter_and_write(args.out, clicks, breeds, train_keys, truth, summary, params)
+        return 0
+    weak = find_weak_labels(clicks, breeds, train_keys=train_keys, min_clicks=params.min_clicks,
+                            min_share=params.min_share, min_images_per_class=params.min_images_per_class)
+    check_and_write(args.out, weak, build_report(weak, summary, truth, params), params)
     return 0
 
 

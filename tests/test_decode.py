@@ -124,16 +124,26 @@ def test_a_jpeg_cut_inside_its_header_is_truncated_too() -> None:
 def test_header_and_three_column_layout_with_crlf(tmp_path: Path) -> None:
     jpeg = image_bytes(40, 30)
     train = [b"breed\tkey\timage"] + [
-        f"beagle\tb{i}\t".encode() + b64(jpeg) + b"\r" for i in range(3)
-    ] + [b"beagle\tb9\t" + b64(jpeg) + b"\tspare"]
-    test = [b"breed\tkey\timage", b"pug\tp0\t" + b64(jpeg)]
+        f"beagle\tb{i}\t".encode() + b64(jpeg) + b"\r" for i in range(2)
+    ] + [b" Basset_Hound \tb2\t" + b64(jpeg) + b"\r", b"beagle\tb9\t" + b64(jpeg) + b"\tspare"]
+    test = [b"breed\tkey\timage", b"\tp0\t" + b64(jpeg)]
     raw = make_raw(tmp_path, train, test)
     params = {**PARAMS, "columns": ["breed", "key", "image"], "header": True}
     decode_dataset(raw, tmp_path / "images", params)
-    assert list(read_index(tmp_path / "images")["key"]) == ["b0", "b1", "b2", "p0"]
+    index = read_index(tmp_path / "images")
+    assert list(index["key"]) == ["b0", "b1", "b2", "p0"]
+    # the breed column is kept (the weak labels of a release without a click log), as written, less the blanks
+    assert list(index["breed"]) == ["beagle", "beagle", "Basset_Hound", ""]
     rejects = read_rejects(tmp_path / "images")
     assert rejects.to_dict("records") == [
         {"file": layout.TRAIN_IMAGES, "line": "5", "key": "b9", "reason": "wrong_columns"}]
+
+
+def test_an_index_without_a_breed_column_keeps_its_schema(tmp_path: Path) -> None:
+    raw = make_raw(tmp_path, good_lines("a", 3))
+    decode_dataset(raw, tmp_path / "images", PARAMS)
+    assert list(read_index(tmp_path / "images").columns) == ["key", "split", "shard", "offset", "length", "width",
+                                                            "height"]
 
 
 def test_shards_round_trip_and_roll(tmp_path: Path) -> None:

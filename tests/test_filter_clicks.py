@@ -18,11 +18,14 @@ from stages.lib.queries import MULTIPLE_BREEDS, NO_BREED, BreedMatcher, normaliz
 from stages.lib.weaklabels import (
     AMBIGUOUS,
     CLASS_TOO_SMALL,
+    NO_BREED_LABEL,
     NO_BREED_QUERY,
     NO_CLICKS,
     NO_DECODED_IMAGE,
     TOO_FEW_CLICKS,
+    UNKNOWN_BREED,
     find_weak_labels,
+    labels_from_column,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -197,6 +200,28 @@ def test_filter_known_answers():
     per_class = weak.per_class.set_index("breed")
     assert per_class.loc["golden retriever"].tolist() == [7, 4, 4]  # raw, passed, kept
     assert per_class.loc["pug"].tolist() == [1, 1, 0]
+
+
+def test_labels_from_an_image_files_breed_column(matcher):
+    # a release without a click log: each image's breed cell, matched as a query is
+    cells = {"g1": "Golden_Retriever", "g2": "golden retrievers", "g3": "GOLDEN RETRIEVER", "l1": "lab",
+             "l2": "Labrador Retriever", "l3": "labrador_retriever", "e": "", "x": "cute dog pictures",
+             "two": "pug and lab", "p1": "pug"}
+    keys = pd.Series(list(cells))
+    weak = labels_from_column(keys, pd.Series(list(cells.values())), BREEDS, matcher.classify,
+                              min_images_per_class=2)
+    assert weak.classes == ["golden retriever", "labrador retriever"]
+    kept = weak.kept.set_index("key")
+    assert kept["breed"].to_dict() == {"g1": "golden retriever", "g2": "golden retriever", "g3": "golden retriever",
+                                       "l1": "labrador retriever", "l2": "labrador retriever",
+                                       "l3": "labrador retriever"}
+    assert kept["label"].to_dict() == {"g1": 0, "g2": 0, "g3": 0, "l1": 1, "l2": 1, "l3": 1}
+    assert kept["clicks"].isna().all() and kept["share"].isna().all()  # no click counts: unknown, not zero
+    assert weak.dropped.set_index("key")["reason"].to_dict() == {
+        "e": NO_BREED_LABEL, "x": UNKNOWN_BREED, "two": UNKNOWN_BREED, "p1": CLASS_TOO_SMALL}
+    # raw: every image whose cell names one breed, the lone pug too (label -1: no class)
+    assert sorted(weak.raw["key"]) == ["g1", "g2", "g3", "l1", "l2", "l3", "p1"]
+    assert weak.per_class.set_index("breed").loc["pug"].tolist() == [1, 1, 0]
 
 
 def test_filter_thresholds_move_the_answer():

@@ -92,7 +92,7 @@ def test_download_stage_writes_checksummed_sample(tmp_path: Path) -> None:
         os.chdir(old)
     raw = tmp_path / "data" / "raw"
     sums = dict(line.split("  ")[::-1] for line in (raw / layout.CHECKSUMS).read_text().split("\n") if line)
-    assert set(sums) == {*layout.RAW_FILES, layout.TRUTH}
+    assert set(sums) == {*layout.RAW_FILES, *layout.OPTIONAL_RAW_FILES}  # the sample has a click log and truth
     assert sums[layout.CLICKS] == sha256_file(raw / layout.CLICKS)
     assert [p.name for p in raw.parent.iterdir()] == ["raw"]  # no temporary folder left behind
 

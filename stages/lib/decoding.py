@@ -52,8 +52,9 @@ REJECT_KEY_CHARS = 200
 # (line number, byte offset, byte length w/o newline): what the main process
 # finds; workers read the bytes themselves, so lines never cross a pipe.
 Span = tuple[int, int, int]
-# (line number, key, reject reason or None, jpeg bytes, width, height, how)
-Result = tuple[int, str, "str | None", "bytes | None", int, int, str]
+# (line number, key, reject reason or None, jpeg bytes, width, height, how,
+#  breed column text or None where decode.columns has no breed column)
+Result = tuple[int, str, "str | None", "bytes | None", int, int, str, "str | None"]
 
 
 class Reject(Exception):
@@ -72,7 +73,10 @@ class DecodeError(RuntimeError):
 @dataclass(frozen=True)
 class DecodeConfig(Section):
     """The ``decode`` section of params.yaml, checked (workers: 1 decodes in
-    this process, 0 uses every core)."""
+    this process, 0 uses every core). ``columns`` names the image file's
+    columns: ``key`` and ``image`` are required; ``breed`` (a release that
+    ships weak labels in its image file) is kept in the index; any other
+    name is read past."""
 
     columns: tuple[str, ...]
     header: bool
@@ -110,6 +114,10 @@ class DecodeConfig(Section):
     @property
     def image_col(self) -> int:
         return self.columns.index("image")
+
+    @property
+    def breed_col(self) -> int | None:
+        return self.columns.index("breed") if "breed" in self.columns else None
 
 
 # --------------------------------------------------------------------------
@@ -252,8 +260,9 @@ def valid_key(key: str) -> bool:
     return 0 < len(key) <= MAX_KEY_CHARS and key.isprintable() and '"' not in key
 
 
-def parse_line(line: bytes, cfg: DecodeConfig) -> tuple[str, bytes]:
-    """Split one TSV line into (key, base64 field), or raise :class:`Reject`."""
+def parse_line(line: bytes, cfg: DecodeConfig) -> tuple[str, bytes, str | None]:
+    """Split one TSV line into (key, base64 field, breed text or None), or
+    raise :class:`Reject`."""
     if line.endswith(b"\r"):  # CRLF files; the scanner already dropped the LF
         line = line[:-1]
     if len(line) <= 1 and not line.strip():
@@ -272,28 +281,31 @@ def parse_line(line: bytes, cfg: DecodeConfig) -> tuple[str, bytes]:
         raise Reject("empty_key", key)
     if not valid_key(key):
         raise Reject("invalid_key", key)
-    return key, cols[image_col]
+    breed_col = cfg.breed_col
+    # the breed text is kept as the file has it: filter_clicks matches it to breeds.tsv
+    breed = None if breed_col is None else texts[breed_col if breed_col < image_col else breed_col - 1].strip()
+    return key, cols[image_col], breed
 
 
 def decode_line(line_no: int, line: bytes, too_long: bool, cfg: DecodeConfig) -> Result:
     """Decode one line into an image result or a reject result. For an
     over-long line, ``line`` is only its first bytes."""
-    key = ""
+    key, breed = "", None
     try:
         if too_long:
             cols = line.split(b"\t", cfg.key_col + 1)
             if len(cols) > cfg.key_col + 1:  # the key field ends inside the prefix
                 key = cols[cfg.key_col].decode("utf-8", "backslashreplace")
             raise Reject("line_too_long", key)
-        key, b64 = parse_line(line, cfg)
+        key, b64, breed = parse_line(line, cfg)
         try:
             data = binascii.a2b_base64(b64.strip(), strict_mode=True)
         except (binascii.Error, ValueError):
             raise Reject("bad_base64", key) from None
         jpeg, width, height, how = decode_image(data, cfg)
-        return line_no, key, None, jpeg, width, height, how
+        return line_no, key, None, jpeg, width, height, how, breed
     except Reject as r:
-        return line_no, r.key or key, r.reason, None, 0, 0, ""
+        return line_no, r.key or key, r.reason, None, 0, 0, "", None
 
 
 def decode_block(cfg: DecodeConfig, path: str, block: Sequence[Span]) -> list[Result]:
@@ -407,7 +419,7 @@ class OutputWriter:
 
     def __init__(self, out_dir: Path, cfg: DecodeConfig) -> None:
         self.shards = ShardWriter(out_dir, int(cfg.shard_mb * (1 << 20)))
-        self.index = IndexWriter(out_dir / layout.INDEX)
+        self.index = IndexWriter(out_dir / layout.INDEX, breeds=cfg.breed_col is not None)
         self.rejects: TextIO = open(out_dir / layout.REJECTS, "w", encoding="utf-8", newline="\n")
         self.rejects.write("file\tline\tkey\treason\n")
         # Keys are unique across splits: later stages look images up by key.
@@ -417,7 +429,7 @@ class OutputWriter:
 
     def add(self, file: str, split: str, result: Result, counts: collections.Counter) -> None:
         """Store one decoded line: an image in the shards and index, or a reject."""
-        line_no, key, reason, jpeg, width, height, how = result
+        line_no, key, reason, jpeg, width, height, how, breed = result
         counts["lines"] += 1
         if reason is None and not self.seen.add(key):
             reason = "duplicate_key"  # the first valid copy wins
@@ -428,7 +440,7 @@ class OutputWriter:
             return
         assert jpeg is not None
         shard, offset = self.shards.write(jpeg)
-        self.index.add(key, split, shard, offset, len(jpeg), width, height)
+        self.index.add(key, split, shard, offset, len(jpeg), width, height, breed)
         counts["images"] += 1
         self.how[how] += 1
 

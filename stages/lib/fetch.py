@@ -39,7 +39,7 @@ from stages.lib.atomic import atomic_file
 log = logging.getLogger(__name__)
 
 REQUIRED_ROLES: tuple[str, ...] = tuple(name.removesuffix(".tsv") for name in layout.RAW_FILES)
-OPTIONAL_ROLES: tuple[str, ...] = (layout.TRUTH.removesuffix(".tsv"),)
+OPTIONAL_ROLES: tuple[str, ...] = tuple(name.removesuffix(".tsv") for name in layout.OPTIONAL_RAW_FILES)
 SOURCES = ("url", "path")
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
 
@@ -88,7 +88,8 @@ def fetch_raw(
     """Place the raw files named in ``files`` as ``out_dir/<role>.tsv``.
 
     ``files`` maps a role (``train_images``, ``test_images``, ``test_labels``,
-    ``clicks``, ``breeds``; optionally ``truth``) to a spec:
+    ``breeds``; optionally ``clicks``, which a release with labels in its image
+    file lacks, and ``truth``) to a spec:
 
     - ``source="url"``: ``{url, sha256[, member]}``. ``sha256`` is that of the
       downloaded file, i.e. of the archive when ``member`` names a file inside

@@ -1,18 +1,21 @@
 """File names inside the stage folders: the contract between stages."""
 
 # data/raw/ (download)
-TRAIN_IMAGES = "train_images.tsv"   # key <TAB> base64 JPEG (layout: decode.columns)
+TRAIN_IMAGES = "train_images.tsv"   # key <TAB> base64 JPEG (layout: decode.columns; a breed column
+                                    # there gives weak labels where a release has no click log)
 TEST_IMAGES = "test_images.tsv"     # same layout as TRAIN_IMAGES
 TEST_LABELS = "test_labels.tsv"     # key <TAB> breed (clean labels)
-CLICKS = "clicks.tsv"               # key <TAB> query <TAB> clicks
+CLICKS = "clicks.tsv"               # key <TAB> query <TAB> clicks; absent: labels from the breed column
 BREEDS = "breeds.tsv"               # breed <TAB> integer label
 TRUTH = "truth.tsv"                 # key <TAB> true breed or "distractor"; sample only
 CHECKSUMS = "SHA256SUMS"            # sha256sum format, one line per file above
 
-RAW_FILES = (TRAIN_IMAGES, TEST_IMAGES, TEST_LABELS, CLICKS, BREEDS)
+RAW_FILES = (TRAIN_IMAGES, TEST_IMAGES, TEST_LABELS, BREEDS)  # required of every source
+OPTIONAL_RAW_FILES = (CLICKS, TRUTH)
 
 # data/images/ (decode)
-INDEX = "index.parquet"             # key, split, shard, offset, length, width, height
+INDEX = "index.parquet"             # key, split, shard, offset, length, width, height[, breed: the
+                                    # image file's breed column, where decode.columns names one]
 REJECTS = "rejects.tsv"             # file, line, key, reason
 STATS = "stats.json"
 

@@ -98,16 +98,19 @@ class IndexWriter:
     """Stream index rows into ``index.parquet`` in row groups, so that the
     index of 40M images never has to sit in memory."""
 
-    def __init__(self, path: str | Path, rows_per_group: int = 65536) -> None:
-        self._writer = pq.ParquetWriter(str(path), INDEX_SCHEMA)
+    def __init__(self, path: str | Path, rows_per_group: int = 65536, *, breeds: bool = False) -> None:
+        # breeds: a ``breed`` column (the image file's own label column); without it the
+        # schema, and so the file, is what it was before the column existed
+        self._schema = INDEX_SCHEMA.append(pa.field("breed", pa.string())) if breeds else INDEX_SCHEMA
+        self._writer = pq.ParquetWriter(str(path), self._schema)
         self._rows_per_group = rows_per_group
-        self._cols: dict[str, list[Any]] = {name: [] for name in INDEX_SCHEMA.names}
+        self._cols: dict[str, list[Any]] = {name: [] for name in self._schema.names}
         self.rows = 0
 
     def add(self, key: str, split: str, shard: int, offset: int, length: int,
-            width: int, height: int) -> None:
-        for name, value in zip(INDEX_SCHEMA.names,
-                               (key, split, shard, offset, length, width, height)):
+            width: int, height: int, breed: str | None = None) -> None:
+        for name, value in zip(self._schema.names,
+                               (key, split, shard, offset, length, width, height, breed)):
             self._cols[name].append(value)
         self.rows += 1
         if len(self._cols["key"]) >= self._rows_per_group:
@@ -115,8 +118,8 @@ class IndexWriter:
 
     def _flush(self) -> None:
         if self._cols["key"]:
-            self._writer.write_table(pa.Table.from_pydict(self._cols, schema=INDEX_SCHEMA))
-            self._cols = {name: [] for name in INDEX_SCHEMA.names}
+            self._writer.write_table(pa.Table.from_pydict(self._cols, schema=self._schema))
+            self._cols = {name: [] for name in self._schema.names}
 
     def close(self) -> None:
         """Write the last row group; an index with no rows still has the schema."""
@@ -132,7 +135,8 @@ class IndexWriter:
 
 def read_index(images_dir: str | Path) -> pd.DataFrame:
     """The index of a decoded image folder: one row per image with key, split,
-    shard, offset, length, width, height (in decode order)."""
+    shard, offset, length, width, height (in decode order), and ``breed`` where
+    the image file had a breed column (decode.columns)."""
     return pd.read_parquet(Path(images_dir) / INDEX)
 
 

@@ -23,7 +23,7 @@ dropped with the first reason that applies, in the order of
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,6 +44,10 @@ TOO_FEW_CLICKS = "too_few_clicks"      # c[i, b*] < min_clicks
 AMBIGUOUS = "ambiguous"                # tie at the top, or s[i] < min_share
 CLASS_TOO_SMALL = "class_too_small"    # b* keeps < min_images_per_class images
 DROP_REASONS = (NO_DECODED_IMAGE, NO_CLICKS, NO_BREED_QUERY, TOO_FEW_CLICKS, AMBIGUOUS, CLASS_TOO_SMALL)
+# ... and why, when the labels come from the image file's breed column (no click log)
+NO_BREED_LABEL = "no_breed_label"      # the breed cell is empty
+UNKNOWN_BREED = "unknown_breed"        # the cell names no breed of breeds.tsv (or several)
+COLUMN_DROP_REASONS = (NO_BREED_LABEL, UNKNOWN_BREED, CLASS_TOO_SMALL)
 LABEL_COLUMNS = ["key", "label", "breed", "clicks", "share"]
 DROPPED_COLUMNS = ["key", "reason", "breed", "clicks", "share"]
 
@@ -188,6 +192,35 @@ def apply_thresholds(ev: pd.DataFrame, breeds: Sequence[str], min_clicks: int, m
         [~ev["decoded"], ev["breed_clicks"].eq(0) & ev["other_clicks"].eq(0), ev["breed"].lt(0),
          ev["clicks"].lt(min_clicks), ev["tie"] | ev["share"].lt(min_share - 1e-12)],
         [NO_DECODED_IMAGE, NO_CLICKS, NO_BREED_QUERY, TOO_FEW_CLICKS, AMBIGUOUS], default="")
+    return _weak_labels(ev, reason, breeds, min_images_per_class)
+
+
+def labels_from_column(keys: pd.Series, texts: pd.Series, breeds: Sequence[str], classify: Callable[[str], int],
+                       *, min_images_per_class: int) -> WeakLabels:
+    """Weak labels of a release without a click log: each training image's
+    breed column (decode keeps it in the index), read as a query would be
+    (``classify``: :meth:`BreedMatcher.classify`, so case, plurals and
+    aliases match). There are no click counts: ``clicks`` and ``share`` are
+    missing, and an image is kept unless its cell is empty
+    (``no_breed_label``), names no breed or several (``unknown_breed``), or
+    its breed keeps fewer than ``min_images_per_class`` images."""
+    _check_breeds(breeds)
+    order = np.argsort(keys.to_numpy(dtype=object), kind="stable")  # key order, as image_evidence's
+    keys, texts = keys.iloc[order].reset_index(drop=True), texts.fillna("").iloc[order].reset_index(drop=True)
+    codes = {t: classify(t) for t in texts.unique() if t}
+    code = texts.map(codes).fillna(-1).astype(np.int64).to_numpy()
+    reason = np.select([texts.eq("").to_numpy(), code < 0], [NO_BREED_LABEL, UNKNOWN_BREED], default="")
+    ev = pd.DataFrame({"key": keys, "breed": code, "clicks": np.nan, "share": np.nan, "decoded": True,
+                       "text": texts})
+    return _weak_labels(ev, reason, breeds, min_images_per_class)
+
+
+def _weak_labels(ev: pd.DataFrame, reason: np.ndarray, breeds: Sequence[str],
+                 min_images_per_class: int) -> WeakLabels:
+    """The tables of :class:`WeakLabels` from per-image evidence (key, breed
+    code, clicks, share, decoded) and each image's drop reason so far ("" when
+    it passes); a breed passing fewer than ``min_images_per_class`` images is
+    no class, and its images are dropped with ``class_too_small``."""
     breed = ev["breed"].to_numpy()
     nb = len(breeds)
     raw_sel = ev["decoded"].to_numpy() & (breed >= 0)

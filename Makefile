@@ -9,7 +9,7 @@ export DVC_NO_ANALYTICS := 1
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PYTHONHASHSEED := 0
 
-.PHONY: repro test lint install lock plots revalidate bench clean
+.PHONY: repro test lint install lock plots exps revalidate bench clean
 
 install: $(STAMP)
 
@@ -32,6 +32,11 @@ revalidate: $(STAMP)
 # dvc plots show as a page that works offline (Vega inlined): dvc_plots/index.html
 plots: $(STAMP)
 	$(PY) scripts/plots_offline.py
+
+# dvc exp show without the columns that are hashes of code files and data folders (every stage dep
+# is a column); metrics and params stay. Add ARGS=--only-changed to see what differs between experiments
+exps: $(STAMP)
+	$(VENV)/bin/dvc exp show --no-pager --drop '^(stages|data|models)/[^:]*$$' $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -21,7 +21,6 @@ FIGURES = [
     ("confusion_naive.png", "Naive model: confusion on the test set"),
     ("confusion_siamese.png", "Siamese model: confusion on the test set"),
     ("confusion_raw.png", "Raw-click reference: confusion on the test set"),
-    ("training_curves.png", "Training curves of both stages"),
     ("gallery_click_filter.png", "What the click filter kept and dropped"),
     ("gallery_prob_filter.png", "What the label filter kept and dropped"),
 ]

@@ -15,7 +15,7 @@ import yaml
 from PIL import Image
 
 from stages import evaluate
-from stages.lib import galleries, layout
+from stages.lib import galleries, layout, reports
 from stages.lib.metrics import mean_class_accuracy, per_class_scores, summarize, topk_accuracy
 from stages.lib.models import build_model
 from stages.lib.shards import IndexWriter, ShardWriter
@@ -99,13 +99,6 @@ def _write_model(path: Path, embedding_dim: int = 0, seed: int = 0) -> None:
                precision="fp32")
 
 
-def _write_curves(live: Path, names: list[str]) -> None:
-    for name in names:
-        split, metric = name.split("/")
-        _tsv(live / "plots" / "metrics" / split / f"{metric}.tsv",
-             [(s, 1.0 / (s + 1)) for s in range(3)], ["step", metric])
-
-
 @pytest.fixture
 def tree(tmp_path: Path) -> Path:
     train = [(f"k{c}_{i}", "train", c) for c in range(3) for i in range(4)] + [("d0", "train", 0), ("d1", "train", 2)]
@@ -139,8 +132,6 @@ def tree(tmp_path: Path) -> Path:
     _write_model(tmp_path / "models/siamese/model.pt", embedding_dim=8)
     _write_model(tmp_path / "models/references/raw/model.pt", seed=1)
     _write_model(tmp_path / "models/references/truth/model.pt", seed=2)
-    _write_curves(tmp_path / "models/naive/live", ["train/loss", "train/acc", "val/acc"])
-    _write_curves(tmp_path / "models/siamese/live", ["train/loss", "train/ce", "train/contrastive", "val/acc"])
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(
         {"evaluate": {"device": "cpu", "batch_size": 16, "gallery_per_reason": 2}, "cache": {"max_mb": 64}}))
     return tmp_path
@@ -166,11 +157,19 @@ def test_evaluate_end_to_end(tree: Path):
         assert block["n_test"] == 6 and block["n_not_scored"] == 2  # the yellow dogs
         assert block["top5"] == 1.0  # 3 classes
         assert block["trained_precision"] == "fp32"
-    for name in ("naive", "siamese"):  # dvc.yaml's confusion plots: the pipeline's models
-        confusion = pd.read_csv(out / f"confusion_{name}.csv")
+    table = pd.read_csv(out / "per_class.tsv", sep="\t")
+    live = out / "live" / "plots"  # dvclive's plots, declared in dvc.yaml for dvc plots diff
+    assert sorted(p.relative_to(out / "live").as_posix() for p in (out / "live").rglob("*") if p.is_file()) == sorted(
+        [f"plots/sklearn/confusion_{m}.json" for m in ("naive", "siamese", "raw", "truth")]
+        + [f"plots/custom/per_class_accuracy_{m}.json" for m in ("naive", "siamese", "raw", "truth")])
+    for name in ("naive", "siamese", "raw", "truth"):
+        confusion = pd.DataFrame(json.loads((live / "sklearn" / f"confusion_{name}.json").read_text()))
         assert list(confusion.columns) == ["actual", "predicted"] and len(confusion) == 6
+        assert set(confusion["actual"]) == set(BREEDS[:3])  # breed names, not class numbers
         assert metrics[name]["top1"] == pytest.approx((confusion["actual"] == confusion["predicted"]).mean(),
                                                       abs=1e-4)
+        per_class = json.loads((live / "custom" / f"per_class_accuracy_{name}.json").read_text())
+        assert per_class == [{"breed": b, "accuracy": a} for b, a in zip(table["breed"], table[f"{name}_recall"])]
     comp = metrics["comparison"]
     top1 = {k: metrics[k]["top1"] for k in ("siamese", "naive", "raw", "truth")}
     assert comp["final"] == "siamese"
@@ -185,14 +184,13 @@ def test_evaluate_end_to_end(tree: Path):
     assert data["click_filter"] == {"images": 12, "precision": 0.917, "recall": 0.9}
     assert data["prob_filter"] == {"images": 10, "relabelled": 1, "precision": 1.0, "recall": 0.9}
     assert data["test"]["labelled"] == 9 and data["test"]["not_decoded"] == 1
-    table = pd.read_csv(out / "per_class.tsv", sep="\t")
     assert list(table.columns) == ["breed", "support"] + [f"{m}_{c}" for m in ("naive", "siamese", "raw", "truth")
                                                           for c in ("precision", "recall")]
     assert table["breed"].tolist() == BREEDS[:3] and table["support"].tolist() == [2, 2, 2]
     pngs = sorted(p.name for p in (out / "figures").iterdir())
     assert pngs == ["confusion_naive.png", "confusion_raw.png", "confusion_siamese.png", "confusion_truth.png",
                     "gallery_click_filter.png",
-                    "gallery_prob_filter.png", "per_class_accuracy.png", "training_curves.png"]
+                    "gallery_prob_filter.png", "per_class_accuracy.png"]
     for png in pngs:
         with Image.open(out / "figures" / png) as img:
             assert img.format == "PNG" and img.size[0] > 100
@@ -205,22 +203,20 @@ def test_evaluate_end_to_end(tree: Path):
 
 def test_comparison_block_gap_recovery() -> None:
     block = lambda t: {"top1": t, "top5": 1.0, "mean_class_accuracy": t}  # noqa: E731
-    comp = evaluate.comparison_block({"siamese": block(0.85), "naive": block(0.80), "raw": block(0.78),
+    comp = reports.comparison_block({"siamese": block(0.85), "naive": block(0.80), "raw": block(0.78),
                                       "truth": block(0.90)})
     assert comp["gap_recovery"]["top1"] == pytest.approx((0.85 - 0.78) / (0.90 - 0.78), abs=1e-4)
     assert comp["final_minus_raw"]["top1"] == pytest.approx(0.07)
     # real data: no truth reference, so no gap recovery, but final - raw all the same
-    comp = evaluate.comparison_block({"siamese": block(0.85), "raw": block(0.78)})
+    comp = reports.comparison_block({"siamese": block(0.85), "raw": block(0.78)})
     assert comp["gap_recovery"] == {"top1": None, "mean_class_accuracy": None}
     assert comp["final_minus_raw"]["top1"] == pytest.approx(0.07) and comp["final_minus_naive"]["top1"] is None
 
 
-def test_evaluate_without_truth_or_curves(tree: Path):
-    """Real data has no truth.tsv; a missing curve folder must not stop the reports."""
+def test_evaluate_without_truth(tree: Path):
+    """Real data has no truth.tsv, and so no truth reference model."""
     (tree / "data/raw" / layout.TRUTH).unlink()
     shutil.rmtree(tree / "models/references/truth")
-    for f in (tree / "models/siamese/live").rglob("*.tsv"):
-        f.unlink()
     filt = tree / "data/filtered" / layout.REPORT
     filt.write_text(json.dumps({**json.loads(filt.read_text()), "quality": None}))
     out = _run(tree)

@@ -2,6 +2,7 @@
 resume == uninterrupted, NaN guard, DDP with gloo, initial weights."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -34,6 +35,12 @@ def test_tiny_training_writes_a_usable_model(tiny_pipeline: Path) -> None:
     out = tiny_pipeline / "models" / "naive"
     for name in ("model.pt", "early.pt", "val_predictions.tsv", "checkpoints/last.pt", "live/metrics.json"):
         assert (out / name).exists(), name
+    # the dvclive summary (what dvc exp show compares) has the model's numbers, not the timings of this
+    # machine; those are in the per-epoch curves
+    summary = json.loads((out / "live/metrics.json").read_text())
+    assert set(summary) == {"train", "val", "step"} and set(summary["train"]) == {"loss", "acc"}
+    curves = out / "live/plots/metrics"
+    assert (curves / "train/images_per_s.tsv").is_file() and (curves / "epoch_s.tsv").is_file()
     model, meta = load_model_file(out / "model.pt")
     assert meta["classes"] == ["red dog", "green dog", "blue dog"]
     assert meta["image_size"] == 32 and meta["backbone"] == "resnet18"

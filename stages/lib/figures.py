@@ -8,7 +8,7 @@ accumulate open figures).
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +16,6 @@ import matplotlib
 
 matplotlib.use("Agg")  # before pyplot: no display on servers and in CI
 import matplotlib.pyplot as plt  # noqa: E402
-import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -25,7 +24,6 @@ from stages.lib.atomic import atomic_file  # noqa: E402
 
 DPI = 110
 MAX_INCHES = 24  # 120 breeds must still give a figure a viewer can open
-CURVE_FAMILIES = ("loss", "acc", "nll", "ce", "contrastive")  # what a reader compares between runs
 GOOD, BAD, NEUTRAL = "#1a7f37", "#cf222e", "#333333"
 
 
@@ -106,36 +104,6 @@ def per_class_accuracy_figure(table: pd.DataFrame, models: Sequence[str], path: 
     ax.set_title(f"per-class accuracy, sorted by {models[-1]} - {models[0]}")
     ax.grid(axis="x", alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
-    save_figure(fig, path)
-
-
-def training_curves_figure(curves: Mapping[str, Mapping[str, pd.DataFrame]], path: Path) -> None:
-    """One panel per metric family (loss, acc, ...) with a line per model and
-    split; ``curves[model]["train/loss"]`` is a table of (step, value)."""
-    families = [f for f in CURVE_FAMILIES
-                if any(name.rsplit("/", 1)[-1] == f for c in curves.values() for name in c)]
-    if not families:
-        families = ["loss"]  # an empty panel says "no curves" more clearly than no file
-    fig, axes = plt.subplots(1, len(families), figsize=(4.2 * len(families), 3.4), squeeze=False)
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, family in zip(axes[0], families):
-        for m, (model, named) in enumerate(curves.items()):
-            for name, df in sorted(named.items()):
-                split, _, metric = name.rpartition("/")
-                if metric != family:
-                    continue
-                ax.plot(df["step"] + 1, df["value"], marker="o", ms=3, color=colours[m % len(colours)],
-                        ls="--" if split == "val" else "-", label=f"{model} {split or ''}".strip())
-        ax.set_title(family)
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=7)
-        else:
-            ax.text(0.5, 0.5, "no curves found", ha="center", va="center", transform=ax.transAxes)
-    fig.suptitle("training curves (solid: train, dashed: validation)", fontsize=10)
-    fig.tight_layout()
     save_figure(fig, path)
 
 

@@ -59,6 +59,12 @@ def save_model(path: Path, model: Classifier, *, backbone: str, image_size: int,
         torch.save(state, f)
 
 
+# per-epoch diagnostics: plotted, but kept out of live/metrics.json, whose values
+# `dvc exp show` and `dvc metrics diff` compare: these differ on every run (timings)
+# or say nothing about the model (the last epoch's learning rate is 0)
+NOT_IN_SUMMARY = ("train/images_per_s", "train/data_wait_s", "epoch_s", "train/lr")
+
+
 class EpochLogger:
     """Per-epoch dvclive logging (rank 0), plus an optional model snapshot
     after epoch ``snapshot_epoch`` (1-based) through ``snapshot(model)``."""
@@ -75,7 +81,13 @@ class EpochLogger:
             if name.startswith(("train_", "val_")):
                 name = name.replace("_", "/", 1)  # train_loss -> train/loss: dvclive nests on "/"
             self.live.log_metric(name, value)
-        self.live.next_step()
+        for name in NOT_IN_SUMMARY:  # dvclive documents Live.summary as open to changes
+            *parents, leaf = name.split("/")
+            node = self.live.summary
+            for part in parents:
+                node = node.get(part, {})
+            node.pop(leaf, None)
+        self.live.next_step()  # writes the summary
         if model is not None and self.snapshot is not None and epoch + 1 == self.snapshot_epoch:
             self.snapshot(model)
 

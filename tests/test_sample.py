@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import os
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,7 @@ from PIL import Image
 
 from stages import download
 from stages.lib import layout
+from stages.lib import sample as sample_module
 from stages.lib.fetch import sha256_file
 from stages.lib.sample import ALIAS_QUERIES, BREED_NAMES, BREEDS, click_rows, generate_sample
 
@@ -57,6 +60,16 @@ def test_same_seed_same_bytes_other_seed_other_data(sample: Path, tmp_path: Path
     for name in (layout.TRAIN_IMAGES, layout.CLICKS, layout.TRUTH, layout.TEST_IMAGES):
         assert (tmp_path / "again" / name).read_bytes() == (sample / name).read_bytes(), name
         assert (tmp_path / "other" / name).read_bytes() != (sample / name).read_bytes(), name
+
+
+def test_worker_processes_write_the_bytes_of_one_process(tmp_path: Path, monkeypatch) -> None:
+    # the images are drawn in a process per core: 3 workers or none, the files are the same
+    monkeypatch.setattr(sample_module, "_pool", lambda: ProcessPoolExecutor(3))
+    generate_sample(tmp_path / "pool", seed=3, **SMALL)
+    monkeypatch.setattr(sample_module, "_pool", lambda: contextlib.nullcontext(sample_module._Serial()))
+    generate_sample(tmp_path / "serial", seed=3, **SMALL)
+    for name in (layout.TRAIN_IMAGES, layout.CLICKS, layout.TRUTH, layout.TEST_IMAGES, layout.TEST_LABELS):
+        assert (tmp_path / "serial" / name).read_bytes() == (tmp_path / "pool" / name).read_bytes(), name
 
 
 def test_click_log_carries_the_promised_noise(tmp_path: Path) -> None:

@@ -25,8 +25,13 @@ from __future__ import annotations
 
 import base64
 import colorsys
+import contextlib
+import functools
 import io
 import math
+import multiprocessing as mp
+import os
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -379,7 +384,8 @@ def generate_sample(out_dir: Path, *, seed: int, n_train: int, test_per_breed: i
                     no_breed_query_share: float) -> dict[str, int]:
     """Write the raw files of ``stages.lib.layout`` (plus ``truth.tsv``) to ``out_dir``.
 
-    Returns counts for logging. Writes are streamed: nothing holds all images.
+    Returns counts for logging. The images are drawn in a process per core
+    and written in order, as they come.
     """
     if not 0 < min_side <= max_side:
         raise ValueError(f"need 0 < min_side <= max_side, got {min_side}, {max_side}")
@@ -395,29 +401,59 @@ def generate_sample(out_dir: Path, *, seed: int, n_train: int, test_per_breed: i
     with open(out_dir / layout.BREEDS, "w", encoding="utf-8") as f:
         f.writelines(f"{name}\t{i}\n" for i, name in enumerate(BREED_NAMES))
     n_clicks = 0
-    with open(out_dir / layout.TRAIN_IMAGES, "w", encoding="utf-8") as fi, \
+    # Each image draws from its own generator ([seed, split, i]), so the images can be drawn in worker
+    # processes and written in order: the files are byte for byte those of a single process.
+    train = functools.partial(_train_item, seed, sides=(min_side, max_side), shares=dict(
+        lookalike_share=lookalike_share, lookalike_only_share=lookalike_only_share,
+        best_known_share=best_known_share, no_breed_query_share=no_breed_query_share))
+    test = functools.partial(_test_item, seed, sides=(min_side, max_side))
+    n_test = test_per_breed * len(BREEDS)
+    with _pool() as pool, open(out_dir / layout.TRAIN_IMAGES, "w", encoding="utf-8") as fi, \
             open(out_dir / layout.CLICKS, "w", encoding="utf-8") as fc, \
             open(out_dir / layout.TRUTH, "w", encoding="utf-8") as ft:
-        for i, breed in enumerate(true_breeds):
-            rng = np.random.default_rng([seed, 0, i])
-            key = _key(rng)
-            size = int(rng.integers(min_side, max_side + 1))
-            img = draw_distractor(rng, size) if breed is None else draw_dog(BREEDS[BREED_NAMES.index(breed)], rng, size)
-            fi.write(f"{key}\t{_jpeg_b64(img)}\n")
-            ft.write(f"{key}\t{breed or DISTRACTOR}\n")
-            for k, q, c in click_rows(key, breed, rng, lookalike_share=lookalike_share,
-                                      lookalike_only_share=lookalike_only_share, best_known_share=best_known_share,
-                                      no_breed_query_share=no_breed_query_share):
-                fc.write(f"{k}\t{q}\t{c}\n")
-                n_clicks += 1
-    with open(out_dir / layout.TEST_IMAGES, "w", encoding="utf-8") as fi, \
-            open(out_dir / layout.TEST_LABELS, "w", encoding="utf-8") as fl:
-        for i in range(test_per_breed * len(BREEDS)):
-            breed = BREEDS[i % len(BREEDS)]
-            rng = np.random.default_rng([seed, 1, i])
-            key = _key(rng)
-            img = draw_dog(breed, rng, int(rng.integers(min_side, max_side + 1)))
-            fi.write(f"{key}\t{_jpeg_b64(img)}\n")
-            fl.write(f"{key}\t{breed.name}\n")
-    return {"train_images": n_train, "distractors": n_dist, "click_lines": n_clicks,
-            "test_images": test_per_breed * len(BREEDS)}
+        for image_line, truth_line, click_lines in pool.map(train, enumerate(true_breeds), chunksize=64):
+            fi.write(image_line)
+            ft.write(truth_line)
+            fc.writelines(click_lines)
+            n_clicks += len(click_lines)
+        with open(out_dir / layout.TEST_IMAGES, "w", encoding="utf-8") as fi, \
+                open(out_dir / layout.TEST_LABELS, "w", encoding="utf-8") as fl:
+            for image_line, label_line in pool.map(test, range(n_test), chunksize=64):
+                fi.write(image_line)
+                fl.write(label_line)
+    return {"train_images": n_train, "distractors": n_dist, "click_lines": n_clicks, "test_images": n_test}
+
+
+def _train_item(seed: int, item: tuple[int, str | None], *, sides: tuple[int, int],
+                shares: dict[str, float]) -> tuple[str, str, list[str]]:
+    """Training image ``i`` (``breed`` None: a distractor): its image, truth and click-log lines."""
+    i, breed = item
+    rng = np.random.default_rng([seed, 0, i])
+    key = _key(rng)
+    size = int(rng.integers(sides[0], sides[1] + 1))
+    img = draw_distractor(rng, size) if breed is None else draw_dog(BREEDS[BREED_NAMES.index(breed)], rng, size)
+    image_line, truth_line = f"{key}\t{_jpeg_b64(img)}\n", f"{key}\t{breed or DISTRACTOR}\n"
+    return image_line, truth_line, [f"{k}\t{q}\t{c}\n" for k, q, c in click_rows(key, breed, rng, **shares)]
+
+
+def _test_item(seed: int, i: int, *, sides: tuple[int, int]) -> tuple[str, str]:
+    """Test image ``i``: its image line and its label line."""
+    breed = BREEDS[i % len(BREEDS)]
+    rng = np.random.default_rng([seed, 1, i])
+    key = _key(rng)
+    img = draw_dog(breed, rng, int(rng.integers(sides[0], sides[1] + 1)))
+    return f"{key}\t{_jpeg_b64(img)}\n", f"{key}\t{breed.name}\n"
+
+
+def _pool() -> contextlib.AbstractContextManager:
+    """A process per core (forked: the workers need no imports), or this process on one core."""
+    workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if workers < 2:
+        return contextlib.nullcontext(_Serial())
+    return ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"))
+
+
+class _Serial:
+    @staticmethod
+    def map(fn, items, chunksize: int = 1):  # noqa: ANN001, ARG004 (Executor.map's signature)
+        return map(fn, items)

@@ -1,7 +1,7 @@
 """Wall time of the sample pipeline, stage by stage, for one or more commits
 (a benchmark, not a test).
 
-    .venv/bin/python benchmarks/pipeline.py fe81773 HEAD [--out reports/benchmarks/pipeline.json]
+    .venv/bin/python benchmarks/pipeline.py fe81773 HEAD [--rounds 2] [--out reports/benchmarks/pipeline.json]
 
 Each commit is cloned into a scratch directory that shares this checkout's
 ``.venv`` (the project is installed editable, but ``python -m stages.x`` runs
@@ -12,6 +12,11 @@ between is counted in the stage before it). Run the commits one after
 another on an idle machine: on 2 cores any other job halves the numbers.
 Prints a markdown table and, for training stages of commits that log it,
 images/s and the share of each epoch spent waiting for the loader.
+
+``--rounds N`` runs the commits N times, alternating (A B A B ...), and
+reports each stage's median with the range: on the shared 2-core machine the
+same epoch took 5.1 to 8.7 s from one run to the next, so one run per commit
+can be 15% off either way.
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,13 +86,21 @@ def training_stats(clone: Path) -> dict:
 
 
 def table(runs: list[dict]) -> str:
+    """Per stage and commit: the median over the commit's runs (with the range when there are several);
+    for two commits, the ratio of the medians."""
+    commits = list(dict.fromkeys(r["commit"] for r in runs))
     stages = list(dict.fromkeys(s for r in runs for s in r["stages"]))
-    head = "| stage | " + " | ".join(r["commit"] for r in runs) + (" | new / old |" if len(runs) == 2 else " |")
-    lines = [head, "|---" * (len(runs) + 1 + (len(runs) == 2)) + "|"]
+    head = "| stage | " + " | ".join(commits) + (" | new / old |" if len(commits) == 2 else " |")
+    lines = [head, "|---" * (len(commits) + 1 + (len(commits) == 2)) + "|"]
     for s in stages + ["total"]:
-        vals = [r["total_s"] if s == "total" else r["stages"].get(s, float("nan")) for r in runs]
-        row = f"| {s} | " + " | ".join(f"{v:.0f} s" for v in vals)
-        lines.append(row + (f" | {vals[1] / vals[0]:.2f} |" if len(runs) == 2 else " |"))
+        cells, medians = [], []
+        for c in commits:
+            vals = [r["total_s"] if s == "total" else r["stages"].get(s, float("nan")) for r in runs
+                    if r["commit"] == c]
+            medians.append(float(np.median(vals)))
+            cells.append(f"{medians[-1]:.0f} s" + (f" ({min(vals):.0f}–{max(vals):.0f})" if len(vals) > 1 else ""))
+        row = f"| {s} | " + " | ".join(cells)
+        lines.append(row + (f" | {medians[1] / medians[0]:.2f} |" if len(commits) == 2 else " |"))
     for r in runs:
         for stage, st in r["training"].items():
             lines.append(f"\n{r['commit']} {stage}: {st}")
@@ -98,13 +112,15 @@ def main() -> None:
     p.add_argument("commits", nargs="+")
     p.add_argument("--out", type=Path, default=None, help="also write the runs as JSON here")
     p.add_argument("--keep", action="store_true", help="keep the scratch clones")
+    p.add_argument("--rounds", type=int, default=1, help="run the commits this many times, alternating")
     args = p.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="clickdog-pipeline-"))
     try:
         runs = []
-        for c in args.commits:
-            runs.append(repro(c, workdir))
-            print(f"{runs[-1]['commit']}: {runs[-1]['total_s']:.0f} s", flush=True)
+        for round_ in range(args.rounds):
+            for c in args.commits:
+                runs.append(repro(c, workdir / f"round{round_}"))
+                print(f"{runs[-1]['commit']}: {runs[-1]['total_s']:.0f} s", flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -93,7 +93,7 @@ def read_vocabulary(raw: Path, params: FilterConfig) -> tuple[list[str], BreedMa
 
 
 def load_inputs(raw: Path, images: Path, breeds: list[str], matcher: BreedMatcher, params: FilterConfig
-                ) -> tuple[pa.Array, pd.DataFrame, ClickLogSummary, pd.Series | None]:
+                ) -> tuple[pa.Array, pd.DataFrame, ClickLogSummary]:
     """Read the training keys and the click log (streamed)."""
     train_keys = read_train_keys(images / layout.INDEX)
     t0 = time.perf_counter()
@@ -104,11 +104,11 @@ def load_inputs(raw: Path, images: Path, breeds: list[str], matcher: BreedMatche
     log.info("click log: %d lines (%d valid, %d malformed, %d duplicates summed) in %.1f s (%.0f lines/s); "
              "%d distinct queries", summary.lines, summary.valid_lines, sum(summary.malformed.values()),
              summary.duplicate_lines, dt, summary.lines / max(dt, 1e-9), summary.queries["distinct"])
-    return train_keys, clicks, summary, read_truth(raw / layout.TRUTH) if (raw / layout.TRUTH).exists() else None
+    return train_keys, clicks, summary
 
 
 def labels_from_image_file(raw: Path, images: Path, breeds: list[str], matcher: BreedMatcher,
-                           params: FilterConfig) -> tuple[WeakLabels, dict[str, Any]]:
+                           truth: pd.Series | None, params: FilterConfig) -> tuple[WeakLabels, dict[str, Any]]:
     """The weak labels of a release without a click log: the breed column
     that decode kept in the index. A clear error when there is none."""
     index = pq.read_table(images / layout.INDEX)
@@ -133,7 +133,7 @@ def labels_from_image_file(raw: Path, images: Path, breeds: list[str], matcher: 
         "breed_cells": {"distinct": int(train["breed"].nunique()),
                         "unknown": {t: int(n) for t, n in unmatched.head(20).items()}},
         **class_report(weak),
-        "quality": None,
+        "quality": label_quality(weak, truth) if truth is not None else None,
     }
     if len(unmatched):
         log.warning("%d training images have a breed cell that names no breed of %s (or several): %s", unmatched.sum(),
@@ -275,15 +275,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:  # ConfigError, or a threshold out of range
         raise SystemExit(f"filter_clicks: {err}") from err
     breeds, matcher = read_vocabulary(args.raw, params)
+    truth = read_truth(args.raw / layout.TRUTH) if (args.raw / layout.TRUTH).exists() else None  # reports only
     if not (args.raw / layout.CLICKS).exists():  # a release with the weak labels in its image file
         if args.sweep is not None:
             raise SystemExit(f"--sweep sweeps click thresholds: it needs {args.raw / layout.CLICKS}")
-        weak, report = labels_from_image_file(args.raw, args.images, breeds, matcher, params)
-        if (args.raw / layout.TRUTH).exists():
-            report["quality"] = label_quality(weak, read_truth(args.raw / layout.TRUTH))
+        weak, report = labels_from_image_file(args.raw, args.images, breeds, matcher, truth, params)
         check_and_write(args.out, weak, report, params)
         return 0
-    train_keys, clicks, summary, truth = load_inputs(args.raw, args.images, breeds, matcher, params)
+    train_keys, clicks, summary = load_inputs(args.raw, args.images, breeds, matcher, params)
     check_rejects(summary, params.max_reject_fraction)
     if args.sweep is not None:
         run_sweep(args.sweep, clicks, breeds, train_keys, truth, params)

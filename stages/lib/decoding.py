@@ -273,17 +273,18 @@ def parse_line(line: bytes, cfg: DecodeConfig) -> tuple[str, bytes, str | None]:
         key = cols[key_col].decode("utf-8", "backslashreplace") if len(cols) > key_col else ""
         raise Reject("wrong_columns", key)
     try:
-        texts = [c.decode("utf-8") for i, c in enumerate(cols) if i != image_col]
+        # every column as text but the image's (None): texts[c] is column c
+        texts = [None if i == image_col else c.decode("utf-8") for i, c in enumerate(cols)]
     except UnicodeDecodeError:
         raise Reject("not_utf8", cols[key_col].decode("utf-8", "backslashreplace")) from None
-    key = texts[key_col if key_col < image_col else key_col - 1]
+    key = texts[key_col]
     if not key.strip():
         raise Reject("empty_key", key)
     if not valid_key(key):
         raise Reject("invalid_key", key)
     breed_col = cfg.breed_col
     # the breed text is kept as the file has it: filter_clicks matches it to breeds.tsv
-    breed = None if breed_col is None else texts[breed_col if breed_col < image_col else breed_col - 1].strip()
+    breed = None if breed_col is None else texts[breed_col].strip()
     return key, cols[image_col], breed
 
 

@@ -54,9 +54,9 @@ def test_jitter_matches_torchvision_brightness_then_contrast() -> None:
     a = np.asarray(_image(32, 32, seed=3))
     for seed in range(5):
         rng = random.Random(seed)
-        got = t.jitter(a, random.Random(seed))
         b = rng.uniform(0.6, 1.4)
         c = rng.uniform(0.6, 1.4)
+        got = t.jitter(a, b, c)
         x = torch.from_numpy(a.astype(np.float32) / 255).permute(2, 0, 1)
         x = TF.adjust_brightness(x, b)
         x = TF.adjust_contrast(x, c)
@@ -84,7 +84,7 @@ def test_eval_transform_matches_resize_then_centre_crop() -> None:
 def test_bad_augment_settings_are_refused() -> None:
     from stages.lib.classifier import AugmentConfig
 
-    ok = {"scale_min": 0.5, "hflip": True, "brightness": 0.2, "contrast": 0.2}
+    ok = {"scale_min": 0.5, "hflip": True, "brightness": 0.2, "contrast": 0.2, "where": "auto"}
     with pytest.raises(ValueError, match="scale_min"):
         AugmentConfig.from_params({**ok, "scale_min": 0}, "train.augment")
     with pytest.raises(ValueError, match="brightness"):

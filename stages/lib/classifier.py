@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 
 from stages.lib import engine
-from stages.lib.data import ShardDataset, build_transform, split_train_val
+from stages.lib.data import ShardDataset, augment_on_device, build_transform, split_train_val
 from stages.lib.imagecache import DecodedImages
 from stages.lib.models import Classifier, create_model
 from stages.lib.params import Section, in_range
@@ -42,12 +42,14 @@ class ModelConfig(Section):
 @dataclass(frozen=True)
 class AugmentConfig(Section):
     """``train.augment`` / ``siamese.augment``: RandomResizedCrop scale, flip,
-    brightness and contrast jitter (no hue: coat hue is a breed cue)."""
+    brightness and contrast jitter (no hue: coat hue is a breed cue), and
+    where they run (``data.augment_on_device``)."""
 
     scale_min: float
     hflip: bool
     brightness: float
     contrast: float
+    where: Literal["auto", "loader", "device"]
 
     def __post_init__(self) -> None:
         in_range("scale_min", self.scale_min, 1e-6, 1)
@@ -177,8 +179,9 @@ def train_classifier(train_df: pd.DataFrame, val_df: pd.DataFrame | None, *, ima
     engine.seed_everything(train_cfg.seed)
     ctx = run_context(train_cfg.device, train_cfg.precision, train_cfg.clip_grad_norm)
     size = model_cfg.image_size
+    on_device = augment_on_device(train_cfg.augment.where, ctx.device)
     train_ds = ShardDataset(images_dir, train_df["key"].tolist(), train_df["label"].tolist(),
-                            build_transform(size, train=True, augment=train_cfg.augment),
+                            build_transform(size, train=True, augment=train_cfg.augment, on_device=on_device),
                             seed=train_cfg.seed, index=index, cache=cache)
     train_loader = engine.make_loader(train_ds, batch_size=train_cfg.batch_size, train=True,
                                       seed=train_cfg.seed, workers=train_cfg.workers, device=ctx.device)

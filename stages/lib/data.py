@@ -19,6 +19,7 @@ from PIL import Image
 from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset, DistributedSampler
 
+from stages.lib.batchaug import RawImage
 from stages.lib.imagecache import DecodedImages
 from stages.lib.shards import ShardReader, index_rows, read_index
 from stages.lib.tables import read_table
@@ -71,19 +72,27 @@ class TrainTransform:
         left, top = (width - w) // 2, (height - h) // 2
         return left, top, left + w, top + h
 
+    def draw(self, width: int, height: int, rng: random.Random) -> tuple[tuple[int, int, int, int], bool,
+                                                                        float, float]:
+        """The random parameters of one image: crop box, flip, brightness and
+        contrast factors (1.0 when off), drawn in this order."""
+        box = self.crop_box(width, height, rng)
+        flip = self.hflip and rng.random() < 0.5
+        b = rng.uniform(max(0.0, 1 - self.brightness), 1 + self.brightness) if self.brightness else 1.0
+        c = rng.uniform(max(0.0, 1 - self.contrast), 1 + self.contrast) if self.contrast else 1.0
+        return box, flip, b, c
+
     def __call__(self, img: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
-        rng = rng or random.Random()
-        img = img.resize((self.size, self.size), Image.Resampling.BILINEAR, box=self.crop_box(*img.size, rng))
-        if self.hflip and rng.random() < 0.5:
+        box, flip, b, c = self.draw(*img.size, rng or random.Random())
+        img = img.resize((self.size, self.size), Image.Resampling.BILINEAR, box=box)
+        if flip:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         a = np.asarray(img)
         if self.brightness or self.contrast:
-            a = self.jitter(a, rng)
+            a = self.jitter(a, b, c)
         return _chw_tensor(a)
 
-    def jitter(self, a: np.ndarray, rng: random.Random) -> np.ndarray:
-        b = rng.uniform(max(0.0, 1 - self.brightness), 1 + self.brightness) if self.brightness else 1.0
-        c = rng.uniform(max(0.0, 1 - self.contrast), 1 + self.contrast) if self.contrast else 1.0
+    def jitter(self, a: np.ndarray, b: float, c: float) -> np.ndarray:
         # brightness then contrast as one affine map: c * (b * x) + (1 - c) * mean grey of (b * x).
         # torchvision clips in between; only pixels that brightening saturates differ.
         x = a.astype(np.float32)
@@ -92,6 +101,17 @@ class TrainTransform:
         x += (1 - c) * grey + 0.5  # + 0.5: round, not truncate, below
         np.clip(x, 0, 255, out=x)
         return x.astype(np.uint8)
+
+
+class DeviceTrainTransform(TrainTransform):
+    """``TrainTransform``'s draws, applied later to the whole batch on the
+    training device (``augment.where: device``, :mod:`stages.lib.batchaug`): the
+    loader only decodes, and returns the image at its own size with its
+    parameters."""
+
+    def __call__(self, img: Image.Image, rng: random.Random | None = None) -> RawImage:
+        box, flip, b, c = self.draw(*img.size, rng or random.Random())
+        return RawImage(np.asarray(img), np.array([*box, flip, b, c], dtype=np.float64), self.size)
 
 
 class EvalTransform:
@@ -110,17 +130,28 @@ class EvalTransform:
         return _chw_tensor(np.asarray(img))
 
 
-def build_transform(image_size: int, *, train: bool,
-                    augment: Any = None) -> TrainTransform | EvalTransform:
+def build_transform(image_size: int, *, train: bool, augment: Any = None,
+                    on_device: bool = False) -> TrainTransform | EvalTransform:
     """Train: random resized crop, flip, brightness/contrast (``augment``: an
-    ``AugmentConfig``, params ``train.augment``);
+    ``AugmentConfig``, params ``train.augment``), in the loader or, with
+    ``on_device``, on the training device (see ``augment_on_device``);
     eval: resize + centre crop. Both give uint8 CHW tensors."""
     if not train:
         return EvalTransform(image_size)
+    cls = DeviceTrainTransform if on_device else TrainTransform
     if augment is None:  # TrainTransform's own defaults (tests)
-        return TrainTransform(image_size)
-    return TrainTransform(image_size, scale=(augment.scale_min, 1.0), hflip=augment.hflip,
-                          brightness=augment.brightness, contrast=augment.contrast)
+        return cls(image_size)
+    return cls(image_size, scale=(augment.scale_min, 1.0), hflip=augment.hflip,
+               brightness=augment.brightness, contrast=augment.contrast)
+
+
+def augment_on_device(where: str, device: torch.device) -> bool:
+    """Whether ``augment.where`` (auto | loader | device) puts the augmentation on
+    ``device``: auto does on CUDA, where the loader would set the pace, and
+    keeps it in the loader on CPU, where both would share the same cores."""
+    if where not in ("auto", "loader", "device"):
+        raise ValueError(f"augment.where must be auto, loader or device, got {where!r}")
+    return where == "device" or (where == "auto" and device.type == "cuda")
 
 
 class ShardDataset(Dataset):

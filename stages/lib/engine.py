@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from stages.lib import batchaug
 from stages.lib.data import EpochSampler
 
 log = logging.getLogger("engine")
@@ -161,11 +162,10 @@ class RunContext:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
 
-def to_device(x: torch.Tensor, ctx: RunContext) -> torch.Tensor:
-    x = x.to(ctx.device, non_blocking=True)
-    if ctx.channels_last and x.ndim == 4:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x
+def to_device(x: torch.Tensor | batchaug.RawBatch, ctx: RunContext) -> torch.Tensor:
+    """A batch's images on the run's device (augmented there when the loader
+    deferred it: ``augment.where``)."""
+    return batchaug.to_device(x, ctx.device, channels_last=ctx.channels_last)
 
 
 def classification_loss(label_smoothing: float = 0.0) -> LossFn:
@@ -186,11 +186,13 @@ def train_one_epoch(model: nn.Module, loss_fn: LossFn, loader: DataLoader, optim
                     scaler: torch.amp.GradScaler | None, ctx: RunContext, epoch: int) -> dict[str, float]:
     """One pass over ``loader``; returns the sample-weighted mean of each logged value,
     images/s, and ``data_wait_s``: the seconds the step waited for its batches
-    (with loader workers, only what their prefetching did not hide)."""
+    (with loader workers, only what their prefetching did not hide). On CUDA
+    each batch is copied (and augmented) one step ahead on a side stream
+    (``batchaug.prefetch``)."""
     model.train()
     sums: dict[str, float] = {}
     seen, start = 0, time.time()
-    batches, wait = iter(loader), 0.0
+    batches, wait = batchaug.prefetch(loader, ctx.device, channels_last=ctx.channels_last), 0.0
     for step in itertools.count():
         t = time.perf_counter()
         batch = next(batches, None)  # a DataLoader never yields None
@@ -252,12 +254,13 @@ def evaluate(model: nn.Module, loader: DataLoader, ctx: RunContext) -> dict[str,
 
 # ---------------------------------------------------------------- data loaders
 def make_loader(dataset: Dataset, *, batch_size: int, train: bool, seed: int, workers: int,
-                device: torch.device) -> DataLoader:
+                device: torch.device, pin_memory: bool | None = None) -> DataLoader:
     """Training loaders shard across DDP ranks through ``EpochSampler``;
     evaluation loaders see everything on every rank (small, and simpler than
     gathering)."""
-    kwargs: dict[str, Any] = dict(batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda",
-                                  persistent_workers=workers > 0,
+    pin = device.type == "cuda" if pin_memory is None else pin_memory  # None: pinned for CUDA
+    kwargs: dict[str, Any] = dict(batch_size=batch_size, num_workers=workers, pin_memory=pin,
+                                  persistent_workers=workers > 0, collate_fn=batchaug.collate,
                                   # its own generator: drawing worker seeds must not move the global
                                   # RNG (dropout), or a resumed run would diverge from a straight one
                                   generator=torch.Generator().manual_seed(seed))

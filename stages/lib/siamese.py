@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from stages.lib import engine
 from stages.lib.classifier import OptimConfig, eval_loader, run_context
-from stages.lib.data import ShardDataset, build_transform
+from stages.lib.data import ShardDataset, augment_on_device, build_transform
 from stages.lib.imagecache import DecodedImages
 from stages.lib.losses import ContrastiveLoss
 from stages.lib.models import Classifier, build_model, load_model_file
@@ -63,7 +63,9 @@ def siamese_loss(*, contrastive_weight: float, margin: float, label_smoothing: f
         xa, xb, ya, yb, same = batch
         n = len(same)
         # one forward pass over both branches: the weights are shared by construction
-        logits, emb = model(engine.to_device(torch.cat([xa, xb]), ctx), with_embedding=True)
+        images = torch.cat([engine.to_device(xa, ctx), engine.to_device(xb, ctx)])
+        logits, emb = model(images.contiguous(memory_format=torch.channels_last) if ctx.channels_last else images,
+                            with_embedding=True)
         ya, yb, same = (t.to(ctx.device, non_blocking=True) for t in (ya, yb, same))
         ce_a, ce_b = ce(logits[:n].float(), ya), ce(logits[n:].float(), yb)
         terms = contrastive.terms(emb[:n], emb[n:], same)
@@ -117,7 +119,8 @@ def fit_siamese(model: Classifier, meta: dict[str, Any], clean: pd.DataFrame, pa
     ctx = run_context(cfg.device, cfg.precision, cfg.clip_grad_norm)
     size = meta["image_size"]
     images = ShardDataset(images_dir, clean["key"].tolist(), clean["label"].tolist(),
-                          build_transform(size, train=True, augment=cfg.augment),
+                          build_transform(size, train=True, augment=cfg.augment,
+                                          on_device=augment_on_device(cfg.augment.where, ctx.device)),
                           seed=cfg.seed, index=index, cache=cache)
     train_loader = engine.make_loader(PairDataset(images, pairs), batch_size=cfg.batch_size, train=True,
                                       seed=cfg.seed, workers=cfg.workers, device=ctx.device)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import random
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -18,12 +19,17 @@ from stages.lib.shards import INDEX, IndexWriter, ShardWriter
 
 
 def _image(width: int, height: int, seed: int) -> Image.Image:
-    """Gradients plus a 3-pixel ripple: fine detail, so a misplaced sample shows."""
+    """Gradients plus a ripple of period ~19 pixels: detail, so a misplaced sample shows."""
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:height, 0:width]
     base = np.stack([x * 200 / width, y * 200 / height, (x + y) * 100 / (width + height)], axis=-1)
     base += rng.uniform(0, 40, 3) + 20 * np.sin(x / 3.0)[..., None]
     return Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
+
+
+def _noise(width: int, height: int, seed: int) -> Image.Image:
+    """Independent pixels: the worst case for comparing resampling filters."""
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
 def _both_paths(size: int, dims: list[tuple[int, int]], **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,14 +55,45 @@ def test_device_path_matches_the_pillow_path(size, dims, mean_diff, jitter) -> N
     assert diff.mean() < mean_diff and diff.max() <= 3
 
 
+@pytest.mark.parametrize(("size", "dims", "mean_diff"), [
+    (224, [(64, 80), (96, 96)], 0.3),  # enlarged: bilinear either way, even on noise
+    (224, [(256, 340), (384, 256)], 5.0),  # shrunk: box-averaged samples against Pillow's wider triangle
+])
+def test_on_pixel_noise_the_device_path_differs_only_where_it_shrinks(size, dims, mean_diff) -> None:
+    pillow, device = TrainTransform(size), DeviceTrainTransform(size)
+    images = [_noise(*dims[i % len(dims)], seed=i) for i in range(16)]
+    want = torch.stack([pillow(img, random.Random(i)) for i, img in enumerate(images)]).float()
+    got = batchaug.collate([device(img, random.Random(i)) for i, img in enumerate(images)])
+    assert (got.augment(torch.device("cpu")).float() - want).abs().mean() < mean_diff
+
+
 def test_device_transform_draws_what_the_pillow_transform_draws() -> None:
     pillow = TrainTransform(48, brightness=0.2, contrast=0.1)
     device = DeviceTrainTransform(48, brightness=0.2, contrast=0.1)
     for seed in range(20):
-        raw = device(_image(70, 50, seed), random.Random(seed))
-        box, flip, b, c = pillow.draw(70, 50, random.Random(seed))
-        assert raw.params.tolist() == [*box, float(flip), b, c] and raw.size == 48
-        assert raw.pixels.shape == (50, 70, 3)
+        img = _image(70, 50, seed)
+        raw = device(img, random.Random(seed))
+        (left, top, right, bottom), flip, b, c = pillow.draw(70, 50, random.Random(seed))
+        assert raw.params[4:].tolist() == [float(flip), b, c] and raw.size == 48
+        # the crop with a one-pixel margin where the image has one, the box in its coordinates
+        x0, y0 = max(0, left - 1), max(0, top - 1)
+        assert raw.params[:4].tolist() == [left - x0, top - y0, right - x0, bottom - y0]
+        assert np.array_equal(raw.pixels, np.asarray(img)[y0:min(50, bottom + 1), x0:min(70, right + 1)])
+
+
+def test_cropping_in_the_loader_gives_the_pixels_of_the_whole_image() -> None:
+    device = DeviceTrainTransform(40, brightness=0.2, contrast=0.2)
+    images = [_noise(90 + 7 * i, 60 + 5 * i, seed=i) for i in range(12)]
+    cropped = [device(img, random.Random(i)) for i, img in enumerate(images)]
+    whole = []
+    for i, img in enumerate(images):  # the same draws on the uncropped image
+        (left, top, right, bottom), flip, b, c = device.draw(*img.size, random.Random(i))
+        whole.append(batchaug.RawImage(np.asarray(img), np.array([left, top, right, bottom, flip, b, c]), 40))
+    got = batchaug.collate(cropped).augment(torch.device("cpu")).float()
+    want = batchaug.collate(whole).augment(torch.device("cpu")).float()
+    assert (got - want).abs().max() <= 2 and (got != want).float().mean() < 0.001
+    # the canvas is bounded by the crops, not by the largest image
+    assert batchaug.collate(cropped).pixels.shape[1] < max(img.height for img in images)
 
 
 def test_collate_pads_each_image_with_its_own_edge() -> None:
@@ -69,6 +106,9 @@ def test_collate_pads_each_image_with_its_own_edge() -> None:
     assert np.array_equal(raw.pixels[0, :2].numpy(), a)
     assert np.array_equal(raw.pixels[0, 2].numpy(), a[1]) and np.array_equal(raw.pixels[0, 3].numpy(), a[1])
     assert (raw.pixels[1] == 200).all()
+    nested = batchaug.collate([{"x": (batchaug.RawImage(a, params, 8), 1)},
+                               {"x": (batchaug.RawImage(b, params, 8), 2)}])
+    assert isinstance(nested["x"][0], batchaug.RawBatch) and nested["x"][1].tolist() == [1, 2]
     # tensors alone still collate as DataLoader's default does
     plain = batchaug.collate([(torch.zeros(3, 2, 2, dtype=torch.uint8), 0)] * 2)
     assert plain[0].shape == (2, 3, 2, 2) and plain[1].tolist() == [0, 0]
@@ -79,6 +119,18 @@ def test_a_batch_of_several_output_sizes_is_refused() -> None:
     pixels = np.zeros((4, 4, 3), dtype=np.uint8)
     with pytest.raises(ValueError, match="one output size"):
         batchaug.collate([batchaug.RawImage(pixels, params, 8), batchaug.RawImage(pixels, params, 16)])
+
+
+def test_the_augmentation_path_is_recorded_with_the_run() -> None:
+    import yaml
+
+    from stages.lib.classifier import TrainConfig, resolved_run
+
+    params = Path(__file__).resolve().parents[1] / "params.yaml"
+    train = TrainConfig.from_params(yaml.safe_load(params.read_text())["train"], "train")
+    cpu = train.replace(device="cpu")
+    assert resolved_run(cpu)["augment"] == "loader"  # auto on CPU
+    assert resolved_run(cpu.replace(augment=cpu.augment.replace(where="device")))["augment"] == "device"
 
 
 def test_augment_on_auto_is_device_on_cuda_only() -> None:

@@ -116,12 +116,15 @@ def run_context(device: str, precision: str, clip_grad_norm: float = 0.0) -> eng
 
 
 def resolved_run(cfg: OptimConfig) -> dict[str, str]:
-    """The device and precision ``cfg`` resolves to on this machine, for model
-    files and metrics: ``precision: auto`` is bf16 on a CPU with AVX512_BF16
-    and fp32 on one without, and the two train different models."""
+    """The device, precision and augmentation path ``cfg`` resolves to on this
+    machine, for model files, metrics and checkpoints: ``precision: auto`` is
+    bf16 on a CPU with AVX512_BF16 and fp32 on one without, and
+    ``augment.where: auto`` is the device on CUDA and the loader on CPU; each
+    pair trains different models."""
     ctx = run_context(cfg.device, cfg.precision)
     names = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-    return {"device": ctx.device.type, "precision": names[ctx.amp_dtype]}
+    augment = "device" if augment_on_device(cfg.augment.where, ctx.device) else "loader"
+    return {"device": ctx.device.type, "precision": names[ctx.amp_dtype], "augment": augment}
 
 
 def steps_per_epoch(n_train: int, batch_size: int, world_size: int = 1) -> int:

@@ -106,12 +106,20 @@ class TrainTransform:
 class DeviceTrainTransform(TrainTransform):
     """``TrainTransform``'s draws, applied later to the whole batch on the
     training device (``augment.where: device``, :mod:`stages.lib.batchaug`): the
-    loader only decodes, and returns the image at its own size with its
-    parameters."""
+    loader only decodes, and returns the crop with a margin of one pixel (all
+    that bilinear sampling inside the crop reads) and the parameters, the box
+    in the margin's coordinates. Cropping here bounds the batch's canvas by
+    the crops, whose aspect ratio the draw limits, rather than by its tallest
+    and its widest image."""
 
     def __call__(self, img: Image.Image, rng: random.Random | None = None) -> RawImage:
         box, flip, b, c = self.draw(*img.size, rng or random.Random())
-        return RawImage(np.asarray(img), np.array([*box, flip, b, c], dtype=np.float64), self.size)
+        left, top, right, bottom = box
+        x0, y0 = max(0, left - 1), max(0, top - 1)
+        x1, y1 = min(img.width, right + 1), min(img.height, bottom + 1)
+        pixels = np.asarray(img.crop((x0, y0, x1, y1)))
+        params = np.array([left - x0, top - y0, right - x0, bottom - y0, flip, b, c], dtype=np.float64)
+        return RawImage(pixels, params, self.size)
 
 
 class EvalTransform:

@@ -188,7 +188,8 @@ def train_one_epoch(model: nn.Module, loss_fn: LossFn, loader: DataLoader, optim
     images/s, and ``data_wait_s``: the seconds the step waited for its batches
     (with loader workers, only what their prefetching did not hide). On CUDA
     each batch is copied (and augmented) one step ahead on a side stream
-    (``batchaug.prefetch``)."""
+    (``batchaug.prefetch``), so there ``data_wait_s`` is the time spent taking
+    the *next* batch from the loader and queueing its copy before each step."""
     model.train()
     sums: dict[str, float] = {}
     seen, start = 0, time.time()

@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import default_collate, get_worker_info
 from torchvision.ops import roi_align
 
-GREY = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as data.GREY and torchvision's rgb_to_grayscale
+GREY = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's rgb_to_grayscale (both augmentation paths)
 N_PARAMS = 7  # left, top, right, bottom (source pixels, Pillow's box), flip, brightness, contrast factors
 
 

@@ -19,12 +19,13 @@ from PIL import Image
 from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset, DistributedSampler
 
+from stages.lib import batchaug
 from stages.lib.batchaug import RawImage
 from stages.lib.imagecache import DecodedImages
 from stages.lib.shards import ShardReader, index_rows, read_index
 from stages.lib.tables import read_table
 
-GREY = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
+GREY = np.array(batchaug.GREY, dtype=np.float32)  # the device path's luma weights, for a matrix product
 
 
 def _chw_tensor(a: np.ndarray) -> torch.Tensor:

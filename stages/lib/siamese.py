@@ -63,9 +63,8 @@ def siamese_loss(*, contrastive_weight: float, margin: float, label_smoothing: f
         xa, xb, ya, yb, same = batch
         n = len(same)
         # one forward pass over both branches: the weights are shared by construction
-        images = torch.cat([engine.to_device(xa, ctx), engine.to_device(xb, ctx)])
-        logits, emb = model(images.contiguous(memory_format=torch.channels_last) if ctx.channels_last else images,
-                            with_embedding=True)
+        images = engine.to_device(torch.cat([engine.to_device(xa, ctx), engine.to_device(xb, ctx)]), ctx)
+        logits, emb = model(images, with_embedding=True)
         ya, yb, same = (t.to(ctx.device, non_blocking=True) for t in (ya, yb, same))
         ce_a, ce_b = ce(logits[:n].float(), ya), ce(logits[n:].float(), yb)
         terms = contrastive.terms(emb[:n], emb[n:], same)

@@ -65,10 +65,9 @@ def endless(loader):
         yield from loader
 
 
-def bench_model(backbone: str, size: int, batch: int, *, cfg, ctx, data: Path, caches, workers_list, steps: int,
-                wheres=("loader", "device"), pin: bool | None = None):
+def bench_model(backbone: str, size: int, batch: int, *, cfg, ctx, data: Path, labels, caches, workers_list,
+                steps: int, wheres=("loader", "device"), pin: bool | None = None):
     """Rows (loader, images/s, ratio) for one model."""
-    labels = load_labels(data / "filtered" / layout.LABELS)
     classes = json.loads((data / "filtered" / layout.CLASSES).read_text())
     keys, ys = labels["key"].tolist(), labels["label"].tolist()
     model = create_model(backbone, len(classes)).to(ctx.device, memory_format=torch.channels_last)
@@ -149,8 +148,8 @@ def main() -> None:
     table, record = [], {"header": header, "rows": []}
     for spec in models:
         backbone, size, batch = spec.split(":")
-        rows, ideal = bench_model(backbone, int(size), int(batch), cfg=cfg, ctx=ctx, data=args.data, caches=caches,
-                                  workers_list=args.workers, steps=args.steps, wheres=args.where,
+        rows, ideal = bench_model(backbone, int(size), int(batch), cfg=cfg, ctx=ctx, data=args.data, labels=labels,
+                                  caches=caches, workers_list=args.workers, steps=args.steps, wheres=args.where,
                                   pin=False if args.no_pin else None)
         for name, rate in rows:
             table.append(f"| {backbone}, {size} px, batch {batch} | {name} | {rate:.0f} | {rate / ideal:.2f} |")

@@ -182,10 +182,10 @@ def prefetch(batches: Any, device: torch.device, *, channels_last: bool):
             done.record(side)
         return moved, done
 
+    main = torch.cuda.current_stream(device)
     ahead = load()
     while ahead is not None:
         batch, done = ahead
-        main = torch.cuda.current_stream(device)
         main.wait_event(done)
         _record(batch, main)
         ahead = load()

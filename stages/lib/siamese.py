@@ -63,7 +63,8 @@ def siamese_loss(*, contrastive_weight: float, margin: float, label_smoothing: f
         xa, xb, ya, yb, same = batch
         n = len(same)
         # one forward pass over both branches: the weights are shared by construction
-        images = engine.to_device(torch.cat([engine.to_device(xa, ctx), engine.to_device(xb, ctx)]), ctx)
+        # each branch on the device (augmented there with augment.where: device); cat keeps channels_last
+        images = torch.cat([engine.to_device(xa, ctx), engine.to_device(xb, ctx)])
         logits, emb = model(images, with_embedding=True)
         ya, yb, same = (t.to(ctx.device, non_blocking=True) for t in (ya, yb, same))
         ce_a, ce_b = ce(logits[:n].float(), ya), ce(logits[n:].float(), yb)

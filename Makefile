@@ -25,9 +25,10 @@ repro: $(STAMP)
 	$(VENV)/bin/dvc repro
 
 # CI for a commit made on the real data: pull the committed models and data from the DVC remote, re-run
-# evaluate only, compare with the committed metrics and with BASELINE's (default HEAD~1)
+# evaluate only, compare with the committed metrics and with the base's (default: the merge-base with
+# origin/main; BASE=REV names another)
 revalidate: $(STAMP)
-	$(PY) -m stages.revalidate $(if $(BASELINE),--baseline $(BASELINE)) $(if $(REMOTE),--remote $(REMOTE))
+	$(PY) -m stages.revalidate $(if $(BASE),--base $(BASE)) $(if $(REMOTE),--remote $(REMOTE))
 
 # dvc plots show as a page that works offline (Vega inlined): dvc_plots/index.html
 plots: $(STAMP)

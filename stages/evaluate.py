@@ -80,6 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     results = [evaluate_model(name, path, test, args.images, index, device=cfg.device, batch_size=cfg.batch_size,
                               cache=cache) for name, path in models.items()]
     filter_report = reports.read_json(args.filtered / layout.REPORT)
+    empty = [r.name for r in results if not r.block["n_test"]]
+    if empty:  # nothing written: a report of models that scored nothing would compare as missing numbers
+        raise SystemExit(f"evaluate: model(s) {empty} scored no test image: no breed of "
+                         f"{args.raw / layout.TEST_LABELS} is one of their classes (spelling against "
+                         f"{layout.BREEDS}? filter.min_images_per_class?)")
+    test_counts["digest"] = reports.digest_test_set(test)  # CI pins the test set to the base's
     pairs_report = reports.read_json(args.pairs / layout.REPORT)
     metrics = {r.name: r.block for r in results}
     metrics["comparison"] = reports.comparison_block(metrics)

@@ -1,20 +1,30 @@
 """Re-validate a committed run without retraining: what CI runs for a commit
 made on the real data (on a GPU server, which CI does not have).
 
-    python -m stages.revalidate [--baseline REV] [--remote NAME] [--stage evaluate]
-    make revalidate BASELINE=REV
+    python -m stages.revalidate [--base REV | --no-baseline] [--protected origin/main] [--remote NAME]
+    make revalidate BASE=REV
 
-1. ``dvc pull`` of what the committed ``dvc.lock`` names for the evaluate
-   stage's inputs that live in DVC's cache (the final models, the decoded
-   images and the label tables), from the default remote or ``--remote``;
-2. ``dvc repro --force --single-item evaluate``: only the evaluation runs;
-3. the fresh ``reports/metrics.json`` must equal the committed one within
-   ``check.tolerance`` both ways (a hand-edited metrics file, or models that
-   are not the ones measured, fail) and must not be worse than the
-   ``--baseline`` commit's metrics by more than the tolerance.
+Everything the check trusts comes from the base (``stages.lib.metriccheck``:
+the protected branch's merge-base with HEAD, or ``--base``), never from the
+commit under test. Checks, each printed as it ends:
 
-Prints both comparisons as tables; exit 0 when both pass, 1 otherwise, 2 when
-an input cannot be read.
+1. the base can be read: its ``check`` params (tolerances), metrics with rows,
+   ``dvc.yaml``;
+2. the evaluate stage is defined as in the base and is not frozen;
+3. ``dvc pull`` of evaluate's cached inputs as the committed ``dvc.lock``
+   names them, then ``dvc status --cloud``: the remote itself holds every one
+   (a warm local cache must not stand in for it);
+4. the committed ``reports/metrics.json`` is removed and ``dvc repro --force
+   --single-item evaluate`` must write a fresh one, from the inputs the
+   committed ``dvc.lock`` records, with outputs that match the new lock;
+5. the fresh metrics equal the committed ones within ``check.reproduce`` both
+   ways (re-scoring the same files is deterministic up to float kernels);
+6. the test set is the base's (digest, count) and every image is scored;
+7. the fresh metrics are not worse than the base's by more than the seed
+   tolerance ``check.tolerance``.
+
+Exit 0 when every check passed, 1 when one failed, 2 when an input cannot be
+had (no base, no committed metrics, a failed dvc command).
 """
 from __future__ import annotations
 
@@ -24,18 +34,30 @@ import subprocess
 import sys
 from pathlib import Path
 
-from stages.lib.metriccheck import BETTER, MISSING, WORSE, check_tolerances, compare, format_table
-from stages.lib.params import load_params, read_yaml
+import yaml
 
-METRICS = "reports/metrics.json"
+from stages.lib.metriccheck import (
+    METRICS,
+    CheckError,
+    Checks,
+    add_base_arguments,
+    against_base,
+    compare,
+    parse_metrics,
+    read_metrics,
+    report_rows,
+    show,
+    stage_problems,
+    trusted,
+)
+from stages.lib.params import ConfigError, read_yaml
+
+STAGE = "evaluate"
 
 
-def cached_inputs(stage: str, dvc_yaml: Path = Path("dvc.yaml")) -> list[str]:
+def cached_inputs(stage: str, stages: dict) -> list[str]:
     """The deps of ``stage`` that another stage writes into DVC's cache: what a pull must fetch (code and
     git-tracked outputs, ``cache: false``, come with the checkout)."""
-    stages = read_yaml(dvc_yaml)["stages"]
-    if stage not in stages:
-        raise SystemExit(f"revalidate: dvc.yaml has no stage {stage!r}")
     cached = set()
     for spec in stages.values():
         for out in spec.get("outs", []):
@@ -45,53 +67,74 @@ def cached_inputs(stage: str, dvc_yaml: Path = Path("dvc.yaml")) -> list[str]:
     return [d for d in stages[stage].get("deps", []) if d in cached]
 
 
-def committed_metrics(rev: str) -> dict | None:
-    """``reports/metrics.json`` as committed at ``rev``; None when it has none."""
-    shown = subprocess.run(["git", "show", f"{rev}:{METRICS}"], capture_output=True, text=True)
-    return json.loads(shown.stdout) if shown.returncode == 0 else None
+def dvc(*args: str) -> str:
+    print("+ dvc", " ".join(args), flush=True)
+    proc = subprocess.run(["dvc", *args], capture_output=True, text=True)
+    sys.stdout.write(proc.stdout[-4000:])
+    if proc.returncode != 0:
+        raise CheckError(f"dvc {' '.join(args)} failed with exit code {proc.returncode}: {proc.stderr[-2000:]}")
+    return proc.stdout
 
 
-def run(cmd: list[str]) -> None:
-    print("+", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
+def lock_deps(lock_text: str, stage: str) -> dict[str, str | None]:
+    """{dep path: hash} of ``stage`` in a dvc.lock."""
+    spec = (yaml.safe_load(lock_text).get("stages") or {}).get(stage) or {}
+    return {d["path"]: d.get("md5") for d in spec.get("deps", [])}
+
+
+def not_in_remote(targets: list[str], remote: list[str]) -> list[str]:
+    """What ``dvc status --cloud`` says the remote lacks: 'new' (only in the local cache) or 'missing'."""
+    status = json.loads(dvc("status", "--cloud", "--json", *remote, *targets) or "{}")
+    return [f"{path}: {state}" for path, state in status.items() if state != "deleted"]
+
+
+def evaluate_fresh(stage: str, remote: list[str], stages: dict, checks: Checks) -> dict | None:
+    """Checks 3 and 4; the fresh metrics, or None when evaluate produced none."""
+    targets = cached_inputs(stage, stages)
+    dvc("pull", *remote, *targets)
+    checks.report(f"the remote holds every cached input of {stage} ({len(targets)} outputs, dvc status --cloud)",
+                  not_in_remote(targets, remote))
+    Path(METRICS).unlink(missing_ok=True)  # a run that writes nothing must not leave the committed file
+    dvc("repro", "--force", "--single-item", stage)
+    problems = [] if Path(METRICS).is_file() else [f"{stage} wrote no {METRICS}"]
+    committed, fresh = lock_deps(show("HEAD", "dvc.lock"), stage), lock_deps(Path("dvc.lock").read_text(), stage)
+    problems += [f"dep {path}: ran on {fresh.get(path)}, dvc.lock records {md5}"
+                 for path, md5 in committed.items() if fresh.get(path) != md5]
+    status = json.loads(dvc("status", "--json", stage) or "{}")
+    problems += [f"after the run dvc status says {status}"] if status else []
+    checks.report(f"{stage} ran: a fresh {METRICS}, from the committed inputs, outputs as dvc.lock records",
+                  problems)
+    return read_metrics(Path(METRICS)) if Path(METRICS).is_file() else None
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--baseline", default="HEAD~1", help="commit whose metrics must not be beaten (HEAD~1)")
+    add_base_arguments(parser)
     parser.add_argument("--remote", default=None, help="DVC remote to pull from (default: the default remote)")
-    parser.add_argument("--stage", default="evaluate")
     args = parser.parse_args(argv)
-    tolerance = check_tolerances(load_params("check")["tolerance"])
-    committed = committed_metrics("HEAD")
-    if committed is None:
-        print(f"revalidate: HEAD has no {METRICS} to re-validate", file=sys.stderr)
-        return 2
+    remote = ["-r", args.remote] if args.remote else []
+    checks = Checks("revalidate")
     try:
-        run(["dvc", "pull", *(["-r", args.remote] if args.remote else []), *cached_inputs(args.stage)])
-        run(["dvc", "repro", "--force", "--single-item", args.stage])
-    except subprocess.CalledProcessError as err:
-        print(f"revalidate: {' '.join(err.cmd)} failed with exit code {err.returncode}", file=sys.stderr)
+        head_stages = read_yaml("dvc.yaml").get("stages") or {}
+        committed = parse_metrics(show("HEAD", METRICS), f"HEAD:{METRICS}")
+        base, check = trusted(args, checks)
+        checks.report(f"{STAGE} stage not frozen" + ("" if base is None else ", as the base defines it"),
+                      stage_problems(head_stages if base is None else base.stages, head_stages, STAGE))
+        if checks.failed:
+            return checks.close()
+        fresh = evaluate_fresh(STAGE, remote, head_stages, checks)
+    except (CheckError, ConfigError) as exc:
+        print(f"revalidate: {exc}", file=sys.stderr)
+        checks.failed += 1
+        checks.close()
         return 2
-    fresh = json.loads(Path(METRICS).read_text(encoding="utf-8"))
-    failed = False
-    rows = compare(committed, fresh, tolerance)
-    print(f"\nfresh evaluation (current) against the committed {METRICS} (baseline):\n{format_table(rows)}")
-    if not rows or any(r.verdict in (WORSE, BETTER, MISSING) for r in rows):
-        print("revalidate: FAILED: the committed metrics are not what the committed models score", file=sys.stderr)
-        failed = True
-    baseline = committed_metrics(args.baseline)
-    if baseline is None:
-        print(f"\nnote: {args.baseline} has no {METRICS}: no regression check")
-    else:
-        rows = compare(baseline, fresh, tolerance)
-        print(f"\nfresh evaluation (current) against {args.baseline} (baseline):\n{format_table(rows)}")
-        if any(r.verdict in (WORSE, MISSING) for r in rows):
-            print(f"revalidate: FAILED: worse than {args.baseline} by more than check.tolerance", file=sys.stderr)
-            failed = True
-    if not failed:
-        print("revalidate: ok")
-    return 1 if failed else 0
+    if fresh is None:
+        return checks.close()
+    report_rows(checks, f"the committed metrics are what the committed models score (within {check.reproduce:g})",
+                compare(committed, fresh, dict.fromkeys(check.tolerance, check.reproduce), both_ways=True),
+                f"the committed {METRICS}")
+    against_base(checks, base, fresh)
+    return checks.close()
 
 
 if __name__ == "__main__":

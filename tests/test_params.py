@@ -13,6 +13,7 @@ from stages.filter_clicks import FilterConfig
 from stages.lib.classifier import ModelConfig, TrainConfig
 from stages.lib.decoding import DecodeConfig, DecodeError
 from stages.lib.imagecache import CacheConfig
+from stages.lib.metriccheck import CheckConfig
 from stages.lib.pairs import PairsConfig
 from stages.lib.params import ConfigError, load_sections, read_yaml
 from stages.lib.siamese import SiameseConfig
@@ -21,7 +22,7 @@ from stages.train_references import ReferenceConfig
 ROOT = Path(__file__).resolve().parents[1]
 DECLARED = {"data": DataConfig, "decode": DecodeConfig, "filter": FilterConfig, "model": ModelConfig,
             "train": TrainConfig, "pairs": PairsConfig, "siamese": SiameseConfig, "reference": ReferenceConfig,
-            "evaluate": EvaluateConfig, "cache": CacheConfig}
+            "evaluate": EvaluateConfig, "cache": CacheConfig, "check": CheckConfig}
 
 
 def committed() -> dict:
@@ -30,7 +31,7 @@ def committed() -> dict:
 
 def test_the_committed_params_match_their_declarations() -> None:
     params = committed()
-    assert set(DECLARED) | {"check"} == set(params)
+    assert set(DECLARED) == set(params)
     for name, cls in DECLARED.items():
         cls.from_params(params[name], name)
 
@@ -84,7 +85,7 @@ def test_a_repeated_key_is_refused_with_its_line(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="missing section 'train'"):
         load_sections(path, train=TrainConfig)
     path.write_text("model: !!python/object/apply:os.system ['true']\n")
-    with pytest.raises(yaml.YAMLError):  # safe loading: no Python objects from params
+    with pytest.raises(ConfigError, match="params.yaml: not valid YAML"):  # safe: no Python objects from params
         read_yaml(path)
 
 

@@ -126,7 +126,7 @@ def test_the_run_revalidates_from_the_remote_in_a_fresh_clone(release_run: tuple
     sh("git", "clone", "-q", str(repo), str(clone), cwd=tmp_path)
     assert not (clone / "models/siamese/model.pt").exists()
     env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PYTHONPATH": str(clone)}
-    proc = subprocess.run([sys.executable, "-m", "stages.revalidate", "--baseline", "HEAD"], cwd=clone, env=env,
+    proc = subprocess.run([sys.executable, "-m", "stages.revalidate", "--base", "HEAD"], cwd=clone, env=env,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "revalidate: ok" in proc.stdout

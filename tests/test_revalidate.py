@@ -1,6 +1,7 @@
 """stages.revalidate: a committed run re-validated from a DVC remote without
-retraining; it fails on hand-edited metrics and on a regression against the
-baseline commit."""
+retraining; it fails on hand-edited metrics (even within the seed tolerance),
+on a regression against the base, on a frozen evaluate stage, on a base it
+cannot read and on a remote that lacks the models."""
 from __future__ import annotations
 
 import json
@@ -25,8 +26,10 @@ pathlib.Path("models/model.txt").write_text(str(score))  # a 'model' whose test 
 EVALUATE = """import json, pathlib
 top1 = float(pathlib.Path("models/model.txt").read_text())
 pathlib.Path("reports").mkdir(exist_ok=True)
-pathlib.Path("reports/metrics.json").write_text(json.dumps({"siamese": {"top1": top1}, "data": {"n": 1}}))
+block = {"top1": top1, "top5": 1.0, "mean_class_accuracy": top1, "n_test": 100, "n_not_scored": 0}
+pathlib.Path("reports/metrics.json").write_text(json.dumps({"siamese": block, "data": {"test": {"digest": "d"}}}))
 """
+CHECK = {"tolerance": {"top1": 0.01, "top5": 0.01, "mean_class_accuracy": 0.01}, "reproduce": 0.0001}
 DVC_YAML = {"stages": {
     "train": {"cmd": "python train.py", "deps": ["train.py"], "params": ["train"], "outs": ["models/model.txt"]},
     "evaluate": {"cmd": "python evaluate.py", "deps": ["evaluate.py", "models/model.txt"],
@@ -44,24 +47,26 @@ def sh(*cmd: str, cwd: Path) -> str:
     return subprocess.run(cmd, cwd=cwd, env=env, check=True, capture_output=True, text=True).stdout
 
 
-def commit_run(repo: Path, score: float, message: str) -> str:
+def commit_run(repo: Path, score: float, message: str, push: bool = True) -> str:
     """Train with ``score``, evaluate, push to the remote, commit; the commit id."""
-    (repo / "params.yaml").write_text(yaml.safe_dump({"train": {"score": score},
-                                                      "check": {"tolerance": {"top1": 0.01}}}))
+    (repo / "params.yaml").write_text(yaml.safe_dump({"train": {"score": score}, "check": CHECK}))
     sh("dvc", "repro", "-q", cwd=repo)
-    sh("dvc", "push", "-q", cwd=repo)
+    if push:
+        sh("dvc", "push", "-q", cwd=repo)
     sh("git", "add", "-A", cwd=repo)
-    sh("git", "commit", "-qm", message, cwd=repo)
+    sh("git", "commit", "-q", "--allow-empty", "-m", message, cwd=repo)
     return sh("git", "rev-parse", "HEAD", cwd=repo).strip()
 
 
-def revalidate(repo: Path, tmp: Path, baseline: str) -> subprocess.CompletedProcess:
-    """A fresh clone (no models, as on CI), then the re-validation."""
+def revalidate(repo: Path, tmp: Path, *args: str, cache: Path | None = None) -> subprocess.CompletedProcess:
+    """A fresh clone of main (no models, as on CI; ``cache``: a warm DVC cache), then the re-validation."""
     clone = tmp / f"clone-{len(list(tmp.iterdir()))}"
     sh("git", "clone", "-q", str(repo), str(clone), cwd=tmp)
     assert not (clone / "models" / "model.txt").exists()
+    if cache is not None:
+        sh("dvc", "cache", "dir", "--local", str(cache), cwd=clone)
     env = {**os.environ, **S3_ENV, "DVC_NO_ANALYTICS": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "stages.revalidate", "--baseline", baseline], cwd=clone, env=env,
+    return subprocess.run([sys.executable, "-m", "stages.revalidate", *args], cwd=clone, env=env,
                           capture_output=True, text=True)
 
 
@@ -90,7 +95,7 @@ def s3_endpoint() -> str:
 def repo(request, tmp_path: Path) -> Path:
     repo = tmp_path / "repo"
     repo.mkdir()
-    sh("git", "init", "-q", cwd=repo)
+    sh("git", "init", "-q", "-b", "main", cwd=repo)
     sh("dvc", "init", "-q", cwd=repo)
     if request.param == "local":  # a local-directory remote
         sh("dvc", "remote", "add", "-d", "store", str(tmp_path / "remote"), cwd=repo)
@@ -107,28 +112,74 @@ def test_a_committed_run_revalidates_from_the_remote(repo: Path, tmp_path: Path)
     first = commit_run(repo, 0.80, "baseline run")
     commit_run(repo, 0.82, "a better run")
     (tmp_path / "work").mkdir()
-    proc = revalidate(repo, tmp_path / "work", first)
+    proc = revalidate(repo, tmp_path / "work")  # the base: main's first parent
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "revalidate: ok" in proc.stdout and "siamese.top1" in proc.stdout
+    assert f"[ok] base {first[:12]} (HEAD is on origin/main: its first parent)" in proc.stdout
+    assert proc.stdout.count("[ok]") == 7 and "revalidate: ok (7 checks)" in proc.stdout
+    assert "siamese.top1" in proc.stdout
 
 
-def test_hand_edited_metrics_fail(repo: Path, tmp_path: Path) -> None:
-    first = commit_run(repo, 0.80, "baseline run")
+@pytest.mark.parametrize("inflate", [0.15, 0.005])
+def test_hand_edited_metrics_fail(repo: Path, tmp_path: Path, inflate: float) -> None:
+    """+0.005 is inside the seed tolerance (0.01): today's check let it pass; re-scoring is deterministic."""
+    commit_run(repo, 0.80, "baseline run")
+    commit_run(repo, 0.80, "the same run again")
     metrics = json.loads((repo / "reports/metrics.json").read_text())
-    metrics["siamese"]["top1"] = 0.95  # claimed, not measured
+    metrics["siamese"]["top1"] += inflate  # claimed, not measured
     (repo / "reports/metrics.json").write_text(json.dumps(metrics))
     sh("git", "commit", "-qam", "edited metrics", cwd=repo)
     (tmp_path / "work").mkdir()
-    proc = revalidate(repo, tmp_path / "work", first)
-    assert proc.returncode == 1
-    assert "the committed metrics are not what the committed models score" in proc.stderr
+    proc = revalidate(repo, tmp_path / "work")
+    assert proc.returncode == 1, proc.stdout
+    assert "[FAILED] the committed metrics are what the committed models score (within 0.0001" in proc.stdout
 
 
 def test_a_regressed_model_fails_against_the_baseline(repo: Path, tmp_path: Path) -> None:
     first = commit_run(repo, 0.80, "baseline run")
     commit_run(repo, 0.70, "a worse model, its metrics honestly committed")
     (tmp_path / "work").mkdir()
-    proc = revalidate(repo, tmp_path / "work", first)
+    proc = revalidate(repo, tmp_path / "work", "--base", first)
     assert proc.returncode == 1, proc.stdout
-    assert f"worse than {first} by more than check.tolerance" in proc.stderr
+    assert "[FAILED] no regression beyond the seed tolerance" in proc.stdout
     assert "REGRESSION" in proc.stdout
+
+
+@pytest.mark.parametrize("repo", ["local"], indirect=True)
+def test_a_frozen_evaluate_with_inflated_metrics_fails(repo: Path, tmp_path: Path) -> None:
+    """Today: frozen: true made dvc repro --force skip evaluate, and revalidate compared the committed
+    metrics with themselves and printed ok."""
+    commit_run(repo, 0.80, "baseline run")
+    spec = yaml.safe_load((repo / "dvc.yaml").read_text())
+    spec["stages"]["evaluate"]["frozen"] = True
+    (repo / "dvc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    metrics = json.loads((repo / "reports/metrics.json").read_text())
+    metrics["siamese"]["top1"] += 0.05
+    (repo / "reports/metrics.json").write_text(json.dumps(metrics))
+    sh("git", "commit", "-qam", "frozen evaluate, better numbers", cwd=repo)
+    (tmp_path / "work").mkdir()
+    proc = revalidate(repo, tmp_path / "work")
+    assert proc.returncode == 1, proc.stdout
+    assert "[FAILED] evaluate stage not frozen, as the base defines it" in proc.stdout
+    assert "revalidate: ok" not in proc.stdout
+
+
+@pytest.mark.parametrize("repo", ["local"], indirect=True)
+def test_a_remote_without_the_models_fails_even_with_a_warm_cache(repo: Path, tmp_path: Path) -> None:
+    commit_run(repo, 0.80, "baseline run")
+    commit_run(repo, 0.81, "trained, never pushed", push=False)
+    (tmp_path / "work").mkdir()
+    proc = revalidate(repo, tmp_path / "work", cache=repo / ".dvc" / "cache")  # the models sit in the cache
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "[FAILED] the remote holds every cached input of evaluate" in proc.stdout
+
+
+@pytest.mark.parametrize("repo", ["local"], indirect=True)
+@pytest.mark.parametrize("args", [("--base", "no-such-ref"), ("--protected", "origin/nope")])
+def test_a_base_that_cannot_be_read_fails(repo: Path, tmp_path: Path, args: tuple[str, ...]) -> None:
+    """Today a failing git show meant 'no regression check' and a pass."""
+    commit_run(repo, 0.80, "baseline run")
+    commit_run(repo, 0.81, "next run")
+    (tmp_path / "work").mkdir()
+    proc = revalidate(repo, tmp_path / "work", *args)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "revalidate: FAILED" in proc.stdout

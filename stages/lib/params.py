@@ -135,20 +135,25 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def parse_yaml(text: str, where: str) -> dict[str, Any]:
+    """YAML text as plain data (safe: no Python objects), duplicate keys refused; ``where`` names it in errors."""
+    loader = _UniqueKeyLoader(text)  # a SafeLoader: plain data only
+    try:
+        data = loader.get_single_data() or {}
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{where}: not valid YAML: {err}") from err
+    finally:
+        loader.dispose()
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: must hold a mapping of sections")
+    return data
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """The params file as plain data (safe: no Python objects), duplicate keys refused."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            loader = _UniqueKeyLoader(f)  # a SafeLoader: plain data only
-            try:
-                data = loader.get_single_data() or {}
-            finally:
-                loader.dispose()
-    except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from err
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: must hold a mapping of sections")
-    return data
+    return parse_yaml(Path(path).read_text(encoding="utf-8"), str(path))
 
 
 def load_params(*sections: str, path: str | Path = PARAMS_FILE) -> dict[str, Any]:

@@ -4,6 +4,7 @@ compares across experiments (``stages/evaluate.py`` reads params, scores
 the models with :mod:`stages.lib.testset` and calls these)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -55,19 +56,29 @@ def _precision_recall(quality: dict[str, Any] | None) -> dict[str, Any]:
     return {"precision": quality.get("precision"), "recall": quality.get("recall")}
 
 
+def digest_test_set(test: pd.DataFrame) -> str:
+    """SHA-256 of the scored test set's ``key<TAB>breed`` lines in key order: CI compares it with the
+    base's, so a commit cannot make its numbers on another (easier, smaller) test set."""
+    lines = sorted(f"{k}\t{b}\n" for k, b in zip(test["key"], test["breed"]))
+    return "sha256:" + hashlib.sha256("".join(lines).encode("utf-8")).hexdigest()
+
+
 def comparison_block(metrics: dict[str, Any], final: str = "siamese") -> dict[str, Any]:
     """What the method buys: the final model minus the paper's baseline (naive
     training on the raw clicks) and minus the pipeline's naive model, and
     ``gap_recovery = (final - raw) / (truth - raw)`` where a truth reference
     exists (the sample): the share of the damage done by click noise that the
     method undoes. Absent models give nulls, not errors."""
+    def value(model: str, m: str) -> float | None:
+        return metrics[model][m] if model in metrics else None
+
     def diff(a: str, b: str) -> dict[str, float | None]:
-        return {m: (round(metrics[a][m] - metrics[b][m], 4) if a in metrics and b in metrics else None)
+        return {m: (round(value(a, m) - value(b, m), 4) if None not in (value(a, m), value(b, m)) else None)
                 for m in SUMMARY_METRICS}
 
     gap = {}
     for m in ("top1", "mean_class_accuracy"):
-        ok = all(k in metrics for k in (final, "raw", "truth"))
+        ok = all(value(k, m) is not None for k in (final, "raw", "truth"))
         den = metrics["truth"][m] - metrics["raw"][m] if ok else 0.0
         gap[m] = round((metrics[final][m] - metrics["raw"][m]) / den, 4) if ok and den > 0 else None
     return {"final": final, "final_minus_raw": diff(final, "raw"), "final_minus_naive": diff(final, "naive"),

@@ -376,3 +376,49 @@ def test_key_set_finds_every_repeat_and_grows() -> None:
     assert [keys.add(k) for k in names] == [k not in set(names[:i]) for i, k in enumerate(names)]
     assert len(keys) == len(set(names)) and len(keys.table) >= 2 * len(keys)
     assert keys.add("\udcff odd") and not keys.add("\udcff odd")  # surrogates from undecodable bytes
+
+
+BOOM_SCRIPT = """
+import os, signal, sys
+from stages.lib import decoding
+from stages.lib.atomic import exit_on_sigterm
+_decode_line = decoding.decode_line
+def die(line_no, line, too_long, cfg):
+    if line.startswith(b"boom\\t"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _decode_line(line_no, line, too_long, cfg)
+decoding.decode_line = die  # the fork-started workers inherit it
+exit_on_sigterm()  # as every stage does: the workers inherit this handler too
+try:
+    decoding.decode_dataset(sys.argv[1], sys.argv[2], {**eval(sys.argv[3]), "workers": 2, "block_lines": 64})
+except decoding.DecodeError as err:
+    print(err)
+    sys.exit(3)
+"""
+
+
+def test_a_dying_worker_does_not_hang_the_stage_when_results_fill_the_pipe(tmp_path: Path) -> None:
+    """Python 3.11's executor joins the surviving workers after one died; one blocked writing a result
+    larger than the pipe buffer (64 KB: here a block of 64 noise images re-encoded, MBs) was joined for
+    ever (seen: 3 of 3 runs hung before the fix)."""
+    def noise(i: int) -> bytes:
+        arr = np.random.default_rng(i).integers(0, 256, (160, 160, 3), dtype=np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, "PNG", compress_level=1)
+        return f"n{i}".encode() + b"\t" + b64(buf.getvalue())
+
+    train = [noise(i) for i in range(1000)]
+    train.insert(500, b"boom\t" + train[0].split(b"\t")[1])
+    raw = make_raw(tmp_path, train)
+    params = {**PARAMS, "max_pixels": 10**7, "max_line_bytes": 10**7}
+    proc = subprocess.Popen([sys.executable, "-c", BOOM_SCRIPT, str(raw), str(tmp_path / "images"), repr(params)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the stage and its workers
+        proc.communicate()
+        pytest.fail("decode hung after a worker died")
+    assert proc.returncode == 3 and "a decode worker died while decoding the block from line" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]

@@ -62,6 +62,21 @@ def test_cleanlab_and_relabel_clean_one_sided_noise() -> None:
     assert precision(true, new, st_r) > raw + 0.05
 
 
+def test_cleanlab_runs_in_this_process(monkeypatch) -> None:
+    """cleanlab's default n_jobs forks a multiprocessing.Pool from a process that runs torch's threads:
+    make test hung there for 20 minutes. No pool may start."""
+    import multiprocessing.pool
+
+    def no_pool(*args, **kwargs):
+        raise AssertionError("cleanlab started a process pool")
+
+    monkeypatch.setattr(multiprocessing.pool.Pool, "__init__", no_pool)
+    true, given, probs = one_sided_noise()
+    for method in ("cleanlab", "relabel"):
+        _, status = clean_labels(given, probs, **cfg(method))
+        assert (status == LABEL_ISSUE).any() or (status == RELABELLED).any()
+
+
 def test_bad_inputs_and_settings_are_refused() -> None:
     ok = np.array([[0.5, 0.5], [0.5, 0.5]])
     with pytest.raises(ValueError, match="pairs.filter must"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import io
+import multiprocessing as mp
 import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -62,9 +63,16 @@ def test_same_seed_same_bytes_other_seed_other_data(sample: Path, tmp_path: Path
         assert (tmp_path / "other" / name).read_bytes() != (sample / name).read_bytes(), name
 
 
+def test_the_sample_pool_spawns_its_workers(monkeypatch) -> None:
+    """A forked worker inherits this process's threads' locks and signal handlers: it can hang."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    with sample_module._pool() as pool:
+        assert pool._mp_context.get_start_method() == "spawn"
+
+
 def test_worker_processes_write_the_bytes_of_one_process(tmp_path: Path, monkeypatch) -> None:
-    # the images are drawn in a process per core: 3 workers or none, the files are the same
-    monkeypatch.setattr(sample_module, "_pool", lambda: ProcessPoolExecutor(3))
+    # the images are drawn in a process per core: 3 spawned workers or none, the files are the same
+    monkeypatch.setattr(sample_module, "_pool", lambda: ProcessPoolExecutor(3, mp_context=mp.get_context("spawn")))
     generate_sample(tmp_path / "pool", seed=3, **SMALL)
     monkeypatch.setattr(sample_module, "_pool", lambda: contextlib.nullcontext(sample_module._Serial()))
     generate_sample(tmp_path / "serial", seed=3, **SMALL)

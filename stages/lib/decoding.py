@@ -19,6 +19,7 @@ import io
 import logging
 import multiprocessing as mp
 import os
+import signal
 import sys
 import time
 import warnings
@@ -356,11 +357,21 @@ def run_blocks(path: Path, blocks: Iterable[tuple[list[Span], int]], cfg: Decode
             yield future.result(), nbytes
             pending.popleft()
     except BrokenProcessPool as err:
+        kill_workers(pool)
         where = f" while decoding the block from line {pending[0][2]}" if pending else ""
         raise DecodeError(
             f"{path}: a decode worker died{where} (killed for memory "
             f"by the system, or a crash in the image library): lower decode.workers or decode.block_lines, or "
             f"look for the line that kills it with decode.workers: 1") from err
+
+
+def kill_workers(pool: ProcessPoolExecutor) -> None:
+    """SIGKILL the pool's surviving workers. After one worker died, the executor's thread (Python < 3.12)
+    stops reading results and joins the others; one blocked writing a result larger than the pipe buffer
+    would be joined for ever, and so would this process at shutdown."""
+    for proc in list((getattr(pool, "_processes", None) or {}).values()):
+        with contextlib.suppress(OSError, ValueError):
+            proc.kill()
 
 
 # --------------------------------------------------------------------------
@@ -542,5 +553,8 @@ def decode_dataset(raw_dir: str | Path, out_dir: str | Path,
 
 
 def _pool_init(max_pixels: int) -> None:
+    # the stage's SIGTERM handler (atomic.exit_on_sigterm) is inherited by fork: a worker must die on the
+    # executor's terminate(), not run the stage's clean-up
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     Image.MAX_IMAGE_PIXELS = max_pixels
     init_worker()

@@ -446,11 +446,13 @@ def _test_item(seed: int, i: int, *, sides: tuple[int, int]) -> tuple[str, str]:
 
 
 def _pool() -> contextlib.AbstractContextManager:
-    """A process per core (forked: the workers need no imports), or this process on one core."""
+    """A process per core, or this process on one core. Spawned, not forked: a fork copies whatever
+    threads and locks this process holds (BLAS, the stage's SIGTERM handler), and a forked worker that
+    inherits a held lock waits for ever. Each item has its own generator, so the bytes are the same."""
     workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if workers < 2:
         return contextlib.nullcontext(_Serial())
-    return ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"))
+    return ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"))
 
 
 class _Serial:

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from stages.lib.atomic import exit_on_sigterm
+from stages.lib.atomic import exit_on_sigterm, refuse_overlapping_args
 from stages.lib.decoding import DecodeConfig, DecodeError, decode_dataset
 from stages.lib.params import ConfigError, load_params
 
@@ -30,6 +30,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args(argv)
     exit_on_sigterm()  # a killed stage removes its partial outputs
+    refuse_overlapping_args(args, "out_dir", "decode")  # replacing the output must not delete an input
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         decode_dataset(args.raw_dir, args.out_dir, DecodeConfig.from_params(load_params("decode", path=args.params)))

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Literal
 
 from stages.lib import layout, reports
-from stages.lib.atomic import atomic_file, exit_on_sigterm, write_json
+from stages.lib.atomic import atomic_file, exit_on_sigterm, refuse_overlapping_args, write_json
 from stages.lib.imagecache import CacheConfig, hold_decoded
 from stages.lib.params import Section, load_sections
 from stages.lib.shards import read_index
@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args(argv)
     exit_on_sigterm()  # a killed stage removes its partial outputs
+    refuse_overlapping_args(args, "out", "evaluate")  # replacing the output must not delete an input
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     params = load_sections(args.params, evaluate=EvaluateConfig, cache=CacheConfig)
     cfg = params["evaluate"]
@@ -79,13 +80,13 @@ def main(argv: list[str] | None = None) -> int:
     cache = hold_decoded(args.images, index, test["key"], params["cache"])  # one decode for every model
     results = [evaluate_model(name, path, test, args.images, index, device=cfg.device, batch_size=cfg.batch_size,
                               cache=cache) for name, path in models.items()]
-    filter_report = reports.read_json(args.filtered / layout.REPORT)
     empty = [r.name for r in results if not r.block["n_test"]]
     if empty:  # nothing written: a report of models that scored nothing would compare as missing numbers
         raise SystemExit(f"evaluate: model(s) {empty} scored no test image: no breed of "
                          f"{args.raw / layout.TEST_LABELS} is one of their classes (spelling against "
                          f"{layout.BREEDS}? filter.min_images_per_class?)")
     test_counts["digest"] = reports.digest_test_set(test)  # CI pins the test set to the base's
+    filter_report = reports.read_json(args.filtered / layout.REPORT)
     pairs_report = reports.read_json(args.pairs / layout.REPORT)
     metrics = {r.name: r.block for r in results}
     metrics["comparison"] = reports.comparison_block(metrics)

@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from stages.lib import layout
-from stages.lib.atomic import atomic_dir, atomic_file, exit_on_sigterm, write_json
+from stages.lib.atomic import atomic_dir, atomic_file, exit_on_sigterm, refuse_overlapping_args, write_json
 from stages.lib.clicklog import ClickLogSummary, aggregate_clicks, read_breeds, read_train_keys
 from stages.lib.labelquality import label_quality, sweep_thresholds
 from stages.lib.noise import check_enough_left
@@ -267,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = ap.parse_args(argv)
     exit_on_sigterm()  # a killed stage removes its partial outputs
+    refuse_overlapping_args(args, "out", "filter_clicks")  # replacing the output must not delete an input
     if (args.out is None) == (args.sweep is None):
         ap.error("give either OUT or --sweep DIR")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")

@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 
 from stages.lib import layout
-from stages.lib.atomic import atomic_dir, exit_on_sigterm, write_json
+from stages.lib.atomic import atomic_dir, exit_on_sigterm, refuse_overlapping_args, write_json
 from stages.lib.classifier import ModelConfig, TrainConfig
 from stages.lib.data import load_labels
 from stages.lib.imagecache import CacheConfig, DecodedImages, hold_decoded
@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args(argv)
     exit_on_sigterm()  # a killed stage removes its partial outputs
+    refuse_overlapping_args(args, "out_dir", "make_pairs")  # replacing the output must not delete an input
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     params = load_sections(args.params, pairs=PairsConfig, model=ModelConfig, train=TrainConfig, cache=CacheConfig)
     p, model_cfg, train_cfg = params["pairs"], params["model"], params["train"]

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from stages.lib import engine, layout
-from stages.lib.atomic import atomic_file, exit_on_sigterm
+from stages.lib.atomic import atomic_file, exit_on_sigterm, refuse_overlapping_args
 from stages.lib.classifier import (
     ModelConfig,
     TrainConfig,
@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args(argv)
     exit_on_sigterm()  # a killed stage removes its partial outputs
+    refuse_overlapping_args(args, "out_dir", "train_naive")  # replacing the output must not delete an input
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     params = load_sections(args.params, model=ModelConfig, train=TrainConfig, cache=CacheConfig)
     model_cfg, train_cfg = params["model"], params["train"]

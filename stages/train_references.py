@@ -26,7 +26,7 @@ from typing import Any, Literal
 import pandas as pd
 
 from stages.lib import layout
-from stages.lib.atomic import atomic_dir, exit_on_sigterm, write_json
+from stages.lib.atomic import atomic_dir, exit_on_sigterm, refuse_overlapping_args, write_json
 from stages.lib.classifier import ModelConfig, TrainConfig, plan_run, reference_size, train_on_labels
 from stages.lib.imagecache import CacheConfig, DecodedImages, hold_decoded
 from stages.lib.labelsets import label_set, train_keys
@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args(argv)
     exit_on_sigterm()  # a killed stage removes its partial outputs
+    refuse_overlapping_args(args, "out_dir", "train_references")  # replacing the output must not delete an input
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     params = load_sections(args.params, model=ModelConfig, train=TrainConfig, reference=ReferenceConfig,
                            cache=CacheConfig)

@@ -18,7 +18,7 @@ import logging
 from pathlib import Path
 
 from stages.lib import engine, layout
-from stages.lib.atomic import exit_on_sigterm
+from stages.lib.atomic import exit_on_sigterm, refuse_overlapping_args
 from stages.lib.classifier import resolved_run
 from stages.lib.data import load_labels
 from stages.lib.imagecache import CacheConfig, hold_decoded
@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args(argv)
     exit_on_sigterm()  # a killed stage removes its partial outputs
+    refuse_overlapping_args(args, "out_dir", "train_siamese")  # replacing the output must not delete an input
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     params = load_sections(args.params, siamese=SiameseConfig, cache=CacheConfig)
     cfg = params["siamese"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ast
+import importlib
 import os
 import signal
 import subprocess
@@ -9,8 +10,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
+from stages.lib import atomic
 from stages.lib.atomic import TMP_TAG, atomic_dir, atomic_file, remove_stale_temporaries
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,11 +57,14 @@ def test_temporaries_of_killed_runs_are_removed_by_the_next_run(tmp_path: Path) 
     proc.wait(timeout=30)
     left = [p for p in tmp_path.iterdir() if p.name.startswith(f".images{TMP_TAG}")]
     assert len(left) == 1
-    live = tmp_path / f".images{TMP_TAG}{os.getpid()}-abc"  # this process: alive, kept
+    live = tmp_path / f".images{TMP_TAG}{atomic._host()}-{os.getpid()}-abc"  # this process: alive, kept
     live.mkdir()
+    # another host's writer, whose PID means nothing here (a checkout shared by two hosts): kept
+    other_host = tmp_path / f".images{TMP_TAG}{atomic._host()}x-{left[0].name.split('-')[-2]}-abc"
+    other_host.mkdir()
     with atomic_dir(target) as tmp:
         (tmp / "done").write_text("ok")
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["images", live.name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["images", live.name, other_host.name])
     assert (target / "done").read_text() == "ok"
     with atomic_file(tmp_path / "x.json") as f:  # files get the same treatment
         f.write("{}")
@@ -103,3 +109,26 @@ def test_a_sigterm_stops_a_real_stage_cleanly(tmp_path: Path) -> None:
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 128 + signal.SIGTERM
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["raw"]
+
+
+@pytest.mark.parametrize("stage, argv", [
+    ("decode", ["data/raw", "data/raw"]),
+    ("decode", ["data/raw", "data"]),
+    ("filter_clicks", ["data/raw", "data/images", "data/raw/filtered"]),
+    ("train_naive", ["data/filtered", "data/images", "data/filtered"]),
+    ("train_references", ["data/raw", "data/filtered", "data/images", "data"]),
+    ("make_pairs", ["data/raw", "data/filtered", "data/images", "models/naive", "models"]),
+    ("train_siamese", ["data/pairs", "data/images", "models/naive", "models/naive"]),
+    ("evaluate", ["data/raw", "data/images", "data/filtered", "data/pairs", "models/naive", "models/siamese",
+                  "models/references", "data/images"]),
+])
+def test_a_stage_refuses_an_output_that_is_or_holds_an_input(tmp_path: Path, monkeypatch, stage: str,
+                                                              argv: list[str]) -> None:
+    """`python -m stages.decode data/raw data/raw` deleted the raw files: atomic_dir replaced the folder."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data/raw").mkdir(parents=True)
+    (tmp_path / "data/raw/train_images.tsv").write_text("k\tx\n")
+    module = importlib.import_module(f"stages.{stage}")
+    with pytest.raises(SystemExit, match=rf"{stage}: the output folder \S+ (is|contains|lies inside) the input"):
+        module.main(argv)
+    assert (tmp_path / "data/raw/train_images.tsv").read_text() == "k\tx\n"

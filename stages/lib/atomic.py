@@ -1,10 +1,12 @@
 """Atomic outputs: a stage writes to a temporary sibling, then renames, so an
 interrupted run never leaves a half-written output that DVC would cache.
 
-Temporary siblings are named ``.<name>.tmp-<pid>-<random>``: a run that was
-killed (SIGKILL, out of memory, power loss) cannot clean up, so the next
-atomic write to the same target removes the temporaries of processes that no
-longer exist. SIGTERM (what ``timeout``, schedulers and ``kill`` send) is
+Temporary siblings are named ``.<name>.tmp-<host>-<pid>-<random>``: a run
+that was killed (SIGKILL, out of memory, power loss) cannot clean up, so the
+next atomic write to the same target removes the temporaries of processes of
+*this host* that no longer exist (a checkout shared by two hosts or
+containers: a PID says nothing about another host's processes, so their
+temporaries are left alone). SIGTERM (what ``timeout``, schedulers and ``kill`` send) is
 turned into a normal exit by :func:`exit_on_sigterm`, so the clean-up of
 these context managers runs.
 """
@@ -15,8 +17,10 @@ import glob
 import json
 import logging
 import os
+import re
 import shutil
 import signal
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,10 +50,15 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _host() -> str:
+    """This host's name as it stands in temporary names (no "-": it separates the fields)."""
+    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
+
+
 def remove_stale_temporaries(target: Path) -> list[Path]:
-    """Remove the temporary siblings of ``target`` whose process is gone."""
+    """Remove the temporary siblings of ``target`` whose process, on this host, is gone."""
     removed = []
-    prefix = f".{target.name}{TMP_TAG}"
+    prefix = f".{target.name}{TMP_TAG}{_host()}-"
     for path in target.parent.glob(glob.escape(prefix) + "*"):
         pid = path.name[len(prefix):].split("-", 1)[0]
         if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
@@ -65,7 +74,28 @@ def remove_stale_temporaries(target: Path) -> list[Path]:
 
 
 def _tmp_prefix(target: Path) -> str:
-    return f".{target.name}{TMP_TAG}{os.getpid()}-"
+    return f".{target.name}{TMP_TAG}{_host()}-{os.getpid()}-"
+
+
+def refuse_overlapping_args(args: Any, output: str, stage: str) -> None:
+    """:func:`refuse_overlap` for a stage's parsed arguments: the Path argument ``output`` against every
+    other Path argument but ``--params``."""
+    inputs = {k: v for k, v in vars(args).items() if isinstance(v, Path) and k not in (output, "params")}
+    if getattr(args, output) is not None:
+        refuse_overlap(getattr(args, output), inputs, stage)
+
+
+def refuse_overlap(output: str | Path, inputs: dict[str, str | Path], stage: str) -> None:
+    """Stop when ``output`` is one of ``inputs``, contains one or lies inside one: replacing the output
+    deletes the folder it replaces (``python -m stages.decode data/raw data/raw`` deleted the raw files).
+    ``inputs`` maps a name for the message to a path; paths are compared resolved (links followed)."""
+    out = Path(output).resolve()
+    for name, path in inputs.items():
+        inp = Path(path).resolve()
+        if out == inp or out in inp.parents or inp in out.parents:
+            how = "is" if out == inp else "contains" if out in inp.parents else "lies inside"
+            raise SystemExit(f"{stage}: the output folder {output} {how} the input {name} ({path}): writing "
+                             "the output would delete or change it; give the output a folder of its own")
 
 
 def _umask() -> int:

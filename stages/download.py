@@ -20,7 +20,7 @@ from typing import Any, Literal
 from stages.lib import layout
 from stages.lib.atomic import atomic_dir, exit_on_sigterm
 from stages.lib.fetch import fetch_raw, sha256_file, write_checksums
-from stages.lib.params import Section, load_sections
+from stages.lib.params import Section, load_sections, read_yaml
 
 log = logging.getLogger("download")
 
@@ -58,6 +58,31 @@ class DataConfig(Section):
     files: dict[str, dict[str, Any]]
     retries: int
     timeout_s: float
+    max_download_mb: float
+
+    def __post_init__(self) -> None:
+        if not 0 < self.max_download_mb < float("inf"):  # also refuses nan
+            raise ValueError(f"max_download_mb must be > 0 and finite (MB of 10**6 bytes), got {self.max_download_mb}")
+
+
+def pipeline_outputs(dvc_file: Path = Path("dvc.yaml")) -> dict[str, str]:
+    """Every output (outs, metrics, plots) of every stage in ``dvc_file`` -> ``"stage <name>"``.
+
+    DVC deletes a stage's outputs before running it, so no ``path`` input may
+    live there. dvc.yaml is read for this refusal only (it never changes what
+    the stage writes), hence no dep of the stage. Outside a DVC project (no
+    dvc.yaml) only the output folder itself is guarded.
+    """
+    if not dvc_file.is_file():
+        return {}
+    outputs: dict[str, str] = {}
+    for name, stage in (read_yaml(dvc_file).get("stages") or {}).items():
+        for kind in ("outs", "metrics", "plots"):
+            for entry in (stage.get(kind) or []) if isinstance(stage, dict) else []:
+                path = next(iter(entry), None) if isinstance(entry, dict) else entry  # "p" or {p: {cache: false}}
+                if isinstance(path, str):
+                    outputs.setdefault(path, f"stage {name}")
+    return outputs
 
 
 def download(params: DataConfig, out_dir: Path) -> None:
@@ -71,11 +96,13 @@ def download(params: DataConfig, out_dir: Path) -> None:
             log.info("generated sample: %s", counts)
             sums = checksum_all(tmp)
         else:
-
+            # tmp is what fetch_raw writes; out_dir (and every other stage output) is what gets deleted
+            protected = {**pipeline_outputs(), out_dir: "this run"} if source == "path" else {}
             # partial downloads live beside the output, so an interrupted run resumes them;
             # fetch_raw verifies and writes SHA256SUMS itself
             sums = fetch_raw(params.files, tmp, source=source, retries=params.retries,
-                             timeout_s=params.timeout_s, cache_dir=out_dir.parent / ".download-cache")
+                             timeout_s=params.timeout_s, cache_dir=out_dir.parent / ".download-cache",
+                             max_download_mb=params.max_download_mb, protected=protected)
     log.info("wrote %d files to %s in %.1fs", len(sums), out_dir, time.time() - start)
 
 

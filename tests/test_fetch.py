@@ -1,9 +1,11 @@
 """stages.lib.fetch against a local HTTP server on 127.0.0.1 (no other network)."""
 from __future__ import annotations
 
+import base64
 import hashlib
 import http.server
 import io
+import logging
 import stat
 import tarfile
 import threading
@@ -42,6 +44,7 @@ class Server:
         self.requests: list[tuple[str, str | None]] = []  # (path, Range header)
         self.redirect: dict[str, str] = {}   # path -> Location of a 302
         self.endless: set[str] = set()       # paths answered with bytes until the client hangs up
+        self.auth: list[tuple[str, str | None]] = []  # (path, Authorization header) of every GET
         self._lock = threading.Lock()
         server = self
 
@@ -50,6 +53,7 @@ class Server:
                 with server._lock:
                     first = all(p != self.path for p, _ in server.requests)
                     server.requests.append((self.path, self.headers.get("Range")))
+                    server.auth.append((self.path, self.headers.get("Authorization")))
                 if first and self.path in server.stall_first:
                     time.sleep(server.stall_first[self.path])
                 if self.path in server.status:
@@ -125,6 +129,16 @@ def server() -> Iterator[Server]:
     s = Server()
     yield s
     s.close()
+
+
+@pytest.fixture(autouse=True)
+def no_netrc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A home folder of the test's own for every test here (fetch reads ~/.netrc): the developer's
+    credentials are neither sent to the test server nor able to change a result."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    return home
 
 
 def serve_roles(server: Server, roles=ROLES) -> tuple[dict[str, dict[str, str]], dict[str, bytes]]:
@@ -372,3 +386,155 @@ def test_redirects_are_followed_to_http_only(server: Server, tmp_path: Path) -> 
     files["clicks"]["url"] = server.url("/elsewhere")
     with pytest.raises(FetchError, match=r"redirected to 'ftp://127.0.0.1/clicks.tsv'; only http\(s\)"):
         fetch_raw(files, tmp_path / "raw2", source="url", retries=0, backoff_s=0)
+
+
+# --- credentials: from the environment (data.files.<role>.auth_env) or ~/.netrc, never from params ---
+
+TOKEN_VAR = "CLICKDOG_TEST_TOKEN"
+SECRET = "s3cr3t-7f1e9c0a-never-on-disk"
+
+
+def assert_secret_nowhere(secret: str, folders: list[Path], *texts: str) -> None:
+    """Neither the secret nor its base64 (basic auth) in any file under ``folders`` nor in ``texts``."""
+    needles = [secret.encode(), base64.b64encode(secret.encode())]
+    files = [p for folder in folders if folder.exists() for p in folder.rglob("*") if p.is_file()]
+    assert files, "nothing was written: the scan would prove nothing"
+    for path in files:
+        data = path.read_bytes()
+        assert not any(n in data for n in needles), f"the secret is in {path}"
+    for text in texts:
+        assert not any(n.decode() in text for n in needles), "the secret is in the log output"
+
+
+def test_token_from_auth_env_is_sent_and_written_nowhere(
+    server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    capfd: pytest.CaptureFixture, no_netrc: Path,
+) -> None:
+    monkeypatch.setenv(TOKEN_VAR, f"Bearer {SECRET}")
+    files, data = serve_roles(server)
+    for spec in files.values():
+        spec["auth_env"] = TOKEN_VAR
+    server.redirect["/moved"] = "/clicks.tsv"  # the same host: the header goes along
+    files["clicks"]["url"] = server.url("/moved")
+    caplog.set_level(logging.DEBUG)
+    out, cache = tmp_path / "raw", tmp_path / "cache"
+    fetch_raw(files, out, source="url", cache_dir=cache, **FAST)
+    assert (out / "clicks.tsv").read_bytes() == data["clicks"]
+    assert len(server.auth) == len(ROLES) + 1
+    assert all(header == f"Bearer {SECRET}" for _, header in server.auth)
+    printed = capfd.readouterr()
+    assert_secret_nowhere(SECRET, [out, cache], caplog.text, printed.out, printed.err)
+
+
+def test_authorization_is_not_sent_to_another_host_on_redirect(
+    server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_netrc: Path,
+) -> None:
+    monkeypatch.setenv(TOKEN_VAR, f"Bearer {SECRET}")
+    files, data = serve_roles(server)
+    other = Server()  # another port: another origin, as for requests and browsers
+    try:
+        files["clicks"] = {"url": server.url("/away"), "sha256": sha(data["clicks"]), "auth_env": TOKEN_VAR}
+        server.redirect["/away"] = other.add("/clicks.tsv", data["clicks"])
+        fetch_raw(files, tmp_path / "raw", source="url", **FAST)
+        assert ("/away", f"Bearer {SECRET}") in server.auth
+        assert other.auth == [("/clicks.tsv", None)]
+        assert (tmp_path / "raw" / "clicks.tsv").read_bytes() == data["clicks"]
+    finally:
+        other.close()
+
+
+def test_netrc_credentials_are_sent_as_basic_auth(
+    server: Server, tmp_path: Path, caplog: pytest.LogCaptureFixture, no_netrc: Path,
+) -> None:
+    netrc_file = no_netrc / ".netrc"
+    netrc_file.write_text(f"machine 127.0.0.1 login alice password {SECRET}\n")
+    netrc_file.chmod(0o600)  # netrc refuses a password in a file others can read
+    files, _ = serve_roles(server)
+    caplog.set_level(logging.DEBUG)
+    fetch_raw(files, tmp_path / "raw", source="url", cache_dir=tmp_path / "cache", **FAST)
+    basic = "Basic " + base64.b64encode(f"alice:{SECRET}".encode()).decode()
+    assert {header for _, header in server.auth} == {basic}
+    assert_secret_nowhere(SECRET, [tmp_path / "raw", tmp_path / "cache"], caplog.text)
+    assert_secret_nowhere(basic.removeprefix("Basic "), [tmp_path / "raw", tmp_path / "cache"], caplog.text)
+
+
+@pytest.mark.parametrize(
+    ("spec", "match"),
+    [
+        ({"url": f"http://alice:{SECRET}@127.0.0.1:9/x.tsv"}, r"credentials in the url .*auth_env.*\.netrc"),
+        ({"url": "http://alice@127.0.0.1:9/x.tsv"}, r"credentials in the url .*auth_env.*\.netrc"),
+        ({"auth_env": "CLICKDOG_TEST_UNSET_VAR"}, r"data.files.clicks.auth_env: environment variable "
+                                                  r"CLICKDOG_TEST_UNSET_VAR is not set"),
+        ({"auth_env": "not a name"}, r"auth_env must name an environment variable"),
+    ],
+)
+def test_bad_credentials_params_fail_before_any_request(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_netrc: Path, spec: dict, match: str,
+) -> None:
+    monkeypatch.delenv("CLICKDOG_TEST_UNSET_VAR", raising=False)
+    files = {r: {"url": f"http://127.0.0.1:9/{r}.tsv", "sha256": "0" * 64} for r in ROLES}
+    files["clicks"].update(spec)
+    with pytest.raises(ValueError, match=match) as err:
+        fetch_raw(files, tmp_path / "raw", source="url", retries=0, backoff_s=0)
+    assert SECRET not in str(err.value)
+    assert not (tmp_path / "raw").exists()
+
+
+def test_a_header_value_with_a_line_break_is_refused_without_echoing_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_netrc: Path,
+) -> None:
+    monkeypatch.setenv(TOKEN_VAR, f"Bearer {SECRET}\r\nX-Injected: 1")
+    files = {r: {"url": f"http://127.0.0.1:9/{r}.tsv", "sha256": "0" * 64, "auth_env": TOKEN_VAR} for r in ROLES}
+    with pytest.raises(ValueError, match=f"{TOKEN_VAR} holds a line break") as err:
+        fetch_raw(files, tmp_path / "raw", source="url", retries=0, backoff_s=0)
+    assert SECRET not in str(err.value)
+
+
+# --- a download whose length nobody gives is capped by data.max_download_mb ---
+
+def test_a_chunked_response_without_size_stops_at_max_download_mb(server: Server, tmp_path: Path) -> None:
+    files, _ = serve_roles(server)
+    files["clicks"] = {"url": server.url("/endless?sig=abc"), "sha256": sha(b"1234")}
+    server.endless.add("/endless?sig=abc")
+    cache = tmp_path / "cache"
+    with pytest.raises(FetchError) as err:
+        fetch_raw(files, tmp_path / "raw", source="url", cache_dir=cache, retries=0, backoff_s=0,
+                  max_download_mb=0.5)
+    msg = str(err.value)
+    assert f"clicks ({server.url('/endless')})" in msg and "sig=abc" not in msg
+    assert "data.max_download_mb" in msg and "0.5 MB" in msg and "data.files.clicks.size" in msg
+    assert not (tmp_path / "raw").exists() or not any((tmp_path / "raw").iterdir())
+    assert not list(cache.glob("*.part"))  # no partial download kept either (the verified ones stay, for reuse)
+
+
+def test_a_content_length_above_max_download_mb_is_refused_unless_size_is_given(
+    server: Server, tmp_path: Path,
+) -> None:
+    files, data = serve_roles(server)
+    big = b"y" * 1_500_000
+    files["clicks"] = {"url": server.add("/big.tsv", big), "sha256": sha(big)}
+    with pytest.raises(FetchError, match=r"clicks .*/big.tsv\): the server announces 1500000 bytes, more than "
+                                         r"data.max_download_mb"):
+        fetch_raw(files, tmp_path / "raw", source="url", cache_dir=tmp_path / "cache", retries=0, backoff_s=0,
+                  max_download_mb=1)
+    assert not list((tmp_path / "cache").glob("*.part"))
+    files["clicks"]["size"] = len(big)  # a size in params is the author's word: it replaces the cap
+    fetch_raw(files, tmp_path / "raw", source="url", retries=0, backoff_s=0, max_download_mb=1)
+    assert (tmp_path / "raw" / "clicks.tsv").read_bytes() == big
+
+
+def test_max_download_mb_must_be_positive(tmp_path: Path) -> None:
+    files = {r: {"url": f"http://127.0.0.1:9/{r}.tsv", "sha256": "0" * 64} for r in ROLES}
+    with pytest.raises(ValueError, match=r"data.max_download_mb must be > 0"):
+        fetch_raw(files, tmp_path / "raw", source="url", max_download_mb=0)
+
+
+def test_a_broken_netrc_is_named_without_quoting_it(server: Server, tmp_path: Path, no_netrc: Path) -> None:
+    netrc_file = no_netrc / ".netrc"
+    netrc_file.write_text(f"machine 127.0.0.1 login alice {SECRET}\n")  # "password" forgotten
+    netrc_file.chmod(0o600)
+    files, _ = serve_roles(server)
+    with pytest.raises(FetchError, match=r"\.netrc, line \d+: cannot read this netrc file") as err:
+        fetch_raw(files, tmp_path / "raw", source="url", retries=0, backoff_s=0)
+    # the parse error, which quotes the token, is not chained into the traceback either
+    assert SECRET not in str(err.value) and err.value.__cause__ is None and err.value.__suppress_context__

@@ -104,7 +104,7 @@ def test_download_stage_writes_checksummed_sample(tmp_path: Path) -> None:
         "data:\n  source: sample\n  seed: 1\n  sample: {n_train: 24, test_per_breed: 1, min_side: 64, max_side: 64,"
         " lookalike_share: 0.25, lookalike_only_share: 0.4, best_known_share: 0.5, distractor_share: 0.1,"
         " no_breed_query_share: 0.05}\n"
-        "  files: {}\n  retries: 1\n  timeout_s: 5\n")
+        "  files: {}\n  retries: 1\n  timeout_s: 5\n  max_download_mb: 1\n")
     old = Path.cwd()
     os.chdir(tmp_path)
     try:
@@ -122,7 +122,8 @@ def test_bad_source_is_refused(tmp_path: Path) -> None:
     sample = {"n_train": 24, "test_per_breed": 1, "min_side": 64, "max_side": 64, "lookalike_share": 0.25,
               "lookalike_only_share": 0.4, "best_known_share": 0.5, "distractor_share": 0.1,
               "no_breed_query_share": 0.05}
-    data = {"source": "ftp", "seed": 0, "sample": sample, "files": {}, "retries": 1, "timeout_s": 5}
+    data = {"source": "ftp", "seed": 0, "sample": sample, "files": {}, "retries": 1, "timeout_s": 5,
+            "max_download_mb": 1}
     with pytest.raises(ValueError, match=r"data.source: must be one of \['sample', 'url', 'path'\], got 'ftp'"):
         download.DataConfig.from_params(data, "data")
 

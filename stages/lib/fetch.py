@@ -8,12 +8,22 @@ exponential backoff and are verified against the sha256 from params before
 anything is placed. Archives are trusted no further than their checksum:
 only the requested members are read, as streams, and a member's name never
 becomes a path; the output names are the fixed role names of ``layout``.
+
+Credentials never come from params (dvc.lock records the ``data`` section,
+and git keeps both): a url with ``user:pass@`` is refused. The header comes
+from the environment variable named by ``auth_env`` (its whole value, e.g.
+``Bearer <token>``) or else from ``~/.netrc`` (basic auth), and is sent to
+the url's own origin only, never to a redirect elsewhere. A download whose
+length neither params nor the server give stops at ``max_download_mb``.
 """
 from __future__ import annotations
 
+import base64
+import dataclasses
 import hashlib
 import http.client
 import logging
+import netrc
 import os
 import posixpath
 import re
@@ -44,10 +54,13 @@ SOURCES = ("url", "path")
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
 
 _SPEC_KEYS = {  # source -> (required keys, optional keys)
-    "url": ({"url", "sha256"}, {"member", "size"}),
+    "url": ({"url", "sha256"}, {"member", "size", "auth_env"}),
     "path": ({"path"}, {"sha256", "member"}),
 }
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
+_ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# The real Clickture-Dog files are a few GB: room for those, not for a server that never stops.
+DEFAULT_MAX_DOWNLOAD_MB = 20_000.0
 _CHUNK_BYTES = 1 << 20
 _MAX_BACKOFF_S = 60.0
 # Server-side hiccups worth waiting out; any other HTTP error (404, 403...) will not fix itself.
@@ -73,6 +86,7 @@ class _Spec:
     sha256: str | None     # of the file at ``location``: the archive when ``member`` is set
     member: str | None     # normalised path inside the archive
     size: int | None = None  # bytes of the download (url source), when params give it
+    auth_env: str | None = None  # environment variable holding the Authorization header value (url source)
 
 
 def fetch_raw(
@@ -84,6 +98,8 @@ def fetch_raw(
     timeout_s: float = 60.0,
     backoff_s: float = 1.0,
     cache_dir: Path | None = None,
+    max_download_mb: float = DEFAULT_MAX_DOWNLOAD_MB,
+    protected: Mapping[str | Path, str] | None = None,
 ) -> dict[str, str]:
     """Place the raw files named in ``files`` as ``out_dir/<role>.tsv``.
 
@@ -91,10 +107,17 @@ def fetch_raw(
     ``breeds``; optionally ``clicks``, which a release with labels in its image
     file lacks, and ``truth``) to a spec:
 
-    - ``source="url"``: ``{url, sha256[, member]}``. ``sha256`` is that of the
-      downloaded file, i.e. of the archive when ``member`` names a file inside
-      a .tar/.tar.gz/.tgz/.zip. Roles sharing an archive url download it once.
+    - ``source="url"``: ``{url, sha256[, member][, size][, auth_env]}``.
+      ``sha256`` is that of the downloaded file, i.e. of the archive when
+      ``member`` names a file inside a .tar/.tar.gz/.tgz/.zip. Roles sharing
+      an archive url download it once. ``size`` caps the download at that many
+      bytes; without it ``max_download_mb`` does (10**6 bytes a MB).
+      ``auth_env`` names the environment variable whose value is sent as the
+      ``Authorization`` header; without it ``~/.netrc``'s entry for the host,
+      if any, is sent as basic auth.
     - ``source="path"``: ``{path[, sha256][, member]}``; the file is copied.
+      A path inside ``out_dir`` or inside a folder of ``protected`` (path ->
+      who writes it, e.g. ``"stage decode"``) is refused: those get deleted.
 
     Downloads go to ``cache_dir`` (``<sha256>.part`` while incomplete, renamed
     to ``<sha256>`` once verified). Without ``cache_dir`` a temporary folder
@@ -112,20 +135,20 @@ def fetch_raw(
     specs = _validate(files, source=source)
     if retries < 0 or timeout_s <= 0 or backoff_s < 0:
         raise ValueError(f"need retries >= 0, timeout_s > 0, backoff_s >= 0; got {retries}, {timeout_s}, {backoff_s}")
+    if not 0 < max_download_mb < float("inf"):  # also refuses nan
+        raise ValueError(f"data.max_download_mb must be > 0 and finite (MB of 10**6 bytes), got {max_download_mb}")
     out_dir = Path(out_dir)
+    if source == "path":
+        _refuse_inputs_in_outputs(specs, {out_dir: "", **(protected or {})})
     out_dir.mkdir(parents=True, exist_ok=True)
     own_cache = cache_dir is None
     cache = Path(tempfile.mkdtemp(prefix=".fetch-", dir=out_dir)) if own_cache else Path(cache_dir)
     targets = {spec.role: out_dir / f"{spec.role}.tsv" for spec in specs}
-    if source == "path":
-        for spec in specs:
-            if Path(spec.location).resolve() == targets[spec.role].resolve():
-                # Cleaning up after a failure would delete the source itself.
-                raise ValueError(f"data.files.{spec.role}: path {spec.location!r} is the output file itself")
     uses = {loc: sum(s.location == loc for s in specs) for loc in {s.location for s in specs}}
     try:
         if source == "url":
-            local = _download_all(specs, cache, retries=retries, timeout_s=timeout_s, backoff_s=backoff_s)
+            local = _download_all(specs, cache, retries=retries, timeout_s=timeout_s, backoff_s=backoff_s,
+                                  max_bytes=int(max_download_mb * 1e6))
         else:
             local = {s.location: Path(s.location) for s in specs}
         sums: dict[str, str] = {}
@@ -172,6 +195,7 @@ def _validate(files: Mapping[str, Mapping[str, str]], *, source: str) -> list[_S
     required, optional = _SPEC_KEYS[source]
     specs: list[_Spec] = []
     archive_sha: dict[str, str | None] = {}
+    archive_auth: dict[str, str | None] = {}
     for role in sorted(files):
         spec = files[role]
         where = f"data.files.{role}"
@@ -191,6 +215,15 @@ def _validate(files: Mapping[str, Mapping[str, str]], *, source: str) -> list[_S
         if source == "url" and urllib.parse.urlsplit(location).scheme not in ("http", "https"):
             # urllib would also open file:// and ftp://; the url source is for the web only.
             raise ValueError(f"{where}: url must be http(s), got {_redact(location)!r}")
+        if source == "url" and "@" in urllib.parse.urlsplit(location).netloc:
+            # params.yaml is in git, and dvc.lock copies the data section: a secret there is published.
+            raise ValueError(f"{where}: credentials in the url ({_redact(location)!r} with a user name or password) "
+                             f"would be recorded in params.yaml and dvc.lock; remove them and name an environment "
+                             f"variable holding the Authorization header in {where}.auth_env, or put the login in "
+                             f"~/.netrc for host {urllib.parse.urlsplit(location).hostname}")
+        auth_env = spec.get("auth_env")
+        if auth_env is not None:
+            _auth_from_env(auth_env, where=f"{where}.auth_env")  # set and well-formed, before any download
         digest = spec.get("sha256")
         if digest is not None:
             digest = digest.lower()
@@ -203,9 +236,88 @@ def _validate(files: Mapping[str, Mapping[str, str]], *, source: str) -> list[_S
             raise ValueError(f"{where}: {_redact(location)!r} is an archive; name the file inside it with 'member'")
         if location in archive_sha and archive_sha[location] != digest:
             raise ValueError(f"{where}: {_redact(location)!r} is listed with different sha256 values")
+        if location in archive_auth and archive_auth[location] != auth_env:
+            raise ValueError(f"{where}: {_redact(location)!r} is listed with different auth_env values")
         archive_sha[location] = digest
-        specs.append(_Spec(role, location, digest, member, size))
+        archive_auth[location] = auth_env
+        specs.append(_Spec(role, location, digest, member, size, auth_env))
     return specs
+
+
+def _refuse_inputs_in_outputs(specs: list[_Spec], protected: Mapping[str | Path, str]) -> None:
+    """Refuse a ``path`` input that resolves (links followed) inside an output folder.
+
+    DVC deletes a stage's outputs before running it, and a direct run swaps
+    the output folder and removes the old one: a file kept there is lost.
+    ``protected`` maps a folder to who writes it; ``""`` means this call's
+    ``out_dir``."""
+    roots = [(Path(path), Path(path).resolve(), who) for path, who in protected.items()]
+    for spec in specs:
+        resolved = Path(spec.location).resolve()
+        for path, root, who in roots:
+            if resolved == root or root in resolved.parents:
+                inside = f"{path}, an output of {who}" if who else f"the output folder {path}"
+                raise ValueError(
+                    f"data.files.{spec.role}: path {spec.location!r} lies inside {inside}, which is deleted and "
+                    f"rewritten whenever that runs, so the file would be lost; keep it outside the project or in a "
+                    f"folder that no stage writes (e.g. data/external/) and point data.files.{spec.role}.path there")
+
+
+def _auth_from_env(name: str, *, where: str) -> str:
+    """The Authorization header value held by environment variable ``name``; errors never show it."""
+    if not _ENV_NAME_RE.fullmatch(name):
+        raise ValueError(f"{where}: auth_env must name an environment variable (letters, digits, _), got {name!r}")
+    value = os.environ.get(name)
+    if not value:
+        raise ValueError(f"{where}: environment variable {name} is not set (or is empty); export it with the whole "
+                         f"Authorization header value, e.g. 'Bearer <token>'")
+    if any((ord(c) < 32 and c != "\t") or ord(c) == 127 for c in value):
+        # http.client would refuse it too, but with the value in its message.
+        raise ValueError(f"{where}: {name} holds a line break or another control character (value not shown)")
+    return value
+
+
+def _authorization(url: str, auth_env: str | None, *, where: str, label: str) -> str | None:
+    """The Authorization header for ``url``: from ``auth_env``, else ``~/.netrc``, else none."""
+    if auth_env is not None:
+        value, source = _auth_from_env(auth_env, where=where), f"${auth_env}"
+        if " " not in value.strip():
+            log.warning("%s: $%s holds no space; it must be the whole header value, e.g. 'Bearer <token>', not "
+                        "the token alone", label, auth_env)
+    else:
+        value, source = _netrc_authorization(urllib.parse.urlsplit(url).hostname or ""), "~/.netrc"
+        if value is None:
+            return None
+    if urllib.parse.urlsplit(url).scheme == "http":
+        log.warning("%s: sending the credentials from %s over plain http (unencrypted)", label, source)
+    else:
+        log.info("%s: sending the credentials from %s", label, source)
+    return value
+
+
+def _netrc_authorization(host: str) -> str | None:
+    """Basic auth from ``~/.netrc``'s entry for ``host`` (or its ``default``); None without one."""
+    try:
+        entries = netrc.netrc()
+    except FileNotFoundError:
+        return None
+    except netrc.NetrcParseError as e:
+        # Its message may quote a token of the file, a password perhaps: file and line only, no chained error.
+        raise FetchError(f"{e.filename}, line {e.lineno}: cannot read this netrc file (a syntax error, or a "
+                         f"password in a file that others may read: chmod 600 it)") from None
+    except OSError as e:
+        raise FetchError(f"~/.netrc: cannot read it ({e.strerror})") from None
+    entry = entries.authenticators(host)
+    if entry is None:
+        return None
+    login, _, password = entry
+    return "Basic " + base64.b64encode(f"{login}:{password or ''}".encode()).decode("ascii")
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    """(scheme, host, port): credentials for one origin are not sent to another."""
+    parts = urllib.parse.urlsplit(url)
+    return parts.scheme, (parts.hostname or "").lower(), parts.port or {"http": 80, "https": 443}.get(parts.scheme)
 
 
 def download_file(
@@ -214,10 +326,13 @@ def download_file(
     *,
     sha256: str,
     size: int | None = None,
+    max_bytes: int = int(DEFAULT_MAX_DOWNLOAD_MB * 1e6),
+    authorization: str | None = None,
     retries: int = 5,
     timeout_s: float = 60.0,
     backoff_s: float = 1.0,
     label: str | None = None,
+    size_param: str = "data.files.<role>.size",
 ) -> Path:
     """Download ``url`` to ``dest`` and verify it; return ``dest``.
 
@@ -226,21 +341,25 @@ def download_file(
     ``dest`` itself only ever appears complete and verified: a checksum
     mismatch deletes the part file and raises ``ChecksumError``. A body longer
     than ``size`` (or than the server's own Content-Length) stops the download
-    with ``FetchError`` at that length, not when the disk is full.
+    with ``FetchError`` at that length, not when the disk is full; without
+    ``size``, a body longer than ``max_bytes`` stops it too, and removes the
+    part file (``size_param`` names the param that would raise it).
+    ``authorization`` is sent as the Authorization header to ``url``'s origin
+    only (scheme, host and port), never to a redirect elsewhere.
     """
     label = label or _redact(url)
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
-    resumed = _download_with_retries(url, part, size=size, retries=retries, timeout_s=timeout_s, backoff_s=backoff_s,
-                               label=label)
+    get = _Get(url, size, max_bytes, authorization, size_param)
+    resumed = _download_with_retries(get, part, retries=retries, timeout_s=timeout_s, backoff_s=backoff_s,
+                                     label=label)
     actual = sha256_file(part)
     if actual != sha256 and resumed:
         # The kept prefix may come from another version of the file: one fresh try before blaming the source.
         log.warning("%s: sha256 mismatch after a resumed download; downloading again from the start", label)
         part.unlink()
-        _download_with_retries(url, part, size=size, retries=retries, timeout_s=timeout_s, backoff_s=backoff_s,
-                               label=label)
+        _download_with_retries(get, part, retries=retries, timeout_s=timeout_s, backoff_s=backoff_s, label=label)
         actual = sha256_file(part)
     if actual != sha256:
         part.unlink()
@@ -250,7 +369,7 @@ def download_file(
 
 
 def _download_all(
-    specs: list[_Spec], cache: Path, *, retries: int, timeout_s: float, backoff_s: float
+    specs: list[_Spec], cache: Path, *, retries: int, timeout_s: float, backoff_s: float, max_bytes: int
 ) -> dict[str, Path]:
     """Download each distinct url once (keyed by its sha256); reuse a verified cached copy."""
     roles: dict[str, list[str]] = {}
@@ -258,6 +377,7 @@ def _download_all(
         roles.setdefault(spec.location, []).append(spec.role)
     sha = {spec.location: spec.sha256 for spec in specs}
     sizes = {spec.location: spec.size for spec in specs if spec.size is not None}
+    auth_env = {spec.location: spec.auth_env for spec in specs}
     local: dict[str, Path] = {}
     for url, names in roles.items():
         label = f"{'+'.join(names)} ({_redact(url)})"
@@ -269,23 +389,41 @@ def _download_all(
                 continue
             log.warning("%s: cached copy is corrupt; downloading again", label)
             dest.unlink()
-        local[url] = download_file(url, dest, sha256=sha[url], size=sizes.get(url), retries=retries,
-                                   timeout_s=timeout_s, backoff_s=backoff_s, label=label)
+        authorization = _authorization(url, auth_env[url], where=f"data.files.{names[0]}.auth_env", label=label)
+        local[url] = download_file(url, dest, sha256=sha[url], size=sizes.get(url), max_bytes=max_bytes,
+                                   authorization=authorization, retries=retries, timeout_s=timeout_s,
+                                   backoff_s=backoff_s, label=label, size_param=f"data.files.{names[0]}.size")
     return local
 
 
+@dataclass(frozen=True)
+class _Get:
+    """What every attempt of one download asks for."""
+
+    url: str
+    size: int | None        # exact length from params, or None
+    max_bytes: int          # the cap when ``size`` is None
+    authorization: str | None = dataclasses.field(default=None, repr=False)  # a secret: kept out of reprs
+    size_param: str = "data.files.<role>.size"
+
+
 def _download_with_retries(
-    url: str, part: Path, *, size: int | None, retries: int, timeout_s: float, backoff_s: float, label: str
+    get: _Get, part: Path, *, retries: int, timeout_s: float, backoff_s: float, label: str
 ) -> bool:
     """Run attempts until one completes; return whether any resumed from kept bytes."""
     resumed = False
     for attempt in range(retries + 1):
         try:
-            resumed |= _attempt(url, part, size=size, timeout_s=timeout_s, label=label)
+            resumed |= _attempt(get, part, timeout_s=timeout_s, label=label)
             return resumed
         except urllib.error.HTTPError as e:
             if e.code not in _RETRY_HTTP_CODES:
-                raise FetchError(f"{label}: HTTP {e.code} {e.reason}") from e
+                hint = ""
+                if e.code in (401, 403):
+                    hint = ("; credentials were sent" if get.authorization else
+                            "; no credentials were sent: name an environment variable in data.files.<role>.auth_env "
+                            "or add the host to ~/.netrc")
+                raise FetchError(f"{label}: HTTP {e.code} {e.reason}{hint}") from e
             error: Exception = e
         except (_Retryable, OSError, http.client.HTTPException) as e:  # OSError covers timeouts and resets
             error = e
@@ -299,31 +437,49 @@ def _download_with_retries(
 
 class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
     """Follow redirects to http(s) only, at every hop: urllib's own handler
-    also follows ``ftp://``, which the url source never asked for."""
+    also follows ``ftp://``, which the url source never asked for.
+
+    The Authorization header is an "unredirected" header, which urllib drops
+    on every redirect; it is put back only when the new url has the same
+    origin (scheme, host, port), as requests does: a file host that sends the
+    client on to a CDN or another site must not hand it the token."""
 
     def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001 (urllib's signature)
         if urllib.parse.urlsplit(newurl).scheme not in ("http", "https"):
             raise FetchError(f"{_redact(req.full_url)}: redirected to {_redact(newurl)!r}; only http(s) "
                              f"redirects are followed")
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        authorization = req.unredirected_hdrs.get("Authorization")
+        if new is not None and authorization is not None:
+            if _origin(newurl) == _origin(req.full_url):
+                new.add_unredirected_header("Authorization", authorization)
+            else:
+                log.info("%s: redirected to %s, another origin: not sending the credentials there",
+                         _redact(req.full_url), _redact(newurl))
+        return new
 
 
 _OPENER = urllib.request.build_opener(_HttpOnlyRedirects)
 
 
-def _attempt(url: str, part: Path, *, size: int | None, timeout_s: float, label: str) -> bool:
+def _attempt(get: _Get, part: Path, *, timeout_s: float, label: str) -> bool:
     """One GET appending to ``part`` from its current size; return whether it resumed.
 
     Raises ``_Retryable`` when the body ends short, so the caller tries again
     from the new, longer part file.
     """
+    size = get.size
     offset = part.stat().st_size if part.exists() else 0
     # identity: a transparently gzipped body would make byte offsets meaningless for Range.
     headers = {"User-Agent": "clickdog-fetch", "Accept-Encoding": "identity"}
     if offset:
         headers["Range"] = f"bytes={offset}-"
+    request = urllib.request.Request(get.url, headers=headers)
+    if get.authorization is not None:
+        # Unredirected: urllib does not copy it to a redirect; _HttpOnlyRedirects decides.
+        request.add_unredirected_header("Authorization", get.authorization)
     try:
-        response = _OPENER.open(urllib.request.Request(url, headers=headers), timeout=timeout_s)
+        response = _OPENER.open(request, timeout=timeout_s)
     except urllib.error.HTTPError as e:
         if e.code != 416 or not offset:
             raise
@@ -348,7 +504,12 @@ def _attempt(url: str, part: Path, *, size: int | None, timeout_s: float, label:
             raise FetchError(f"{label}: unexpected HTTP status {response.status}")
         if size is not None and total is not None and total != size:
             raise FetchError(f"{label}: the server announces {total} bytes, data.files gives size {size}")
-        limit = size if size is not None else total
+        cap = f"data.max_download_mb ({get.max_bytes / 1e6:g} MB)"
+        advice = f"give the download's length in bytes as {get.size_param}, or raise data.max_download_mb"
+        if size is None and total is not None and total > get.max_bytes:
+            part.unlink(missing_ok=True)
+            raise FetchError(f"{label}: the server announces {total} bytes, more than {cap}; {advice}")
+        limit = size if size is not None else total if total is not None else get.max_bytes
         started = time.monotonic()
         with open(part, "ab" if offset else "wb") as f, tqdm(
             total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
@@ -357,9 +518,12 @@ def _attempt(url: str, part: Path, *, size: int | None, timeout_s: float, label:
             written = offset
             while chunk := response.read(_CHUNK_BYTES):
                 written += len(chunk)
-                if limit is not None and written > limit:
+                if written > limit:
                     f.close()
                     part.unlink()
+                    if size is None and total is None:
+                        raise FetchError(f"{label}: the server sent more than {cap} without a Content-Length; "
+                                         f"stopped and removed the partial download; {advice}")
                     raise FetchError(f"{label}: the server sent more than the {limit} bytes of "
                                      f"{'data.files size' if size is not None else 'its Content-Length'}; stopped")
                 f.write(chunk)

@@ -48,7 +48,7 @@ test: lint
 # re-resolve the lock from pyproject.toml in a scratch venv (torch pinned as for the sample run)
 lock:
 	rm -rf .lock-venv && python3 -m venv .lock-venv
-	.lock-venv/bin/pip install -q torch==2.14.1 torchvision==0.29.1 -e '.[test,timm,plots,s3]'
+	.lock-venv/bin/pip install -q torch==2.14.1 torchvision==0.29.1 -e '.[test,timm,plots,s3,offline-imagenet]'
 	{ sed -n '1,3p' requirements.lock; .lock-venv/bin/pip freeze --exclude-editable; } > requirements.lock.new
 	mv requirements.lock.new requirements.lock && rm -rf .lock-venv
 

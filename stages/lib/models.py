@@ -115,6 +115,17 @@ def build_model(backbone: str, num_classes: int, *, embedding_dim: int = 0, norm
 
 
 def _imagenet_state_dict(backbone: str) -> dict[str, torch.Tensor]:
+    """ImageNet weights: for a timm backbone, offline from a pip wheel (the whole
+    model's: the caller keeps the trunk's part); for torchvision's, downloaded."""
+    if backbone.startswith(TIMM_PREFIX):
+        from stages.lib import pretrained  # timm's offline sources; imports timm only when used
+
+        if backbone.removeprefix(TIMM_PREFIX) not in pretrained.OFFLINE_IMAGENET:
+            offline = ", ".join(TIMM_PREFIX + name for name in pretrained.OFFLINE_IMAGENET)
+            raise ValueError(f"model.weights: imagenet is for torchvision backbones and the timm ones with offline "
+                             f"weights ({offline}); for {backbone}, download its weights file (model.safetensors "
+                             f"from the Hugging Face hub) and set model.weights to its path")
+        return pretrained.imagenet_state_dict(backbone)
     weights = torchvision.models.get_model_weights(backbone).DEFAULT
     try:  # fail at once when offline instead of hanging in urlopen
         socket.create_connection(("download.pytorch.org", 443), timeout=5).close()
@@ -155,19 +166,20 @@ def load_initial_weights(model: Classifier, weights: str) -> None:
     if weights == "imagenet":
         if backbone_name is None:
             raise ValueError("imagenet weights need the backbone name")
-        if backbone_name.startswith(TIMM_PREFIX):
-            raise ValueError(f"model.weights: imagenet is for torchvision backbones; for {backbone_name}, download "
-                             f"its weights file (model.safetensors from the Hugging Face hub) and set model.weights "
-                             f"to its path")
         state = _imagenet_state_dict(backbone_name)
     else:
         state = _file_state_dict(Path(weights))
-    trunk_keys = set(model.trunk.state_dict())
-    state = {k: v for k, v in state.items() if k in trunk_keys}
-    missing = trunk_keys - set(state)
+    trunk_state = model.trunk.state_dict()
+    state = {k: v for k, v in state.items() if k in trunk_state}
+    # BatchNorm's num_batches_tracked is a step counter, not a weight (read only when
+    # momentum is None), and weights converted from other frameworks often leave it out
+    # (the offline ImageNet ones, stages/lib/pretrained.py): a missing counter keeps the trunk's own
+    counters = {k for k in trunk_state if k.rpartition(".")[2] == "num_batches_tracked"}
+    missing = set(trunk_state) - set(state) - counters
     if not state or missing:
         raise ValueError(f"model.weights {weights!r} does not fit backbone {backbone_name}: "
-                         f"{len(missing)} of {len(trunk_keys)} trunk tensors missing (e.g. {sorted(missing)[:3]})")
+                         f"{len(missing)} of {len(trunk_state)} trunk tensors missing (e.g. {sorted(missing)[:3]})")
+    state = {**{k: trunk_state[k] for k in counters}, **state}
     try:
         model.trunk.load_state_dict(state, strict=True)
     except RuntimeError as exc:  # shape mismatch

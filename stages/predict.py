@@ -7,6 +7,9 @@ normalisation), not params.yaml or the pipeline's data. Images get the
 evaluation preprocessing the model was validated with (resize, centre crop,
 normalise). A missing file or a non-image is reported on stderr and skipped;
 the other images are still predicted, and the exit status is 1 at the end.
+A model file that is missing, unreadable or not a valid clickdog model
+(keys missing, values out of bounds, weights that do not fit) is one line
+on stderr and exit status 2.
 Runs on CUDA when present, else on the CPU.
 """
 from __future__ import annotations
@@ -22,7 +25,7 @@ from PIL import Image, UnidentifiedImageError
 from stages.lib.data import build_transform
 from stages.lib.engine import choose_device
 from stages.lib.images import DEFAULT_MAX_PIXELS, TooManyPixels, open_image, to_rgb
-from stages.lib.models import load_model_file
+from stages.lib.models import ModelFileError, load_model_file
 
 BATCH = 32
 
@@ -99,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--top must be >= 1")
     try:
         failures = predict_paths(args.model, args.images, args.top)
-    except (OSError, ValueError) as exc:  # the model file itself: nothing can be predicted
+    except ModelFileError as exc:  # the model file itself (one line naming it): nothing can be predicted
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if failures:

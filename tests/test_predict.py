@@ -1,6 +1,7 @@
 """predict: top-k from the model file alone; bad inputs are reported, the rest predicted."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ from PIL import Image
 
 from stages import predict
 from stages.lib.data import build_transform
-from stages.lib.models import build_model, load_model_file
+from stages.lib.models import ModelFileError, build_model, load_model_file
 from stages.lib.tracking import save_model
 
 CLASSES = ["beagle", "pug", "poodle"]
@@ -92,3 +93,77 @@ def test_predict_refuses_an_image_over_the_pixel_limit(tmp_path: Path, model_pat
     monkeypatch.setattr(predict, "DEFAULT_MAX_PIXELS", 40 * 50 - 1)
     assert predict.main([str(model_path), str(jpg)]) == 1
     assert "50x40 pixels is more than the limit of 1999" in capsys.readouterr().err
+
+
+# ------------------------------------------------------- hostile model files
+def _edit(obj: dict, key: str, value) -> None:
+    obj[key] = value
+
+
+def _edit_state(obj: dict, key: str, value) -> None:
+    state = obj["state_dict"]
+    if value is None:
+        del state[key]
+    else:
+        state[key] = value
+
+
+# (what is wrong, the edit, what the one-line error says)
+HOSTILE_MODEL_FILES = [
+    ("no format", lambda o: o.pop("format"), "not a clickdog model file"),
+    ("no classes", lambda o: o.pop("classes"), "lacks 'classes'"),
+    ("classes a string", lambda o: _edit(o, "classes", "pug"), "'classes' must be a list"),
+    ("classes not strings", lambda o: _edit(o, "classes", [1, 2, 3]), r"classes\[0\]"),
+    ("markup in a class", lambda o: _edit(o, "classes", ["beagle", "</script><script>alert(1)</script>", "poodle"]),
+     r"classes\[1\]: breed name"),
+    ("mathtext in a class", lambda o: _edit(o, "classes", ["beagle", "$\\foo$", "poodle"]),
+     r"classes\[1\]: breed name"),
+    ("a class twice", lambda o: _edit(o, "classes", ["beagle", "pug", "beagle"]), "'beagle' twice"),
+    ("no classes at all", lambda o: _edit(o, "classes", []), "1 to 100000 classes"),
+    ("too many classes", lambda o: _edit(o, "classes", [f"b{i}" for i in range(100_001)]), "1 to 100000 classes"),
+    ("huge image size", lambda o: _edit(o, "image_size", 10**9), "'image_size' must be in 8..4096"),
+    ("tiny image size", lambda o: _edit(o, "image_size", 0), "'image_size' must be in 8..4096"),
+    ("image size text", lambda o: _edit(o, "image_size", "32"), "'image_size' must be an int"),
+    ("image size bool", lambda o: _edit(o, "image_size", True), "'image_size' must be an int"),
+    ("no backbone", lambda o: o.pop("backbone"), "lacks 'backbone'"),
+    ("unknown backbone", lambda o: _edit(o, "backbone", "nonet"), "'nonet' is not a torchvision"),
+    ("two-channel mean", lambda o: _edit(o, "mean", [0.5, 0.5]), "'mean' must be 3 finite numbers"),
+    ("zero std", lambda o: _edit(o, "std", [0.2, 0.0, 0.2]), "'std' must be 3 finite numbers > 0"),
+    ("normalize text", lambda o: _edit(o, "normalize", "yes"), "'normalize' must be a bool"),
+    ("negative embedding", lambda o: _edit(o, "embedding_dim", -1), "'embedding_dim' must be >= 0"),
+    ("embedding without weights", lambda o: _edit(o, "embedding_dim", 8), "projection"),
+    ("state dict a list", lambda o: _edit(o, "state_dict", []), "'state_dict' must be a dict"),
+    ("a tensor missing", lambda o: _edit_state(o, "trunk.conv1.0.weight", None), "1 missing"),
+    ("an unexpected tensor", lambda o: _edit_state(o, "extra.weight", torch.zeros(2)), "1 unexpected"),
+    ("a trunk tensor of the wrong shape", lambda o: _edit_state(o, "trunk.conv1.0.weight", torch.zeros(2, 2)),
+     r"trunk\.conv1\.0\.weight"),
+    ("more classes than the head", lambda o: _edit(o, "classes", [*CLASSES, "collie"]), "head.weight"),
+    ("a head of another width", lambda o: _edit_state(o, "head.weight", torch.zeros(3, 7)), "head.weight"),
+    ("not a tensor", lambda o: _edit_state(o, "head.bias", [0.0, 0.0, 0.0]), "head.bias"),
+]
+
+
+@pytest.mark.parametrize("edit, message", [c[1:] for c in HOSTILE_MODEL_FILES], ids=[c[0] for c in HOSTILE_MODEL_FILES])
+def test_a_hostile_model_file_is_one_line_and_exit_2(tmp_path: Path, model_path: Path, capsys, edit,
+                                                     message: str) -> None:
+    """A file with keys missing, values of the wrong type or out of bounds,
+    names that reports cannot show, or weights that do not fit the model:
+    one line naming the file, exit 2, no traceback and no model built from
+    it (a bound checked after building would come too late)."""
+    obj = torch.load(model_path, weights_only=True)
+    edit(obj)
+    bad = tmp_path / "hostile.pt"
+    torch.save(obj, bad)
+    missing = tmp_path / "missing.jpg"  # no image is read: a bad size must not reach a resize
+    assert predict.main([str(bad), str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {bad}: ") and err.count("\n") == 1, err
+    assert re.search(message, err), err
+    with pytest.raises(ModelFileError, match=message):
+        load_model_file(bad)
+
+
+def test_a_missing_model_file_is_exit_2(tmp_path: Path, capsys) -> None:
+    jpg, _ = _images(tmp_path)
+    assert predict.main([str(tmp_path / "nope.pt"), str(jpg)]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'nope.pt'}: no such model file\n"

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from stages.lib.queries import MULTIPLE_BREEDS, NO_BREED, BreedMatcher
-from stages.lib.tables import read_headerless
+from stages.lib.tables import check_breed_column, read_headerless
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +44,24 @@ _EXAMPLES = 5  # malformed lines quoted per reason in the report
 
 # --------------------------------------------------------------------- readers
 def read_breeds(path: str | Path) -> list[str]:
-    """Breed names of ``breed<TAB>label`` ordered by label (the class vocabulary)."""
+    """Breed names of ``breed<TAB>label`` ordered by label (the class
+    vocabulary); each name one that reports can show (``check_breed_name``)."""
     df = read_headerless(path, ["breed", "label"])
+    if df.empty:
+        raise ValueError(f"{path}: no breeds; every line must be 'breed<TAB>integer label'")
     labels = pd.to_numeric(df["label"], errors="coerce")
-    if df.empty or labels.isna().any() or (labels % 1 != 0).any():
-        raise ValueError(f"{path}: every line must be 'breed<TAB>integer label'")
-    if df["breed"].str.strip().eq("").any() or df["breed"].duplicated().any() or labels.duplicated().any():
-        raise ValueError(f"{path}: breed names and labels must be non-empty and unique")
+    not_integer = labels.isna() | (labels % 1 != 0)
+    if not_integer.any():
+        line = not_integer.idxmax()
+        raise ValueError(f"{path} line {line}: label {df.loc[line, 'label']!r} is not an integer; "
+                         f"every line must be 'breed<TAB>integer label'")
+    check_breed_column(df, "breed", path)
+    for column, values in (("breed", df["breed"]), ("label", labels)):  # "1" and "1.0" are one label
+        repeated = values.duplicated()
+        if repeated.any():
+            line = repeated.idxmax()
+            raise ValueError(f"{path} line {line}: {column} {df.loc[line, column]!r} is given twice; "
+                             f"breed names and labels must be unique")
     return df.assign(label=labels).sort_values("label")["breed"].tolist()
 
 

@@ -9,6 +9,7 @@ so they load with ``torch.load(..., weights_only=True)``.
 """
 from __future__ import annotations
 
+import math
 import socket
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
+
+from stages.lib.tables import check_breed_name
 
 MODEL_FORMAT = "clickdog-model/1"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -195,8 +198,10 @@ def create_model(backbone: str, num_classes: int, weights: str = "none", **kwarg
 
 def model_file(model: Classifier, *, backbone: str, classes: list[str], image_size: int,
                extra: dict | None = None) -> dict[str, Any]:
-    """The saved form of a trained model: weights plus what is needed to use it."""
-    return {
+    """The saved form of a trained model: weights plus what is needed to use it.
+    Its metadata is checked as :func:`load_model_file` checks it: a file that
+    could not be loaded again is refused when it is written, not when used."""
+    obj = {
         "format": MODEL_FORMAT,
         "backbone": backbone,
         "classes": list(classes),
@@ -208,20 +213,128 @@ def model_file(model: Classifier, *, backbone: str, classes: list[str], image_si
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         **(extra or {}),
     }
+    check_model_file(obj, f"the model file of {backbone}")
+    return obj
 
 
 def load_model_file(path: str | Path, device: torch.device | str = "cpu") -> tuple[Classifier, dict[str, Any]]:
-    """Rebuild a model from its file alone; returns (model in eval mode, metadata)."""
+    """Rebuild a model from its file alone; returns (model in eval mode, metadata).
+
+    The file is untrusted input (predict takes any path): it loads with
+    ``weights_only=True``, its metadata is checked before a model is built
+    (:func:`check_model_file`), and its weights must fit that model exactly.
+    Every way it can be wrong raises :class:`ModelFileError`, one line naming
+    the file."""
     path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: no such model file")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ValueError(f"{path} is not a readable clickdog model file: {exc}") from exc
+        raise ModelFileError(f"{path}: not a readable clickdog model file: {_one_line(exc)}") from exc
     if not isinstance(obj, dict) or obj.get("format") != MODEL_FORMAT:
-        raise ValueError(f"{path} is not a clickdog model file ({MODEL_FORMAT})")
-    model = build_model(obj["backbone"], len(obj["classes"]), embedding_dim=obj["embedding_dim"],
-                        normalize=obj["normalize"], mean=obj["mean"], std=obj["std"])
-    model.load_state_dict(obj["state_dict"])
+        raise ModelFileError(f"{path}: not a clickdog model file ({MODEL_FORMAT})")
+    check_model_file(obj, str(path))
+    try:
+        model = build_model(obj["backbone"], len(obj["classes"]), embedding_dim=obj["embedding_dim"],
+                            normalize=obj["normalize"], mean=obj["mean"], std=obj["std"])
+    except ValueError as exc:  # an unknown backbone, timm not installed
+        raise ModelFileError(f"{path}: {_one_line(exc)}") from exc
+    _check_weights_fit(model, obj["state_dict"], f"{path}: the weights do not fit a {obj['backbone']} "
+                                                 f"of {len(obj['classes'])} classes")
+    try:
+        model.load_state_dict(obj["state_dict"], strict=True)
+    except (RuntimeError, TypeError) as exc:  # what the checks above did not foresee
+        raise ModelFileError(f"{path}: the weights do not load: {_one_line(exc)}") from exc
     model.backbone_name = obj["backbone"]
     meta = {k: v for k, v in obj.items() if k != "state_dict"}
     return model.to(device).eval(), meta
+
+
+class ModelFileError(ValueError):
+    """A model file that cannot be used; the message (one line) names the file and says why."""
+
+
+# Bounds on what a model file may ask for, checked before a model is built from it.
+MAX_CLASSES = 100_000
+IMAGE_SIZE_RANGE = (8, 4096)  # pixels a side: the eval transform resizes every image to this
+_MODEL_FILE_KEYS = {"backbone": (str, "a string"), "classes": (list, "a list"), "image_size": (int, "an int"),
+                    "mean": (list, "a list"), "std": (list, "a list"), "embedding_dim": (int, "an int"),
+                    "normalize": (bool, "a bool"), "state_dict": (dict, "a dict")}
+
+
+def check_model_file(obj: dict[str, Any], where: str) -> None:
+    """Raise :class:`ModelFileError` (starting with ``where``) unless the
+    metadata of a model file's dict is complete, of the right types, within
+    bounds, and its head tensors match its classes and embedding size. The
+    head is checked here, before building, so that a file cannot make the
+    loader allocate more than the tensors it holds (a million classes over
+    a 3-class head)."""
+    missing = [k for k in _MODEL_FILE_KEYS if k not in obj]
+    if missing:
+        raise ModelFileError(f"{where}: the model file lacks {', '.join(map(repr, missing))}")
+    for key, (kind, described) in _MODEL_FILE_KEYS.items():
+        # bool is an int in Python: True is no image size
+        if not isinstance(obj[key], kind) or (kind is int and isinstance(obj[key], bool)):
+            raise ModelFileError(f"{where}: {key!r} must be {described}, not {type(obj[key]).__name__}")
+    classes = obj["classes"]
+    if not 1 <= len(classes) <= MAX_CLASSES:
+        raise ModelFileError(f"{where}: 'classes' must hold 1 to {MAX_CLASSES} classes, not {len(classes)}")
+    seen: set[str] = set()
+    for i, name in enumerate(classes):
+        try:
+            check_breed_name(name, f"{where}: classes[{i}]")
+        except ValueError as exc:
+            raise ModelFileError(str(exc)) from None
+        if name in seen:
+            raise ModelFileError(f"{where}: classes[{i}]: {name!r} twice")
+        seen.add(name)
+    low, high = IMAGE_SIZE_RANGE
+    if not low <= obj["image_size"] <= high:
+        raise ModelFileError(f"{where}: 'image_size' must be in {low}..{high}, not {obj['image_size']}")
+    for key in ("mean", "std"):
+        values = obj[key]
+        if (len(values) != 3 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                                        for v in values) or (key == "std" and min(values) <= 0)):
+            raise ModelFileError(f"{where}: {key!r} must be 3 finite numbers{' > 0' if key == 'std' else ''} "
+                                 f"(one per RGB channel), not {values!r}"[:300])
+    if obj["embedding_dim"] < 0:
+        raise ModelFileError(f"{where}: 'embedding_dim' must be >= 0, not {obj['embedding_dim']}")
+    state = obj["state_dict"]
+    if not state:
+        raise ModelFileError(f"{where}: 'state_dict' is empty")
+    for name, tensor in state.items():
+        if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
+            raise ModelFileError(f"{where}: 'state_dict' must map names to tensors, not {name!r}"[:200]
+                                 + f" to a {type(tensor).__name__}")
+    rows = {"head.weight": len(classes), "head.bias": len(classes)}
+    if obj["embedding_dim"]:
+        rows.update({"projection.weight": obj["embedding_dim"], "projection.bias": obj["embedding_dim"]})
+    for name, n in rows.items():  # one absent is reported with the tensors the built model misses
+        if name in state and (state[name].dim() not in (1, 2) or state[name].shape[0] != n):
+            raise ModelFileError(f"{where}: {name} has shape {tuple(state[name].shape)}, not ({n}, ...) for "
+                                 f"{len(classes)} classes and embedding_dim {obj['embedding_dim']}")
+
+
+def _check_weights_fit(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Raise :class:`ModelFileError` unless ``state`` holds exactly the model's
+    tensors, each of its shape; the message counts what is missing,
+    unexpected and misshapen and names a few (load_state_dict's own error
+    is a multi-line traceback)."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    misshapen = sorted(k for k in set(expected) & set(state) if state[k].shape != expected[k].shape)
+    if missing or unexpected or misshapen:
+        parts = [f"{len(names)} {kind} (e.g. {', '.join(map(repr, names[:3]))})"
+                 for kind, names in (("missing", missing), ("unexpected", unexpected)) if names]
+        parts += [f"{len(misshapen)} of another shape (e.g. {k!r}: {tuple(state[k].shape)} in the file, "
+                  f"{tuple(expected[k].shape)} expected)" for k in misshapen[:1]]
+        raise ModelFileError(f"{what}: tensors {'; '.join(parts)}"[:500])
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message as one short line (torch's are paragraphs)."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else type(exc).__name__
+    return text if len(text) <= limit else text[:limit] + "..."

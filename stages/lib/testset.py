@@ -16,7 +16,7 @@ from stages.lib.classifier import chance_check, eval_loader, run_context
 from stages.lib.imagecache import DecodedImages
 from stages.lib.metrics import summarize
 from stages.lib.models import load_model_file
-from stages.lib.tables import read_headerless
+from stages.lib.tables import check_breed_column, read_headerless
 
 log = logging.getLogger("testset")
 
@@ -37,7 +37,9 @@ def read_test_set(raw_dir: Path, index: pd.DataFrame) -> tuple[pd.DataFrame, dic
     """The labelled test images that decode kept (key, breed), and counts of
     what was lost on the way (labels without a decoded image, test images
     without a label)."""
-    labels = read_headerless(raw_dir / layout.TEST_LABELS, ["key", "breed"])
+    path = raw_dir / layout.TEST_LABELS
+    labels = read_headerless(path, ["key", "breed"])
+    check_breed_column(labels, "breed", path)  # they name rows of the per-class table and the confusion plot
     duplicates = int(labels["key"].duplicated().sum())
     labels = labels.drop_duplicates("key")
     test_keys = set(index.loc[index["split"] == "test", "key"])

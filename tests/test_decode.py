@@ -422,3 +422,75 @@ def test_a_dying_worker_does_not_hang_the_stage_when_results_fill_the_pipe(tmp_p
         pytest.fail("decode hung after a worker died")
     assert proc.returncode == 3 and "a decode worker died while decoding the block from line" in out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]
+
+
+def test_each_image_file_can_have_its_own_layout(tmp_path: Path) -> None:
+    """A Thumb-style training file (breed, key, image, a header line) beside a
+    test file of key, image: one decode.columns / decode.header for both
+    rejected every test line as wrong_columns and skipped its first image as a
+    header. A mapping per file role reads each as it is."""
+    jpeg = image_bytes(40, 30)
+    train = [b"breed\tkey\timage"] + [f"Beagle\tb{i}\t".encode() + b64(jpeg) for i in range(3)]
+    test = [f"t{i}\t".encode() + b64(image_bytes(40, 30, seed=i)) for i in range(3)]
+    raw = make_raw(tmp_path, train, test)
+    params = {**PARAMS, "columns": {"train_images": ["breed", "key", "image"], "test_images": ["key", "image"]},
+              "header": {"train_images": True, "test_images": False}}
+    stats = decode_dataset(raw, tmp_path / "images", {**params, "max_reject_fraction": 0.0})
+    index = read_index(tmp_path / "images")
+    assert list(index["key"]) == ["b0", "b1", "b2", "t0", "t1", "t2"]
+    assert list(index["split"]) == ["train"] * 3 + ["test"] * 3
+    # the training file's weak labels are kept; the test file has none (null, not a guess)
+    assert list(index["breed"][:3]) == ["Beagle"] * 3 and index["breed"][3:].isna().all()
+    assert stats["rejected"] == 0 and len(read_rejects(tmp_path / "images")) == 0
+    # one layout for both files, as before: the test file's lines are wrong_columns, its first one a "header"
+    with pytest.raises(DecodeError, match=r"test_images.tsv: 2 of 2 lines rejected.*wrong_columns: 2"):
+        decode_dataset(raw, tmp_path / "one", {**PARAMS, "columns": ["breed", "key", "image"], "header": True,
+                                               "max_reject_fraction": 0.0})
+
+
+def test_a_per_file_layout_equal_to_the_shared_one_decodes_byte_for_byte_the_same(tmp_path: Path) -> None:
+    """The shared form (the sample's decode.columns: [key, image]) and a mapping that says the same per file
+    write identical outputs, index.parquet included."""
+    train = good_lines("a", 5) + [b"bad\t!!"] + [
+        f"g{i}".encode() + b"\t" + b64(image_bytes(50, 40, seed=i, fmt="PNG")) for i in range(3)]
+    raw = make_raw(tmp_path, train)
+    decode_dataset(raw, tmp_path / "shared", PARAMS)
+    per_file = {**PARAMS, "columns": {"train_images": ["key", "image"], "test_images": ["key", "image"]},
+                "header": {"train_images": False, "test_images": False}}
+    decode_dataset(raw, tmp_path / "per_file", per_file)
+    names = sorted(p.name for p in (tmp_path / "shared").iterdir())
+    assert layout.INDEX in names and names == sorted(p.name for p in (tmp_path / "per_file").iterdir())
+    for name in names:
+        assert (tmp_path / "shared" / name).read_bytes() == (tmp_path / "per_file" / name).read_bytes(), name
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"columns": {"train_images": ["key", "image"]}}, r"decode: columns: a mapping .* must name exactly "
+                                                      r"train_images and test_images, got \['train_images'\]"),
+    ({"header": {"train_images": True, "test_images": False, "clicks": False}},
+     r"decode: header: a mapping .* got \['clicks', 'test_images', 'train_images'\]"),
+    ({"columns": {"train_images": ["breed", "key", "image"], "test_images": ["key"]}},
+     r"columns \(test_images\) must name 'key' and 'image' once each, got \['key'\]"),
+    ({"header": {"train_images": "yes", "test_images": False}},
+     r"decode\.header\.train_images: must be true or false, got 'yes'"),
+    ({"header": "false"}, r"decode\.header: must be true or false, got 'false'"),
+    ({"columns": "key image"}, r"decode\.columns: must be a list, got 'key image'"),
+    ({"columns": {"train_images": ["key", "image"], "test_images": "key image"}},
+     r"decode\.columns\.test_images: must be a list"),
+])
+def test_per_file_layouts_are_checked(change: dict, message: str) -> None:
+    with pytest.raises(DecodeError, match=message):
+        DecodeConfig.from_params({**PARAMS, **change})
+
+
+def test_a_config_resolves_each_files_layout() -> None:
+    cfg = DecodeConfig.from_params({**PARAMS, "columns": {"train_images": ["breed", "key", "image"],
+                                                          "test_images": ["key", "image"]}})
+    assert cfg.keeps_breeds and cfg.layout_of("test_images") == (("key", "image"), False)
+    train, test = cfg.for_file("train_images"), cfg.for_file("test_images")
+    assert (train.key_col, train.image_col, train.breed_col, train.header) == (1, 2, 0, False)
+    assert (test.key_col, test.image_col, test.breed_col) == (0, 1, None)
+    with pytest.raises(TypeError, match="for_file"):
+        cfg.key_col  # noqa: B018 (the property raises)
+    plain = DecodeConfig.from_params(PARAMS)
+    assert plain.for_file("test_images") is plain and not plain.keeps_breeds

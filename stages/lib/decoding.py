@@ -36,12 +36,14 @@ from tqdm import tqdm
 from stages.lib import layout
 from stages.lib.atomic import atomic_dir, write_json
 from stages.lib.images import INPUT_FORMATS, exif_orientation, to_rgb
-from stages.lib.params import ConfigError, Section
+from stages.lib.params import ConfigError, Section, check_value
 from stages.lib.shards import IndexWriter, ShardWriter
 
 log = logging.getLogger("decode")
 
 SPLITS = (("train", layout.TRAIN_IMAGES), ("test", layout.TEST_IMAGES))
+# the image files' roles, as data.files names them: the keys of a per-file decode.columns / decode.header
+FILE_ROLES = tuple(name.removesuffix(".tsv") for _, name in SPLITS)
 # Formats parsed from untrusted input: images.INPUT_FORMATS; everything leaves as JPEG.
 # A block also closes at this many bytes, so that blocks of large images keep
 # the memory in flight bounded whatever block_lines says.
@@ -74,13 +76,21 @@ class DecodeError(RuntimeError):
 @dataclass(frozen=True)
 class DecodeConfig(Section):
     """The ``decode`` section of params.yaml, checked (workers: 1 decodes in
-    this process, 0 uses every core). ``columns`` names the image file's
-    columns: ``key`` and ``image`` are required; ``breed`` (a release that
-    ships weak labels in its image file) is kept in the index; any other
-    name is read past."""
+    this process, 0 uses every core).
 
-    columns: tuple[str, ...]
-    header: bool
+    ``columns`` names an image file's columns: ``key`` and ``image`` are
+    required; ``breed`` (a release that ships weak labels in its image file)
+    is kept in the index; any other name is read past. ``header``: the file
+    starts with a header line. Each is either one layout for both image
+    files (``columns: [key, image]``, ``header: false``) or a mapping that
+    gives each file role its own (``columns: {train_images: [breed, key,
+    image], test_images: [key, image]}``, ``header: {train_images: true,
+    test_images: false}``): a mapping names both roles, no default stands in
+    for a missing one. :meth:`for_file` resolves a role's layout; the column
+    properties (``key_col`` ...) are those of a resolved config."""
+
+    columns: tuple[str, ...] | dict[str, tuple[str, ...]]
+    header: bool | dict[str, bool]
     max_short_side: int
     max_pixels: int
     max_line_bytes: int
@@ -91,9 +101,15 @@ class DecodeConfig(Section):
     max_reject_fraction: float
 
     def __post_init__(self) -> None:
-        cols = self.columns
-        if len(set(cols)) != len(cols) or "key" not in cols or "image" not in cols:
-            raise ValueError(f"columns must name 'key' and 'image' once each, got {list(cols)}")
+        for name, value in (("columns", self.columns), ("header", self.header)):
+            if isinstance(value, dict) and set(value) != set(FILE_ROLES):
+                raise ValueError(f"{name}: a mapping gives each image file its own layout and must name exactly "
+                                 f"{' and '.join(FILE_ROLES)}, got {sorted(value)}")
+        for role in FILE_ROLES:
+            cols = self.layout_of(role)[0]
+            if len(set(cols)) != len(cols) or "key" not in cols or "image" not in cols:
+                where = f" ({role})" if isinstance(self.columns, dict) else ""
+                raise ValueError(f"columns{where} must name 'key' and 'image' once each, got {list(cols)}")
         if not (self.max_line_bytes > 0 and self.max_pixels > 0 and self.shard_mb > 0
                 and self.block_lines > 0 and self.max_short_side >= 0 and self.workers >= 0):
             raise ValueError("max_line_bytes, max_pixels, shard_mb and block_lines must be > 0; "
@@ -104,21 +120,54 @@ class DecodeConfig(Section):
     @classmethod
     def from_params(cls, params: dict[str, Any], name: str = "decode") -> DecodeConfig:
         try:
+            if isinstance(params, dict):
+                # each layout key as the form it takes (one layout, or a mapping per file), so that a wrong
+                # value is named as that form's error, not as "none of" the two forms
+                for key, one in (("columns", tuple[str, ...]), ("header", bool)):
+                    if key in params:
+                        value = params[key]
+                        check_value(value, dict[str, one] if isinstance(value, dict) else one, f"{name}.{key}")
             return super().from_params(params, name)
         except ConfigError as err:  # the stage's own error type: main() turns it into exit 1
             raise DecodeError(str(err)) from err
 
+    def layout_of(self, role: str) -> tuple[tuple[str, ...], bool]:
+        """(columns, header) of the image file of ``role`` (``train_images`` or ``test_images``)."""
+        if role not in FILE_ROLES:
+            raise ValueError(f"no image file role {role!r}; known: {list(FILE_ROLES)}")
+        columns = self.columns[role] if isinstance(self.columns, dict) else self.columns
+        header = self.header[role] if isinstance(self.header, dict) else self.header
+        return columns, header
+
+    def for_file(self, role: str) -> DecodeConfig:
+        """This config with the plain layout of ``role``'s image file (itself when it has one already)."""
+        columns, header = self.layout_of(role)
+        if columns == self.columns and header == self.header:
+            return self
+        return self.replace(columns=columns, header=header)
+
+    @property
+    def keeps_breeds(self) -> bool:
+        """Some image file has a breed column: the index gets one (null where a file has none)."""
+        return any("breed" in self.layout_of(role)[0] for role in FILE_ROLES)
+
+    def _plain_columns(self) -> tuple[str, ...]:
+        if isinstance(self.columns, dict):
+            raise TypeError("decode.columns gives each image file its own layout: resolve it with for_file(role)")
+        return self.columns
+
     @property
     def key_col(self) -> int:
-        return self.columns.index("key")
+        return self._plain_columns().index("key")
 
     @property
     def image_col(self) -> int:
-        return self.columns.index("image")
+        return self._plain_columns().index("image")
 
     @property
     def breed_col(self) -> int | None:
-        return self.columns.index("breed") if "breed" in self.columns else None
+        cols = self._plain_columns()
+        return cols.index("breed") if "breed" in cols else None
 
 
 # --------------------------------------------------------------------------
@@ -431,7 +480,7 @@ class OutputWriter:
 
     def __init__(self, out_dir: Path, cfg: DecodeConfig) -> None:
         self.shards = ShardWriter(out_dir, int(cfg.shard_mb * (1 << 20)))
-        self.index = IndexWriter(out_dir / layout.INDEX, breeds=cfg.breed_col is not None)
+        self.index = IndexWriter(out_dir / layout.INDEX, breeds=cfg.keeps_breeds)
         self.rejects: TextIO = open(out_dir / layout.REJECTS, "w", encoding="utf-8", newline="\n")
         self.rejects.write("file\tline\tkey\treason\n")
         # Keys are unique across splits: later stages look images up by key.
@@ -496,7 +545,8 @@ def check_rejects(split_stats: dict[str, Any], cfg: DecodeConfig, out: OutputWri
         raise DecodeError(
             f"{split_stats['file']}: {rejected} of {lines} lines rejected "
             f"({rejected / lines:.1%} > decode.max_reject_fraction={cfg.max_reject_fraction}); "
-            f"reasons so far: {reasons}. Check decode.columns / decode.header against the file.")
+            f"reasons so far: {reasons}. Check decode.columns / decode.header against the file (read as columns "
+            f"{list(cfg.columns)}, header: {str(cfg.header).lower()}).")
 
 
 def decode_dataset(raw_dir: str | Path, out_dir: str | Path,
@@ -528,8 +578,9 @@ def decode_dataset(raw_dir: str | Path, out_dir: str | Path,
         out = OutputWriter(tmp, cfg)
         try:
             for split, name in SPLITS:
-                stats["splits"][split] = decode_split(raw_dir / name, split, cfg, out, pool, workers)
-                check_rejects(stats["splits"][split], cfg, out)
+                file_cfg = cfg.for_file(name.removesuffix(".tsv"))  # this file's columns and header
+                stats["splits"][split] = decode_split(raw_dir / name, split, file_cfg, out, pool, workers)
+                check_rejects(stats["splits"][split], file_cfg, out)
         finally:
             out.close()
         seconds = time.perf_counter() - start

@@ -81,6 +81,13 @@ def _check(value: Any, tp: Any, name: str) -> Any:
     raise TypeError(f"{name}: unsupported declared type {tp!r}")
 
 
+def check_value(value: Any, tp: Any, name: str) -> Any:
+    """``value`` checked against the declared type ``tp`` (converted as a section's field would be), or
+    ConfigError naming ``name``: for a section whose field takes one of several forms and that names the
+    error of the form a value takes, not 'none of' them (``decode.columns``)."""
+    return _check(value, tp, name)
+
+
 def _build(cls: type[T], data: Any, name: str) -> T:
     if not isinstance(data, dict):
         raise ConfigError(f"{name}: must be a mapping, got {data!r}")

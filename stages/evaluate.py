@@ -51,7 +51,9 @@ class EvaluateConfig(Section):
     gallery_per_reason: int
 
 
-REFERENCES = ("raw", "truth")  # models/references/<name>/model.pt (train_references)
+# models/references/<name>/model.pt (train_references), each scored where its file exists: the raw-click baseline,
+# the truth ceiling (where truth.tsv exists), the linear probes on frozen features (pretrained weights only)
+REFERENCES = ("raw", "truth", "probe_raw", "probe_truth")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     test, test_counts = read_test_set(args.raw, index)
     log.info("test set: %s", test_counts)
     models = {name: dirs[name] / layout.MODEL for name in ("naive", "siamese")}
-    for name in REFERENCES:  # the raw-click baseline, and the truth ceiling where truth.tsv exists
+    for name in REFERENCES:
         path = args.references / name / layout.MODEL
         if path.is_file():
             models[name] = path

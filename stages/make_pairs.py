@@ -7,8 +7,13 @@
    recipe for ``pairs.crossfit_epochs`` epochs, each scoring the fold it did
    not see; ``early`` uses the naive run's early-epoch model (cheap, but it has
    seen the images for a few epochs; a model scoring its own training images
-   has memorised their labels and flags almost nothing). The early scorer is
-   always computed too, for comparison.
+   has memorised their labels and flags almost nothing); ``features`` passes
+   the images once through the initial trunk and fits ``pairs.folds``
+   logistic regressions (``pairs.probe``) on its frozen features, each scoring
+   the fold it did not see: the pretrained regime's cheap scorer, refused with
+   ``model.weights: none`` (random features; and the naive model's trunk has
+   learnt these very labels, so its features would vouch for them). The early
+   scorer is always computed too, for comparison.
 2. Judge each label by those probabilities (``pairs.filter``, see
    ``stages.lib.noise``): ``threshold`` (the paper: p(label) >=
    ``pairs.min_prob``), ``cleanlab`` (confident learning, per-class
@@ -41,16 +46,20 @@ from stages.lib import layout
 from stages.lib.atomic import atomic_dir, exit_on_sigterm, refuse_overlapping_args, write_json
 from stages.lib.classifier import ModelConfig, TrainConfig
 from stages.lib.data import load_labels
+from stages.lib.features import pretrained
 from stages.lib.imagecache import CacheConfig, DecodedImages, hold_decoded
 from stages.lib.labelquality import table_quality
 from stages.lib.noise import RELABELLED, check_enough_left, class_counts, filtered_table
 from stages.lib.pairs import PairsConfig, build_pairs
-from stages.lib.params import load_sections
-from stages.lib.scoring import score_crossfit, score_with_model
+from stages.lib.params import ConfigError, load_sections
+from stages.lib.scoring import score_crossfit, score_features, score_with_model
 from stages.lib.shards import read_index
 from stages.lib.tables import read_table, read_truth, write_table
 
 log = logging.getLogger("make_pairs")
+# what makes each scorer better, for the message of a filter that kept too little
+SCORER_LEVER = {"crossfit": "train a better scorer (pairs.crossfit_epochs)",
+                "features": "a better scorer (pairs.probe.C, or pretrained weights that tell these breeds apart)"}
 
 
 def score(labels: pd.DataFrame, args: argparse.Namespace, p: PairsConfig, num_classes: int,
@@ -70,9 +79,25 @@ def score(labels: pd.DataFrame, args: argparse.Namespace, p: PairsConfig, num_cl
                                            images=args.images_dir, index=index, num_classes=num_classes,
                                            model_cfg=model_cfg, train_cfg=train_cfg, cache=cache)
         cost["crossfit_s"] = round(time.time() - start, 1)
+    if p.scorer == "features":
+        start = time.time()
+        probs["features"] = score_features(labels, folds=p.folds, seed=p.seed, probe=p.probe, images=args.images_dir,
+                                           index=index, num_classes=num_classes, model_cfg=model_cfg,
+                                           train_cfg=train_cfg, cache=cache)
+        cost["features_s"] = round(time.time() - start, 1)
     for name, pr in probs.items():
         scores[f"p_{name}"] = pr[rows, y]
     return probs[p.scorer], scores, cost
+
+
+def check_scorer(p: PairsConfig, model_cfg: ModelConfig) -> None:
+    """``pairs.scorer: features`` needs a pretrained trunk: refused, before any work, with ``model.weights: none``."""
+    if p.scorer == "features" and not pretrained(model_cfg.weights):
+        raise ConfigError(
+            f"pairs.scorer: features fits probes on the frozen features of the initial trunk, and model.weights: "
+            f"{model_cfg.weights} leaves that trunk random: its features say nothing about breeds. Set model.weights "
+            f"(imagenet, or a weights file), or use pairs.scorer: crossfit (or early). The naive model's trunk is no "
+            f"way out: it has learnt these images' click labels, so its features vouch for the wrong ones.")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     params = load_sections(args.params, pairs=PairsConfig, model=ModelConfig, train=TrainConfig, cache=CacheConfig)
     p, model_cfg, train_cfg = params["pairs"], params["model"], params["train"]
+    check_scorer(p, model_cfg)
 
     classes = json.loads((args.filtered_dir / layout.CLASSES).read_text())
     labels = load_labels(args.filtered_dir / layout.LABELS)
@@ -100,8 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     scores["status"] = status
     check_enough_left(class_counts(labels["label"], classes), class_counts(clean["label"], classes),
                       stage="make_pairs", min_per_class=p.min_images_per_class, min_kept_share=p.min_kept_share,
-                      params=f"pairs.filter ({p.filter}), pairs.min_prob / pairs.relabel_min_prob, or train a "
-                             f"better scorer (pairs.crossfit_epochs)")
+                      params=f"pairs.filter ({p.filter}), pairs.min_prob / pairs.relabel_min_prob, or "
+                             f"{SCORER_LEVER.get(p.scorer, SCORER_LEVER['crossfit'])}")
     train_clean = clean[~clean["key"].isin(set(val_pred["key"]))].reset_index(drop=True)
     pairs, confusion, confusable = build_pairs(train_clean, val_pred, len(classes), p)
     if pairs.empty:

@@ -1,4 +1,4 @@
-"""train_references stage: the naive recipe on the reference label sets.
+"""train_references stage: the reference models every other is judged against.
 
     python -m stages.train_references data/raw data/filtered data/images models/references
 
@@ -10,8 +10,19 @@ reference is absent and logged as such. Every reference gets the step budget
 of ``train.epochs`` epochs over the raw click-labelled split, as the naive
 model does, so the three differ only in their labels.
 
+``probe_raw`` and ``probe_truth`` are linear probes: a logistic regression
+(``reference.probe``, ``stages.lib.features``) on the frozen features of the
+initial trunk, fitted on the same training split of the raw click labels and
+of the true breeds. In the pretrained regime they are the floor: a fine-tuned
+model below them has destroyed what it started from. Each is saved as an
+ordinary model file (the initial trunk, the regression as its head), so
+``evaluate`` scores it like the others. With ``model.weights: none`` the
+frozen features are random and mean nothing: the probes are skipped, with a
+log line.
+
 Writes ``<name>/model.pt`` per reference and ``report.json`` (images, epochs,
-steps, validation top-1 against each set's own labels, device, precision).
+steps, validation top-1 against each set's own labels, device, precision;
+null for a skipped reference).
 """
 from __future__ import annotations
 
@@ -27,7 +38,18 @@ import pandas as pd
 
 from stages.lib import layout
 from stages.lib.atomic import atomic_dir, exit_on_sigterm, refuse_overlapping_args, write_json
-from stages.lib.classifier import ModelConfig, TrainConfig, plan_run, reference_size, train_on_labels
+from stages.lib.classifier import (
+    ModelAtChanceError,
+    ModelConfig,
+    TrainConfig,
+    chance_check,
+    plan_run,
+    reference_size,
+    run_context,
+    train_on_labels,
+)
+from stages.lib.data import split_train_val
+from stages.lib.features import ProbeConfig, extract_features, fit_probe, initial_model, pretrained
 from stages.lib.imagecache import CacheConfig, DecodedImages, hold_decoded
 from stages.lib.labelsets import label_set, train_keys
 from stages.lib.parallel import map_runs
@@ -38,11 +60,17 @@ from stages.lib.tracking import save_model
 log = logging.getLogger("train_references")
 
 
+PROBE = "probe_"  # probe_<label set>: a linear probe on that label set
+
+
 @dataclass(frozen=True)
 class ReferenceConfig(Section):
-    """params.yaml ``reference``: which reference label sets to train."""
+    """params.yaml ``reference``: which reference models to train (``raw``,
+    ``truth``: the naive recipe on that label set; ``probe_raw``,
+    ``probe_truth``: a linear probe on it) and the probes' regression."""
 
-    labels: tuple[Literal["raw", "truth"], ...]
+    labels: tuple[Literal["raw", "truth", "probe_raw", "probe_truth"], ...]
+    probe: ProbeConfig
 
     def __post_init__(self) -> None:
         if len(set(self.labels)) != len(self.labels):
@@ -60,13 +88,22 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     params = load_sections(args.params, model=ModelConfig, train=TrainConfig, reference=ReferenceConfig,
                            cache=CacheConfig)
-    model_cfg, train_cfg, names = params["model"], params["train"], params["reference"].labels
+    model_cfg, train_cfg, ref = params["model"], params["train"], params["reference"]
 
     classes = json.loads((args.filtered_dir / layout.CLASSES).read_text())
     index = read_index(args.images_dir)
     keys = train_keys(index)
-    sets = {name: label_set(name, raw_dir=args.raw_dir, filtered_dir=args.filtered_dir,
-                            classes=classes, train_keys=keys) for name in names}
+    report: dict[str, dict | None] = dict.fromkeys(ref.labels)  # in params order; None: skipped
+    wanted = list(ref.labels)
+    if not pretrained(model_cfg.weights):
+        for name in (n for n in ref.labels if n.startswith(PROBE)):
+            log.info("reference %s skipped: model.weights is %r, and the frozen features of a random trunk make no "
+                     "floor (a linear probe needs pretrained weights: imagenet or a weights file)", name,
+                     model_cfg.weights)
+            wanted.remove(name)
+    # the label sets the wanted references train on, each read once
+    sets = {s: label_set(s, raw_dir=args.raw_dir, filtered_dir=args.filtered_dir, classes=classes, train_keys=keys)
+            for s in dict.fromkeys(n.removeprefix(PROBE) for n in wanted)}
     raw = sets.get("raw")
     if raw is None:
         raw = label_set("raw", raw_dir=args.raw_dir, filtered_dir=args.filtered_dir,
@@ -74,18 +111,24 @@ def main(argv: list[str] | None = None) -> int:
     reference_train = reference_size(raw, train_cfg)
     cache = hold_decoded(args.images_dir, index, (k for s in sets.values() if s is not None for k in s["key"]),
                          params["cache"])
-    report: dict[str, dict | None] = dict.fromkeys(sets)  # in params order; None: skipped
-    for name in (n for n, labels in sets.items() if labels is None):
+    for name in (n for n in wanted if sets[n.removeprefix(PROBE)] is None):
         log.info("reference %s skipped: the data has no %s (only the generated sample does)", name, layout.TRUTH)
-    todo = [name for name, labels in sets.items() if labels is not None]
+    todo = [name for name in wanted if sets[name.removeprefix(PROBE)] is not None]
+    naive = [name for name in todo if not name.startswith(PROBE)]
+    probes = {name: sets[name.removeprefix(PROBE)] for name in todo if name.startswith(PROBE)}
     with atomic_dir(args.out_dir) as tmp:
         # the references are independent: side by side (train.parallel_runs)
         infos = map_runs(train_reference, [(name, sets[name], reference_train, tmp / name / layout.MODEL,
                                             args.images_dir, classes, model_cfg, train_cfg, index, cache)
-                                           for name in todo], train_cfg.parallel_runs)
-        for name, info in zip(todo, infos):
+                                           for name in naive], train_cfg.parallel_runs)
+        for name, info in zip(naive, infos):
             report[name] = info
             log.info("reference %s: %s", name, info)
+        if probes:
+            for name, info in train_probes(probes, tmp, args.images_dir, classes, model_cfg, train_cfg, ref.probe,
+                                           index, cache).items():
+                report[name] = info
+                log.info("reference %s: %s", name, info)
         write_json(tmp / layout.REPORT, report)
     return 0
 
@@ -101,6 +144,50 @@ def train_reference(name: str, labels: pd.DataFrame, reference_train: int, path:
     save_model(path, model, backbone=model_cfg.backbone, image_size=model_cfg.image_size, classes=classes,
                labels=name, **info)
     return {**info, "seconds": round(time.time() - start, 1)}
+
+
+def train_probes(probes: dict[str, pd.DataFrame], out_dir: Path, images_dir: Path, classes: list[str],
+                 model_cfg: ModelConfig, train_cfg: TrainConfig, probe_cfg: ProbeConfig, index: pd.DataFrame,
+                 cache: DecodedImages | None) -> dict[str, dict[str, Any]]:
+    """Fit a linear probe on each label set of ``probes`` (name -> key, label)
+    and save it to ``out_dir/<name>/model.pt``; their report entries.
+
+    One feature pass of the initial trunk over every image of the sets; each
+    probe is fitted on the training split that the naive references train on
+    (``train.val_fraction``, ``train.seed``) and checked above chance on its
+    validation split, as they are."""
+    start = time.time()
+    model = initial_model(model_cfg, len(classes))
+    keys = pd.DataFrame({"key": list(dict.fromkeys(k for labels in probes.values() for k in labels["key"]))})
+    features = extract_features(model, keys, images_dir, image_size=model_cfg.image_size,
+                                batch_size=train_cfg.batch_size, device=train_cfg.device, workers=train_cfg.workers,
+                                index=index, cache=cache)
+    features_s = round(time.time() - start, 1)
+    row = pd.Series(range(len(keys)), index=keys["key"])
+    device = run_context(train_cfg.device, "fp32").device.type
+    out = {}
+    for name, labels in probes.items():
+        start = time.time()
+        train, val = split_train_val(labels, train_cfg.val_fraction, train_cfg.seed)
+        probe = fit_probe(features[row[train["key"]].to_numpy()], train["label"], len(classes), probe_cfg)
+        val_pred = probe.probs(features[row[val["key"]].to_numpy()]).argmax(1)
+        val_acc = float((val_pred == val["label"].to_numpy()).mean()) if len(val) else float("nan")
+        above, bar = chance_check(val_acc, len(val), len(classes))
+        if not above:
+            raise ModelAtChanceError(
+                f"reference {name}: validation top-1 {val_acc:.3f} on {len(val)} images is at chance (1/"
+                f"{len(classes)} classes; above chance needs > {bar:.3f}): the frozen features of model.weights "
+                f"{model_cfg.weights!r} do not tell the breeds apart. Check that the weights fit model.backbone "
+                f"({model_cfg.backbone}) and model.image_size ({model_cfg.image_size}), or change reference.probe.C "
+                f"({probe_cfg.C}).")
+        info = {"images": len(train) + len(val), "train_images": len(train), "val_images": len(val),
+                "val_acc": round(val_acc, 4), "above_chance": above, "device": device, "precision": "fp32",
+                "C": probe_cfg.C, "lbfgs_iterations": probe.n_iter, "converged": probe.converged}
+        save_model(out_dir / name / layout.MODEL, probe.into(model), backbone=model_cfg.backbone,
+                   image_size=model_cfg.image_size, classes=classes, labels=name.removeprefix(PROBE),
+                   kind="linear_probe", **info)
+        out[name] = {**info, "features_s": features_s, "seconds": round(time.time() - start, 1)}
+    return out
 
 
 if __name__ == "__main__":

@@ -243,3 +243,15 @@ def test_gallery_counts_rows_it_cannot_show(tree: Path):
                                            showable=lambda d: d["key"].isin(decoded))
     assert sizes.to_dict() == {"too_few_clicks": 1, "ambiguous": 1, "no_decoded_image": 1}
     assert sorted(rows["key"]) == ["d0", "d1"]
+
+
+def test_evaluate_scores_the_probe_references(tree: Path):
+    """The linear probes of train_references (pretrained weights) are plain model
+    files under models/references: scored like the other references."""
+    _write_model(tree / "models/references/probe_raw/model.pt", seed=3)
+    _write_model(tree / "models/references/probe_truth/model.pt", seed=4)
+    metrics = json.loads((_run(tree) / "metrics.json").read_text())
+    assert {"naive", "siamese", "raw", "truth", "probe_raw", "probe_truth"} <= set(metrics)
+    for name in ("probe_raw", "probe_truth"):
+        assert metrics[name]["n_test"] == 6 and metrics[name]["top5"] == 1.0
+    assert (tree / "reports/figures/confusion_probe_raw.png").is_file()

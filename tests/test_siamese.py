@@ -125,7 +125,8 @@ def test_hard_negatives_fall_back_to_uniform_without_confusion() -> None:
 def test_tiny_siamese_run_lowers_the_contrastive_loss(tiny_pipeline: Path, monkeypatch) -> None:
     params = yaml.safe_load((tiny_pipeline / "params.yaml").read_text())
     params["train"]["epochs"] = 3
-    params["pairs"] = {"scorer": "early", "folds": 2, "crossfit_epochs": 1, "filter": "threshold", "min_prob": 0.05,
+    params["pairs"] = {"scorer": "early", "folds": 2, "crossfit_epochs": 1, "probe": {"C": 1.0, "max_iter": 100},
+                       "filter": "threshold", "min_prob": 0.05,
                        "filter_by": "prune_by_class", "relabel_min_prob": 0.6, "min_images_per_class": 5,
                        "min_kept_share": 0.3, "per_image": 4, "pos_fraction": 0.5, "hard_fraction": 0.5,
                        "confusable_breeds": 1, "seed": 0}

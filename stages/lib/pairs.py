@@ -8,6 +8,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
+from stages.lib.features import ProbeConfig
 from stages.lib.params import Section, in_range
 
 POSITIVE, NEGATIVE, HARD_NEGATIVE = "positive", "negative", "hard_negative"
@@ -87,9 +88,10 @@ class PairsConfig(Section):
     """params.yaml ``pairs``: the out-of-sample scorer, the label filter
     (``stages.lib.noise``), the guards, and the pair mix."""
 
-    scorer: Literal["crossfit", "early"]
+    scorer: Literal["crossfit", "early", "features"]
     folds: int
     crossfit_epochs: int
+    probe: ProbeConfig  # scorer features: the regression on the frozen features
     filter: Literal["threshold", "cleanlab", "relabel"]
     min_prob: float
     filter_by: Literal["prune_by_class", "prune_by_noise_rate", "both", "confident_learning",

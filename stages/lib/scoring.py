@@ -11,6 +11,7 @@ from sklearn.model_selection import StratifiedKFold
 
 from stages.lib import engine
 from stages.lib.classifier import ModelConfig, TrainConfig, eval_loader, run_context, train_classifier
+from stages.lib.features import ProbeConfig, crossfit_probs, extract_features, initial_model
 from stages.lib.imagecache import DecodedImages
 from stages.lib.models import load_model_file
 from stages.lib.parallel import map_runs
@@ -35,18 +36,37 @@ def score_with_model(model_path: Path, df: pd.DataFrame, images: Path, index: pd
                        batch_size=train_cfg.batch_size, cache=cache)
 
 
+def fold_splits(df: pd.DataFrame, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(fit rows, scored rows) of each cross-fitting fold: stratified by label, seeded (``pairs.seed``)."""
+    if folds < 2:
+        raise ValueError(f"pairs.folds must be >= 2 for cross-fitting, got {folds}")
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    return list(splitter.split(df, df["label"]))
+
+
+def score_features(df: pd.DataFrame, *, folds: int, seed: int, probe: ProbeConfig, images: Path,
+                   index: pd.DataFrame, num_classes: int, model_cfg: ModelConfig, train_cfg: TrainConfig,
+                   cache: DecodedImages | None = None) -> np.ndarray:
+    """Out-of-fold class probabilities from frozen features: one pass of the
+    initial (pretrained) trunk over the images, then ``folds`` linear probes,
+    each fitted on the other folds' features and labels and scoring the fold
+    it did not see (the same folds as :func:`score_crossfit`). Minutes of
+    fine-tuning become one forward pass and a few regressions."""
+    model = initial_model(model_cfg, num_classes)
+    features = extract_features(model, df, images, image_size=model_cfg.image_size, batch_size=train_cfg.batch_size,
+                                device=train_cfg.device, workers=train_cfg.workers, index=index, cache=cache)
+    return crossfit_probs(features, df["label"].to_numpy(), num_classes, fold_splits(df, folds, seed), probe)
+
+
 def score_crossfit(df: pd.DataFrame, *, folds: int, epochs: int, seed: int, images: Path, index: pd.DataFrame,
                    num_classes: int, model_cfg: ModelConfig, train_cfg: TrainConfig,
                    cache: DecodedImages | None = None) -> np.ndarray:
     """Out-of-fold class probabilities: ``folds`` models, each trained on the
     other folds for ``epochs`` epochs, each scoring the fold it did not see
     (all folds read the one ``cache`` of decoded images when given)."""
-    if folds < 2:
-        raise ValueError(f"pairs.folds must be >= 2 for cross-fitting, got {folds}")
     cfg = train_cfg.replace(epochs=epochs, early_epoch=1)
     p = np.full((len(df), num_classes), np.nan)
-    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    splits = list(splitter.split(df, df["label"]))
+    splits = fold_splits(df, folds, seed)
     # the folds are independent: side by side (train.parallel_runs)
     calls = [(k, folds, df.iloc[fit_idx], df.iloc[score_idx], images, index, num_classes, model_cfg,
               cfg.replace(seed=cfg.seed + k), cache) for k, (fit_idx, score_idx) in enumerate(splits)]

@@ -379,3 +379,41 @@ def test_a_run_past_the_early_epoch_without_its_early_model_trains_again(tiny_pi
     for name in ("model.pt", "early.pt"):
         a, b = state(models / "straight" / name), state(models / "resumed" / name)
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _optim_cfg(**changes) -> SimpleNamespace:
+    return SimpleNamespace(**{"optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4,
+                              "trunk_lr_scale": 1.0, **changes})
+
+
+def test_the_trunk_learns_at_its_own_rate_and_one_rate_keeps_two_groups() -> None:
+    model = build_model("resnet18", 3)
+    trunk = {id(p) for p in model.trunk.parameters()}
+    same = engine.build_optimizer(model, _optim_cfg())
+    assert [g["lr"] for g in same.param_groups] == [0.1, 0.1]  # as before the setting existed
+    slow = engine.build_optimizer(model, _optim_cfg(trunk_lr_scale=0.1))
+    for group in slow.param_groups:
+        ids = {id(p) for p in group["params"]}
+        assert ids <= trunk if group["lr"] == pytest.approx(0.01) else not ids & trunk
+    assert sum(len(g["params"]) for g in slow.param_groups) == len(list(model.parameters()))
+    assert {id(p) for g in slow.param_groups if g["lr"] == 0.1 for p in g["params"]} == {
+        id(p) for p in model.head.parameters()}
+
+
+@pytest.mark.parametrize("batchnorm", ["train", "frozen"])
+def test_frozen_batchnorm_keeps_the_running_statistics(batchnorm: str) -> None:
+    """Small batches' statistics destroyed a pretrained trunk's (issue: LP-FT at 0.67 with BatchNorm
+    updating, 0.90 with it in eval mode); frozen keeps them while the affine weights still learn."""
+    from stages.lib.classifier import run_context
+
+    torch.manual_seed(0)
+    model = build_model("resnet18", 2)
+    bn = model.trunk.bn1
+    before_mean, before_weight = bn.running_mean.clone(), bn.weight.detach().clone()
+    batches = [(torch.randn(4, 3, 32, 32) * 3 + 1, torch.tensor([0, 1, 0, 1])) for _ in range(2)]
+    ctx = run_context("cpu", "fp32", batchnorm=batchnorm)
+    optimizer = engine.build_optimizer(model, _optim_cfg(lr=0.01))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    engine.train_one_epoch(model, engine.classification_loss(), batches, optimizer, scheduler, None, ctx, 0)
+    assert torch.equal(bn.running_mean, before_mean) == (batchnorm == "frozen")
+    assert not torch.equal(bn.weight.detach(), before_weight)  # the affine weights learn either way

@@ -72,11 +72,16 @@ class OptimConfig(Section):
     warmup_epochs: float
     label_smoothing: float
     clip_grad_norm: float
+    # fine-tuning a pretrained trunk: its learning rate is lr x trunk_lr_scale (the new head's is lr), and
+    # batchnorm: frozen keeps its BatchNorm layers' running statistics (their affine weights still train)
+    trunk_lr_scale: float
+    batchnorm: Literal["train", "frozen"]
     workers: int
     seed: int
     augment: AugmentConfig
 
     def __post_init__(self) -> None:
+        in_range("trunk_lr_scale", self.trunk_lr_scale, 0.0, 1.0)
         if self.epochs < 1 or self.batch_size < 1 or self.workers < 0:  # 0 epochs would train on nothing
             raise ValueError(f"epochs must be >= 1, batch_size >= 1, workers >= 0; got {self.epochs}, "
                              f"{self.batch_size}, {self.workers}")
@@ -107,12 +112,13 @@ class TrainConfig(OptimConfig):
 
 
 # ------------------------------------------------------------------ run set-up
-def run_context(device: str, precision: str, clip_grad_norm: float = 0.0) -> engine.RunContext:
+def run_context(device: str, precision: str, clip_grad_norm: float = 0.0,
+                batchnorm: str = "train") -> engine.RunContext:
     """Device and autocast dtype chosen on this machine (``device: auto`` is
     CUDA when present)."""
     dev = engine.choose_device(device)
     return engine.RunContext(device=dev, amp_dtype=engine.autocast_dtype(dev, precision),
-                             clip_grad_norm=clip_grad_norm)
+                             clip_grad_norm=clip_grad_norm, frozen_batchnorm=batchnorm == "frozen")
 
 
 def resolved_run(cfg: OptimConfig) -> dict[str, str]:
@@ -180,7 +186,7 @@ def train_classifier(train_df: pd.DataFrame, val_df: pd.DataFrame | None, *, ima
     ``val_df``; returns the trained model (unwrapped) and the history. Images
     come from ``cache`` when given (it must hold every key), else the shards."""
     engine.seed_everything(train_cfg.seed)
-    ctx = run_context(train_cfg.device, train_cfg.precision, train_cfg.clip_grad_norm)
+    ctx = run_context(train_cfg.device, train_cfg.precision, train_cfg.clip_grad_norm, train_cfg.batchnorm)
     size = model_cfg.image_size
     on_device = augment_on_device(train_cfg.augment.where, ctx.device)
     train_ds = ShardDataset(images_dir, train_df["key"].tolist(), train_df["label"].tolist(),

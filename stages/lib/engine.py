@@ -119,12 +119,21 @@ def seed_everything(seed: int) -> None:
 
 # ---------------------------------------------------------------- optimisation
 def build_optimizer(model: nn.Module, cfg: Any) -> torch.optim.Optimizer:
-    """SGD (momentum, nesterov) or AdamW; no weight decay on norms and biases."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    """SGD (momentum, nesterov) or AdamW; no weight decay on norms and biases. With ``cfg.trunk_lr_scale``
+    below 1 the trunk's parameters learn at ``lr x trunk_lr_scale`` and the rest (the new head, the
+    projection) at ``lr``: a pretrained trunk keeps its features while the head catches up (the
+    scheduler scales every group alike)."""
+    trunk = getattr(getattr(model, "module", model), "trunk", None)  # DDP wraps the model in .module
+    in_trunk = {id(p) for p in trunk.parameters()} if trunk is not None and cfg.trunk_lr_scale != 1 else set()
+    params = [p for p in model.parameters() if p.requires_grad]
+    parts = [(1.0, [p for p in params if id(p) not in in_trunk])]
+    if in_trunk:
+        parts.append((cfg.trunk_lr_scale, [p for p in params if id(p) in in_trunk]))
+    groups = []
+    for scale, members in parts:
+        groups += [{"params": [p for p in members if p.ndim > 1], "weight_decay": cfg.weight_decay,
+                    "lr": cfg.lr * scale},
+                   {"params": [p for p in members if p.ndim <= 1], "weight_decay": 0.0, "lr": cfg.lr * scale}]
     name = cfg.optimizer
     if name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
@@ -155,6 +164,7 @@ class RunContext:
     amp_dtype: torch.dtype | None
     clip_grad_norm: float = 0.0
     channels_last: bool = True
+    frozen_batchnorm: bool = False  # BatchNorm layers stay in eval mode while training (OptimConfig.batchnorm)
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -191,6 +201,10 @@ def train_one_epoch(model: nn.Module, loss_fn: LossFn, loader: DataLoader, optim
     (``batchaug.prefetch``), so there ``data_wait_s`` is the time spent taking
     the *next* batch from the loader and queueing its copy before each step."""
     model.train()
+    if ctx.frozen_batchnorm:  # a pretrained trunk's running statistics, not those of small noisy batches
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
     sums: dict[str, float] = {}
     seen, start = 0, time.time()
     batches, wait = batchaug.prefetch(loader, ctx.device, channels_last=ctx.channels_last), 0.0

@@ -116,7 +116,7 @@ def fit_siamese(model: Classifier, meta: dict[str, Any], clean: pd.DataFrame, pa
     """Fine-tune ``model`` on ``pairs`` of ``clean`` images, validating on ``val``
     (images from ``cache`` when given, which must hold both sets' keys)."""
     engine.seed_everything(cfg.seed)
-    ctx = run_context(cfg.device, cfg.precision, cfg.clip_grad_norm)
+    ctx = run_context(cfg.device, cfg.precision, cfg.clip_grad_norm, cfg.batchnorm)
     size = meta["image_size"]
     images = ShardDataset(images_dir, clean["key"].tolist(), clean["label"].tolist(),
                           build_transform(size, train=True, augment=cfg.augment,

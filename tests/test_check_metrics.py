@@ -24,7 +24,7 @@ def _block(top1: float) -> dict:
 BASELINE = {"naive": _block(0.80), "siamese": _block(0.82),
             "data": {"click_filter": {"images": 3000, "precision": 0.9}, "test": {"digest": "sha256:abc"}}}
 CHECK = {"tolerance": {"top1": 0.03, "top5": 0.02, "mean_class_accuracy": 0.03}, "reproduce": 0.0001}
-STAGES = {"evaluate": {"cmd": "python evaluate.py", "deps": ["evaluate.py"],
+STAGES = {"evaluate": {"cmd": "python evaluate.py", "deps": ["evaluate.py", "stages/lib/metrics.py", "models/m.pt"],
                        "metrics": [{"reports/metrics.json": {"cache": False}}]},
           "train": {"cmd": "python train.py", "outs": ["model.txt"]}}
 
@@ -108,13 +108,18 @@ def test_a_base_with_loose_params_is_refused(repo, capsys):
     assert code == 2 and "check: tolerance must name exactly" in err
 
 
-@pytest.mark.parametrize("change", ["frozen", "outs elsewhere", "frozen train"])
+@pytest.mark.parametrize("change", ["frozen", "outs elsewhere", "a data dep less", "another command",
+                                    "frozen train"])
 def test_a_frozen_or_redefined_stage_fails(repo, capsys, change):
     stages = copy.deepcopy(STAGES)
     if change == "frozen":
         stages["evaluate"]["frozen"] = True
     elif change == "outs elsewhere":
         stages["evaluate"]["metrics"] = [{"elsewhere/metrics.json": {"cache": False}}]
+    elif change == "a data dep less":
+        stages["evaluate"]["deps"] = ["evaluate.py"]
+    elif change == "another command":
+        stages["evaluate"]["cmd"] = "python evaluate.py --easy"
     else:
         stages["train"]["frozen"] = True  # the sample is re-run whole: no stage may be skipped
     commit(repo, stages=stages, message="under test")
@@ -143,6 +148,15 @@ def test_the_base_fails_closed(repo, capsys, how):
     code, out, err = run(repo, BASELINE, *extra, capsys=capsys)
     assert code == 2, out + err
     assert "check_metrics: " in err and "ok" not in out.splitlines()[-1:]
+
+
+def test_a_code_dep_more_is_not_a_redefinition(repo, capsys):
+    """A commit that makes evaluate import one more module lists it in dvc.yaml (stages/lib/deps.py)."""
+    stages = copy.deepcopy(STAGES)
+    stages["evaluate"]["deps"].insert(1, "stages/lib/new_module.py")
+    commit(repo, stages=stages, message="under test")
+    code, out, _ = run(repo, BASELINE, capsys=capsys)
+    assert code == 0, out
 
 
 def test_no_baseline_is_explicit_and_says_so(repo, capsys):

@@ -226,17 +226,27 @@ def load_base(rev: str, how: str, cwd: Path | None = None) -> Base:
     return Base(rev, how, check, metrics, stages)
 
 
+def _definition(spec: dict[str, Any]) -> dict[str, Any]:
+    """A stage's dvc.yaml entry without its code deps: a commit may import one more module (its deps list
+    follows its imports: stages/lib/deps.py), but not change what the stage runs, reads or writes."""
+    deps = [d for d in spec.get("deps", []) if not (str(d).startswith("stages/") and str(d).endswith(".py"))]
+    return {**spec, "deps": deps}
+
+
 def stage_problems(base_stages: dict[str, Any], head_stages: dict[str, Any], stage: str = "evaluate") -> list[str]:
     """``stage`` must run as the base defines it: not frozen (``dvc repro`` would skip it and a check would
-    compare the committed metrics with themselves), same command, deps and outputs (outputs written
-    elsewhere leave the committed file in place)."""
+    compare the committed metrics with themselves), the same command, params, data deps and outputs
+    (outputs written elsewhere leave the committed file in place); its code deps may differ."""
     spec = head_stages.get(stage)
     if spec is None:
         return [f"dvc.yaml has no stage {stage!r}"]
     problems = [f"dvc.yaml: stage {stage!r} is frozen"] if spec.get("frozen") else []
-    if spec != base_stages.get(stage):
-        problems.append(f"dvc.yaml: stage {stage!r} differs from the base's definition (change it on the "
-                        "protected branch first, where the sample pipeline re-runs it)")
+    base = base_stages.get(stage)
+    if base is None or _definition(spec) != _definition(base):
+        changed = sorted(k for k in set(spec) | set(base or {})
+                         if _definition(spec).get(k) != _definition(base or {}).get(k))
+        problems.append(f"dvc.yaml: stage {stage!r} differs from the base's definition in {changed} (change it "
+                        "on the protected branch first, where the sample pipeline re-runs it)")
     return problems
 
 

@@ -9,7 +9,7 @@ export DVC_NO_ANALYTICS := 1
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PYTHONHASHSEED := 0
 
-.PHONY: repro test lint install lock plots exps revalidate bench clean
+.PHONY: repro test lint install lock plots exps revalidate sweep bench clean
 
 install: $(STAMP)
 
@@ -29,6 +29,11 @@ repro: $(STAMP)
 # origin/main; BASE=REV names another)
 revalidate: $(STAMP)
 	$(PY) -m stages.revalidate $(if $(BASE),--base $(BASE)) $(if $(REMOTE),--remote $(REMOTE))
+
+# the click filter's threshold sweep (README's figure): reports/sweep/filter_sweep.{csv,md,png}, from the
+# sample's data/raw and data/images (after make repro)
+sweep: $(STAMP)
+	$(PY) -m stages.filter_clicks data/raw data/images --sweep reports/sweep
 
 # dvc plots show as a page that works offline (Vega inlined): dvc_plots/index.html
 plots: $(STAMP)

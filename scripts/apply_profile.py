@@ -19,18 +19,18 @@ from typing import Any
 import yaml
 from ruamel.yaml import YAML
 
-from stages.download import DataConfig
-from stages.evaluate import EvaluateConfig
-from stages.filter_clicks import FilterConfig
 from stages.lib.atomic import atomic_file
 from stages.lib.classifier import ModelConfig, TrainConfig
 from stages.lib.decoding import DecodeConfig
+from stages.lib.fetch import DataConfig
 from stages.lib.imagecache import CacheConfig
+from stages.lib.labelsets import ReferenceConfig
 from stages.lib.metriccheck import CheckConfig
 from stages.lib.pairs import PairsConfig
 from stages.lib.params import ConfigError, parse_yaml
+from stages.lib.reports import EvaluateConfig
 from stages.lib.siamese import SiameseConfig
-from stages.train_references import ReferenceConfig
+from stages.lib.weaklabels import FilterConfig
 
 SECTIONS = {"data": DataConfig, "decode": DecodeConfig, "filter": FilterConfig, "cache": CacheConfig,
             "model": ModelConfig, "train": TrainConfig, "pairs": PairsConfig, "siamese": SiameseConfig,

@@ -13,14 +13,12 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
 
 from stages.lib import layout
 from stages.lib.atomic import atomic_dir, exit_on_sigterm
-from stages.lib.fetch import fetch_raw, sha256_file, write_checksums
-from stages.lib.params import Section, load_sections, read_yaml
+from stages.lib.fetch import DataConfig, fetch_raw, sha256_file, write_checksums
+from stages.lib.params import load_sections, read_yaml
 
 log = logging.getLogger("download")
 
@@ -31,38 +29,6 @@ def checksum_all(out_dir: Path) -> dict[str, str]:
     sums = {p.name: sha256_file(p) for p in sorted(out_dir.iterdir()) if p.is_file() and p.name != layout.CHECKSUMS}
     write_checksums(out_dir, sums)
     return sums
-
-
-@dataclass(frozen=True)
-class SampleConfig(Section):
-    """``data.sample``: the generated Clickture-Dog-like set (stages.lib.sample)."""
-
-    n_train: int
-    test_per_breed: int
-    min_side: int
-    max_side: int
-    lookalike_share: float
-    lookalike_only_share: float
-    best_known_share: float
-    distractor_share: float
-    no_breed_query_share: float
-
-
-@dataclass(frozen=True)
-class DataConfig(Section):
-    """params.yaml ``data``: where the raw files come from."""
-
-    source: Literal["sample", "url", "path"]
-    seed: int
-    sample: SampleConfig
-    files: dict[str, dict[str, Any]]
-    retries: int
-    timeout_s: float
-    max_download_mb: float
-
-    def __post_init__(self) -> None:
-        if not 0 < self.max_download_mb < float("inf"):  # also refuses nan
-            raise ValueError(f"max_download_mb must be > 0 and finite (MB of 10**6 bytes), got {self.max_download_mb}")
 
 
 def pipeline_outputs(dvc_file: Path = Path("dvc.yaml")) -> dict[str, str]:

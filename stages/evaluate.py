@@ -1,7 +1,11 @@
-"""evaluate stage: both models on the clean test set, and reports people can look at.
+"""evaluate stage: every model on the clean test set, and reports people can look at.
 
     python -m stages.evaluate data/raw data/images data/filtered data/pairs \
-        models/naive models/siamese reports
+        models/naive models/siamese models/references reports
+
+The models: naive, siamese, and each reference of ``models/references`` whose
+model file exists (``layout.REFERENCES``: the raw-click baseline, the truth
+ceiling, the linear probes of a pretrained trunk).
 
 Reads params ``evaluate.*``; ``raw/test_labels.tsv`` (key, breed) and the
 decode index (``split == "test"`` rows are the test images); each model's
@@ -29,32 +33,17 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from stages.lib import layout, reports
 from stages.lib.atomic import atomic_file, exit_on_sigterm, refuse_overlapping_args, write_json
 from stages.lib.imagecache import CacheConfig, hold_decoded
-from stages.lib.params import Section, load_sections
+from stages.lib.params import load_sections
+from stages.lib.reports import EvaluateConfig
 from stages.lib.shards import read_index
 from stages.lib.testset import evaluate_model, read_test_set
 
 log = logging.getLogger("evaluate")
-
-@dataclass(frozen=True)
-class EvaluateConfig(Section):
-    """params.yaml ``evaluate``."""
-
-    device: Literal["auto", "cpu", "cuda"]
-    batch_size: int
-    gallery_per_reason: int
-
-
-# models/references/<name>/model.pt (train_references), each scored where its file exists: the raw-click baseline,
-# the truth ceiling (where truth.tsv exists), the linear probes on frozen features (pretrained weights only)
-REFERENCES = ("raw", "truth", "probe_raw", "probe_truth")
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -73,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     test, test_counts = read_test_set(args.raw, index)
     log.info("test set: %s", test_counts)
     models = {name: dirs[name] / layout.MODEL for name in ("naive", "siamese")}
-    for name in REFERENCES:
+    for name in layout.REFERENCES:
         path = args.references / name / layout.MODEL
         if path.is_file():
             models[name] = path

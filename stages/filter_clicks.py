@@ -1,7 +1,7 @@
 """filter_clicks stage: noisy click logs -> weak breed labels for training.
 
     python -m stages.filter_clicks data/raw data/images data/filtered
-    python -m stages.filter_clicks data/raw data/images --sweep reports/filter_sweep
+    python -m stages.filter_clicks data/raw data/images --sweep reports/sweep   (make sweep)
 
 Reads params ``filter.*``, ``raw/clicks.tsv``, ``raw/breeds.tsv``,
 ``images/index.parquet`` (only ``split == "train"`` keys are training images)
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,42 +36,20 @@ from stages.lib.atomic import atomic_dir, atomic_file, exit_on_sigterm, refuse_o
 from stages.lib.clicklog import ClickLogSummary, aggregate_clicks, read_breeds, read_train_keys
 from stages.lib.labelquality import label_quality, sweep_thresholds
 from stages.lib.noise import check_enough_left
-from stages.lib.params import Section, in_range, load_sections
+from stages.lib.params import load_sections
 from stages.lib.queries import BreedMatcher
 from stages.lib.tables import read_truth, write_table
 from stages.lib.weaklabels import (
     COLUMN_DROP_REASONS,
     DROP_REASONS,
     UNKNOWN_BREED,
+    FilterConfig,
     WeakLabels,
-    check_thresholds,
     find_weak_labels,
     labels_from_column,
 )
 
 log = logging.getLogger("filter_clicks")
-
-
-@dataclass(frozen=True)
-class FilterConfig(Section):
-    """params.yaml ``filter``: the click-count thresholds and the guards."""
-
-    min_clicks: int
-    min_share: float
-    min_images_per_class: int
-    min_kept_share: float
-    aliases: dict[str, str]
-    max_clicks_per_line: int
-    max_line_bytes: int
-    max_reject_fraction: float
-
-    def __post_init__(self) -> None:
-        in_range("max_clicks_per_line", self.max_clicks_per_line, 1, 10**12)
-        in_range("max_line_bytes", self.max_line_bytes, 64, 1 << 26)
-        check_thresholds(min_clicks=self.min_clicks, min_share=self.min_share,
-                         min_images_per_class=self.min_images_per_class)
-        in_range("max_reject_fraction", self.max_reject_fraction, 0, 1)
-        in_range("min_kept_share", self.min_kept_share, 0, 1)
 
 
 def read_vocabulary(raw: Path, params: FilterConfig) -> tuple[list[str], BreedMatcher]:

@@ -30,9 +30,8 @@ import argparse
 import json
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import pandas as pd
 
@@ -51,9 +50,9 @@ from stages.lib.classifier import (
 from stages.lib.data import split_train_val
 from stages.lib.features import ProbeConfig, extract_features, fit_probe, initial_model, pretrained
 from stages.lib.imagecache import CacheConfig, DecodedImages, hold_decoded
-from stages.lib.labelsets import label_set, train_keys
+from stages.lib.labelsets import ReferenceConfig, label_set, train_keys
 from stages.lib.parallel import map_runs
-from stages.lib.params import Section, load_sections
+from stages.lib.params import load_sections
 from stages.lib.shards import read_index
 from stages.lib.tracking import save_model
 
@@ -61,20 +60,6 @@ log = logging.getLogger("train_references")
 
 
 PROBE = "probe_"  # probe_<label set>: a linear probe on that label set
-
-
-@dataclass(frozen=True)
-class ReferenceConfig(Section):
-    """params.yaml ``reference``: which reference models to train (``raw``,
-    ``truth``: the naive recipe on that label set; ``probe_raw``,
-    ``probe_truth``: a linear probe on it) and the probes' regression."""
-
-    labels: tuple[Literal["raw", "truth", "probe_raw", "probe_truth"], ...]
-    probe: ProbeConfig
-
-    def __post_init__(self) -> None:
-        if len(set(self.labels)) != len(self.labels):
-            raise ValueError(f"labels must be distinct, got {list(self.labels)}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,12 +39,13 @@ import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO, Literal
 
 from tqdm import tqdm
 
 from stages.lib import layout
 from stages.lib.atomic import atomic_file
+from stages.lib.params import Section
 
 log = logging.getLogger(__name__)
 
@@ -659,3 +660,36 @@ def _redact(url: str) -> str:
     if parts.port:
         host = f"{host}:{parts.port}"
     return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+# ------------------------------------------------------------------ params
+@dataclass(frozen=True)
+class SampleConfig(Section):
+    """``data.sample``: the generated Clickture-Dog-like set (stages.lib.sample)."""
+
+    n_train: int
+    test_per_breed: int
+    min_side: int
+    max_side: int
+    lookalike_share: float
+    lookalike_only_share: float
+    best_known_share: float
+    distractor_share: float
+    no_breed_query_share: float
+
+
+@dataclass(frozen=True)
+class DataConfig(Section):
+    """params.yaml ``data``: where the raw files come from."""
+
+    source: Literal["sample", "url", "path"]
+    seed: int
+    sample: SampleConfig
+    files: dict[str, dict[str, Any]]
+    retries: int
+    timeout_s: float
+    max_download_mb: float
+
+    def __post_init__(self) -> None:
+        if not 0 < self.max_download_mb < float("inf"):  # also refuses nan
+            raise ValueError(f"max_download_mb must be > 0 and finite (MB of 10**6 bytes), got {self.max_download_mb}")

@@ -12,12 +12,15 @@ decoded training images, so all of them are trained and scored alike.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
 from stages.lib import layout
 from stages.lib.data import load_labels
+from stages.lib.features import ProbeConfig
+from stages.lib.params import Section
 from stages.lib.tables import read_truth
 
 NAMES = ("raw", "truth")
@@ -46,3 +49,17 @@ def train_keys(index: pd.DataFrame) -> set[str]:
     """Keys of the decoded training images."""
     return set(index.loc[index["split"] == "train", "key"])
 
+
+# ------------------------------------------------------------------ params
+@dataclass(frozen=True)
+class ReferenceConfig(Section):
+    """params.yaml ``reference``: which reference models to train (``raw``,
+    ``truth``: the naive recipe on that label set; ``probe_raw``,
+    ``probe_truth``: a linear probe on it) and the probes' regression."""
+
+    labels: tuple[layout.ReferenceName, ...]
+    probe: ProbeConfig
+
+    def __post_init__(self) -> None:
+        if len(set(self.labels)) != len(self.labels):
+            raise ValueError(f"labels must be distinct, got {list(self.labels)}")

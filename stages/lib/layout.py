@@ -1,4 +1,5 @@
 """File names inside the stage folders: the contract between stages."""
+from typing import Literal, get_args
 
 # data/raw/ (download)
 TRAIN_IMAGES = "train_images.tsv"   # key <TAB> base64 JPEG (layout: decode.columns; a breed column
@@ -25,6 +26,12 @@ RAW_LABELS = "raw_labels.tsv"       # key, label, breed, clicks, share: top bree
 DROPPED = "dropped.tsv"             # key, reason, breed, clicks, share
 CLASSES = "classes.json"            # ordered class names; label = index in this list
 REPORT = "report.json"
+
+# models/references/<name>/ (train_references; evaluate scores each whose model file exists): the naive recipe
+# on the raw clicks (the paper's baseline) and the true breeds (the ceiling, where truth.tsv exists), and the
+# linear probes on the frozen features of a pretrained trunk (the pretrained regime's floor)
+ReferenceName = Literal["raw", "truth", "probe_raw", "probe_truth"]
+REFERENCES: tuple[str, ...] = get_args(ReferenceName)
 
 # models/naive/ and models/siamese/ (train_naive, train_siamese)
 MODEL = "model.pt"                  # weights + classes + preprocessing (stages.lib.models)

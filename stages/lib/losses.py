@@ -2,10 +2,13 @@
 Reduction by Learning an Invariant Mapping", reporting its parts."""
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 from torch import nn
 
-REDUCTIONS = ("active", "all")
+Reduction = Literal["active", "all"]  # declared once: SiameseConfig.reduction takes this type
+REDUCTIONS: tuple[str, ...] = get_args(Reduction)
 
 
 class ContrastiveLoss(nn.Module):

@@ -22,13 +22,16 @@ changed, and a reason for every image dropped.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import pandas as pd
 
-METHODS = ("threshold", "cleanlab", "relabel")
-CLEANLAB_FILTERS = ("prune_by_class", "prune_by_noise_rate", "both", "confident_learning", "predicted_neq_given")
+# declared once: PairsConfig's fields take these types, the checks here their values
+FilterMethod = Literal["threshold", "cleanlab", "relabel"]
+CleanlabFilter = Literal["prune_by_class", "prune_by_noise_rate", "both", "confident_learning", "predicted_neq_given"]
+METHODS: tuple[str, ...] = get_args(FilterMethod)
+CLEANLAB_FILTERS: tuple[str, ...] = get_args(CleanlabFilter)
 KEPT, RELABELLED, LOW_PROBABILITY, LABEL_ISSUE = "kept", "relabelled", "low_probability", "label_issue"
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from stages.lib.features import ProbeConfig
+from stages.lib.noise import CleanlabFilter, FilterMethod
 from stages.lib.params import Section, in_range
 
 POSITIVE, NEGATIVE, HARD_NEGATIVE = "positive", "negative", "hard_negative"
@@ -92,10 +93,9 @@ class PairsConfig(Section):
     folds: int
     crossfit_epochs: int
     probe: ProbeConfig  # scorer features: the regression on the frozen features
-    filter: Literal["threshold", "cleanlab", "relabel"]
+    filter: FilterMethod
     min_prob: float
-    filter_by: Literal["prune_by_class", "prune_by_noise_rate", "both", "confident_learning",
-                       "predicted_neq_given"]
+    filter_by: CleanlabFilter
     relabel_min_prob: float
     min_images_per_class: int
     min_kept_share: float

@@ -7,8 +7,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -17,6 +18,7 @@ from stages.lib import figures, layout
 from stages.lib.atomic import atomic_dir, atomic_file
 from stages.lib.galleries import click_gallery, lookup, prob_gallery
 from stages.lib.metrics import SUMMARY_METRICS
+from stages.lib.params import Section
 from stages.lib.shards import ShardReader
 from stages.lib.testset import ModelResult
 
@@ -204,3 +206,13 @@ def log_plots(out: Path, results: list[ModelResult], table: pd.DataFrame) -> Non
             live.log_plot(f"per_class_accuracy_{r.name}", accuracy.to_dict("records"), x="accuracy", y="breed",
                           template="bar_horizontal", title=f"{r.name}: test accuracy per breed",
                           x_label="accuracy (recall)", y_label="breed")
+
+
+# ------------------------------------------------------------------ params
+@dataclass(frozen=True)
+class EvaluateConfig(Section):
+    """params.yaml ``evaluate``."""
+
+    device: Literal["auto", "cpu", "cuda"]
+    batch_size: int
+    gallery_per_reason: int

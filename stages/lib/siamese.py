@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -20,7 +20,7 @@ from stages.lib import engine
 from stages.lib.classifier import OptimConfig, eval_loader, run_context
 from stages.lib.data import ShardDataset, augment_on_device, build_transform
 from stages.lib.imagecache import DecodedImages
-from stages.lib.losses import ContrastiveLoss
+from stages.lib.losses import ContrastiveLoss, Reduction
 from stages.lib.models import Classifier, build_model, load_model_file
 
 log = logging.getLogger("siamese")
@@ -86,7 +86,7 @@ class SiameseConfig(OptimConfig):
 
     contrastive_weight: float
     margin: float
-    reduction: Literal["active", "all"]
+    reduction: Reduction
     embedding_dim: int
     normalize: bool
 

@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from stages.lib.clicklog import sum_sorted
+from stages.lib.params import Section, in_range
 from stages.lib.queries import MULTIPLE_BREEDS
 
 log = logging.getLogger(__name__)
@@ -285,3 +286,26 @@ def find_weak_labels(
     check_inputs(clicks, breeds)
     ev = image_evidence(clicks, train_keys)
     return apply_thresholds(ev, breeds, min_clicks, min_share, min_images_per_class)
+
+
+# ------------------------------------------------------------------ params
+@dataclass(frozen=True)
+class FilterConfig(Section):
+    """params.yaml ``filter``: the click-count thresholds and the guards."""
+
+    min_clicks: int
+    min_share: float
+    min_images_per_class: int
+    min_kept_share: float
+    aliases: dict[str, str]
+    max_clicks_per_line: int
+    max_line_bytes: int
+    max_reject_fraction: float
+
+    def __post_init__(self) -> None:
+        in_range("max_clicks_per_line", self.max_clicks_per_line, 1, 10**12)
+        in_range("max_line_bytes", self.max_line_bytes, 64, 1 << 26)
+        check_thresholds(min_clicks=self.min_clicks, min_share=self.min_share,
+                         min_images_per_class=self.min_images_per_class)
+        in_range("max_reject_fraction", self.max_reject_fraction, 0, 1)
+        in_range("min_kept_share", self.min_kept_share, 0, 1)

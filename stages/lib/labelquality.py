@@ -80,8 +80,8 @@ def table_quality(kept: pd.DataFrame, raw: pd.DataFrame, truth: pd.Series) -> di
     n_known = int(kept_true.notna().sum())  # images without a truth entry do not count
     kept_keys = set(kept["key"])
     return {"images": len(kept), "correct": n_correct,
-            "precision": n_correct / n_known if n_known else None,
-            "recall": len(correct_raw & kept_keys) / len(correct_raw) if correct_raw else None}
+            "precision": _ratio(n_correct, n_known),
+            "recall": _ratio(len(correct_raw & kept_keys), len(correct_raw))}
 
 
 def sweep_thresholds(

@@ -1,7 +1,8 @@
 """Regenerate README.md's results section from reports/ (the numbers of the
 last run, never typed in by hand):
 
-    python scripts/update_readme.py
+    python scripts/update_readme.py           # rewrite the block
+    python scripts/update_readme.py --check   # exit 1 when README's block is not what reports/ gives
 
 The block between the two markers is replaced by reports/ablation.md,
 reports/seed_study.md (when the seed study has been run) and the figures.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -65,15 +67,28 @@ def results_block(reports: Path) -> str:
     return "\n".join(parts)
 
 
-def main() -> None:
-    readme = Path("README.md")
+def regenerated(readme: Path, reports: Path) -> tuple[str, str]:
+    """(README's text, the text with its results block made again from ``reports``)."""
     text = readme.read_text(encoding="utf-8")
     if BEGIN not in text or END not in text:
-        raise SystemExit(f"README.md has no {BEGIN} ... {END} block")
+        raise SystemExit(f"{readme} has no {BEGIN} ... {END} block")
     head, rest = text.split(BEGIN, 1)
     tail = rest.split(END, 1)[1]
-    readme.write_text(head + results_block(Path("reports")) + tail, encoding="utf-8")
+    return text, head + results_block(reports) + tail
+
+
+def main(argv: list[str] | None = None) -> int:
+    check = "--check" in (sys.argv[1:] if argv is None else argv)
+    readme = Path("README.md")
+    text, new = regenerated(readme, Path("reports"))
+    if check:
+        if text != new:
+            print("README.md's results differ from reports/: run python scripts/update_readme.py", file=sys.stderr)
+            return 1
+        return 0
+    readme.write_text(new, encoding="utf-8")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -58,6 +58,14 @@ def commit_run(repo: Path, score: float, message: str, push: bool = True) -> str
     return sh("git", "rev-parse", "HEAD", cwd=repo).strip()
 
 
+def inflate_and_commit(repo: Path, by: float, message: str) -> None:
+    """Raise the committed siamese top-1 by ``by``: a number claimed, not measured."""
+    metrics = json.loads((repo / "reports/metrics.json").read_text())
+    metrics["siamese"]["top1"] += by
+    (repo / "reports/metrics.json").write_text(json.dumps(metrics))
+    sh("git", "commit", "-qam", message, cwd=repo)
+
+
 def revalidate(repo: Path, tmp: Path, *args: str, cache: Path | None = None) -> subprocess.CompletedProcess:
     """A fresh clone of main (no models, as on CI; ``cache``: a warm DVC cache), then the re-validation."""
     clone = tmp / f"clone-{len(list(tmp.iterdir()))}"
@@ -124,10 +132,7 @@ def test_hand_edited_metrics_fail(repo: Path, tmp_path: Path, inflate: float) ->
     """+0.005 is inside the seed tolerance (0.01): today's check let it pass; re-scoring is deterministic."""
     commit_run(repo, 0.80, "baseline run")
     commit_run(repo, 0.80, "the same run again")
-    metrics = json.loads((repo / "reports/metrics.json").read_text())
-    metrics["siamese"]["top1"] += inflate  # claimed, not measured
-    (repo / "reports/metrics.json").write_text(json.dumps(metrics))
-    sh("git", "commit", "-qam", "edited metrics", cwd=repo)
+    inflate_and_commit(repo, inflate, "edited metrics")
     (tmp_path / "work").mkdir()
     proc = revalidate(repo, tmp_path / "work")
     assert proc.returncode == 1, proc.stdout
@@ -152,10 +157,7 @@ def test_a_frozen_evaluate_with_inflated_metrics_fails(repo: Path, tmp_path: Pat
     spec = yaml.safe_load((repo / "dvc.yaml").read_text())
     spec["stages"]["evaluate"]["frozen"] = True
     (repo / "dvc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-    metrics = json.loads((repo / "reports/metrics.json").read_text())
-    metrics["siamese"]["top1"] += 0.05
-    (repo / "reports/metrics.json").write_text(json.dumps(metrics))
-    sh("git", "commit", "-qam", "frozen evaluate, better numbers", cwd=repo)
+    inflate_and_commit(repo, 0.05, "frozen evaluate, better numbers")
     (tmp_path / "work").mkdir()
     proc = revalidate(repo, tmp_path / "work")
     assert proc.returncode == 1, proc.stdout

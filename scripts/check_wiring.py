@@ -20,6 +20,7 @@ from pathlib import Path
 import yaml
 
 from stages.lib.atomic import TMP_TAG, exit_on_sigterm, remove_stale_temporaries
+from stages.lib.layout import WEIGHTS_DIR
 
 ORDER = ["download", "decode", "filter_clicks", "train_naive", "train_references", "make_pairs", "train_siamese",
          "evaluate"]
@@ -89,6 +90,15 @@ def main() -> int:
             print(f"{section}.{key}={value}: would run {got} [{verdict}]")
             if verdict != "ok":
                 failures.append(f"{section}.{key}: expected {expected}, got {got}")
+        params_path.unlink()
+        params_path.write_text(original)
+        # a weights file (model.weights) replaced under models/weights re-runs every stage that may load it
+        (repo / WEIGHTS_DIR / ".check_wiring.pth").write_bytes(b"other weights")
+        got = planned_stages(repo)
+        verdict = "ok" if sorted(got) == sorted(ORDER[3:]) else "WRONG"
+        print(f"a new file in {WEIGHTS_DIR}: would run {got} [{verdict}]")
+        if verdict != "ok":
+            failures.append(f"{WEIGHTS_DIR}: expected {ORDER[3:]}, got {got}")
     finally:
         shutil.rmtree(repo, ignore_errors=True)
     for f in failures:

@@ -46,7 +46,6 @@ from stages.lib import layout
 from stages.lib.atomic import atomic_dir, exit_on_sigterm, refuse_overlapping_args, write_json
 from stages.lib.classifier import ModelConfig, TrainConfig
 from stages.lib.data import load_labels
-from stages.lib.features import pretrained
 from stages.lib.imagecache import CacheConfig, DecodedImages, hold_decoded
 from stages.lib.labelquality import table_quality
 from stages.lib.noise import RELABELLED, check_enough_left, class_counts, filtered_table
@@ -92,7 +91,7 @@ def score(labels: pd.DataFrame, args: argparse.Namespace, p: PairsConfig, num_cl
 
 def check_scorer(p: PairsConfig, model_cfg: ModelConfig) -> None:
     """``pairs.scorer: features`` needs a pretrained trunk: refused, before any work, with ``model.weights: none``."""
-    if p.scorer == "features" and not pretrained(model_cfg.weights):
+    if p.scorer == "features" and not model_cfg.pretrained:
         raise ConfigError(
             f"pairs.scorer: features fits probes on the frozen features of the initial trunk, and model.weights: "
             f"{model_cfg.weights} leaves that trunk random: its features say nothing about breeds. Set model.weights "

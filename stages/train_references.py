@@ -11,7 +11,7 @@ of ``train.epochs`` epochs over the raw click-labelled split, as the naive
 model does, so the three differ only in their labels.
 
 ``probe_raw`` and ``probe_truth`` are linear probes: a logistic regression
-(``reference.probe``, ``stages.lib.features``) on the frozen features of the
+(``reference.probe``, ``stages.lib.probe``) on the frozen features of the
 initial trunk, fitted on the same training split of the raw click labels and
 of the true breeds. In the pretrained regime they are the floor: a fine-tuned
 model below them has destroyed what it started from. Each is saved as an
@@ -42,17 +42,19 @@ from stages.lib.classifier import (
     ModelConfig,
     TrainConfig,
     chance_check,
+    extract_features,
+    initial_model,
     plan_run,
     reference_size,
     run_context,
     train_on_labels,
 )
 from stages.lib.data import split_train_val
-from stages.lib.features import ProbeConfig, extract_features, fit_probe, initial_model, pretrained
 from stages.lib.imagecache import CacheConfig, DecodedImages, hold_decoded
 from stages.lib.labelsets import ReferenceConfig, label_set, train_keys
 from stages.lib.parallel import map_runs
 from stages.lib.params import load_sections
+from stages.lib.probe import ProbeConfig, fit_probe
 from stages.lib.shards import read_index
 from stages.lib.tracking import save_model
 
@@ -80,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     keys = train_keys(index)
     report: dict[str, dict | None] = dict.fromkeys(ref.labels)  # in params order; None: skipped
     wanted = list(ref.labels)
-    if not pretrained(model_cfg.weights):
+    if not model_cfg.pretrained:
         for name in (n for n in ref.labels if n.startswith(PROBE)):
             log.info("reference %s skipped: model.weights is %r, and the frozen features of a random trunk make no "
                      "floor (a linear probe needs pretrained weights: imagenet or a weights file)", name,

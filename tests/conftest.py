@@ -73,7 +73,7 @@ def tiny_pipeline(tmp_path: Path) -> Path:
                   "lr": 0.05, "momentum": 0.9, "weight_decay": 0.0005, "warmup_epochs": 1, "label_smoothing": 0.1,
                   "clip_grad_norm": 5.0, "trunk_lr_scale": 1.0, "batchnorm": "train",
                   "val_fraction": 0.2, "early_epoch": 2, "workers": 0, "seed": 0,
-                  "parallel_runs": 1,
+                  "parallel_runs": 1, "head_init": "random", "probe": {"C": 1.0, "max_iter": 500},
                   "augment": {"scale_min": 0.6, "hflip": True, "brightness": 0.1, "contrast": 0.1, "where": "auto"}},
     }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))

@@ -176,6 +176,7 @@ def test_device_batches_do_not_depend_on_the_loader_workers(tmp_path) -> None:
 
 def test_training_runs_with_the_augmentation_on_the_device(tmp_path) -> None:
     from stages.lib.classifier import AugmentConfig, ModelConfig, TrainConfig, train_classifier
+    from stages.lib.probe import ProbeConfig
 
     keys = _shards(tmp_path, n=32)
     df = pd.DataFrame({"key": keys, "label": [i % 2 for i in range(len(keys))]})
@@ -183,7 +184,8 @@ def test_training_runs_with_the_augmentation_on_the_device(tmp_path) -> None:
     cfg = TrainConfig(device="cpu", precision="fp32", epochs=1, batch_size=8, optimizer="sgd", lr=0.01,
                       momentum=0.9, weight_decay=0.0, warmup_epochs=0, label_smoothing=0.0, clip_grad_norm=0.0,
                       trunk_lr_scale=1.0, batchnorm="train", workers=0, seed=0, augment=augment,
-                      val_fraction=0.2, early_epoch=1, parallel_runs=1)
+                      val_fraction=0.2, early_epoch=1, parallel_runs=1,
+                      head_init="random", probe=ProbeConfig(C=1.0, max_iter=100))
     model, history = train_classifier(df, df[:8], images_dir=tmp_path, num_classes=2,
                                       model_cfg=ModelConfig(backbone="resnet18", weights="none", image_size=32),
                                       train_cfg=cfg)

@@ -48,6 +48,14 @@ def test_the_committed_params_match_their_declarations() -> None:
     ("model", {"image_size": "64"}, r"model\.image_size: must be an integer"),
     ("reference", {"labels": ["raw", "clean"]}, r"reference\.labels\[1\]: must be one of"),
     ("filter", {"min_share": 1.5}, r"filter: min_share"),
+    ("train", {"head_init": "linear"}, r"train\.head_init: must be one of \['random', 'probe'\]"),
+    ("train", {"probe": {"C": 0}}, r"train\.probe: C must be > 0"),
+    # a weights file outside models/weights/ would be no dependency of the stages that load it
+    ("model", {"weights": "/data/resnet50.pth"}, r"model: weights must be none, imagenet or a file under models/"),
+    ("model", {"weights": "weights/resnet50.pth"}, r"under models/weights/"),
+    ("model", {"weights": "models/weights/../naive/model.pt"}, r"under models/weights/"),
+    ("model", {"weights": "models/weights"}, r"under models/weights/"),
+    ("model", {"weights": ""}, r"under models/weights/"),
 ])
 def test_typos_and_wrong_types_are_named(section: str, change: dict, message: str) -> None:
     data = committed()[section]

@@ -130,7 +130,7 @@ def test_tiny_siamese_run_lowers_the_contrastive_loss(tiny_pipeline: Path, monke
                        "filter_by": "prune_by_class", "relabel_min_prob": 0.6, "min_images_per_class": 5,
                        "min_kept_share": 0.3, "per_image": 4, "pos_fraction": 0.5, "hard_fraction": 0.5,
                        "confusable_breeds": 1, "seed": 0}
-    naive_only = ("val_fraction", "early_epoch", "parallel_runs")
+    naive_only = ("val_fraction", "early_epoch", "parallel_runs", "head_init", "probe")
     params["siamese"] = {**{k: v for k, v in params["train"].items() if k not in naive_only},
                          "epochs": 4, "lr": 0.02, "warmup_epochs": 0, "batch_size": 16,
                          "contrastive_weight": 1.0, "margin": 1.0, "reduction": "active", "embedding_dim": 16,

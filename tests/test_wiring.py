@@ -60,3 +60,14 @@ def test_checkpoint_fingerprint_covers_every_imported_file(monkeypatch) -> None:
     assert "stages/lib/classifier.py" in hashed
     assert hashed == stage_files("stages.train_siamese") == sorted(
         d for d in STAGES["train_siamese"]["deps"] if d.endswith(".py"))
+
+
+def test_every_stage_that_reads_the_model_params_depends_on_the_weights_folder() -> None:
+    """model.weights may name a file (under models/weights/): replacing it must re-run every stage that
+    loads initial weights, and dvc.lock must record which file trained the models."""
+    from stages.lib.layout import WEIGHTS_DIR
+
+    readers = sorted(n for n, s in STAGES.items() if "model" in s.get("params", []))
+    assert readers == ["make_pairs", "train_naive", "train_references"]
+    assert [n for n in readers if WEIGHTS_DIR not in STAGES[n]["deps"]] == []
+    assert (ROOT / WEIGHTS_DIR).is_dir()  # in git (its README): the dependency exists on a fresh clone

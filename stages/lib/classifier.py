@@ -10,19 +10,27 @@ otherwise also remove 40% of the training.
 """
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
+import numpy as np
 import pandas as pd
 import torch
+from torch import nn
+from tqdm import tqdm
 
-from stages.lib import engine
+from stages.lib import engine, layout
 from stages.lib.data import ShardDataset, augment_on_device, build_transform, split_train_val
 from stages.lib.imagecache import DecodedImages
 from stages.lib.models import Classifier, create_model
 from stages.lib.params import Section, in_range
+from stages.lib.probe import ProbeConfig, fit_probe
+
+log = logging.getLogger("classifier")
 
 
 # ------------------------------------------------------------------ params
@@ -31,12 +39,26 @@ class ModelConfig(Section):
     """params.yaml ``model``: the backbone, its initial weights and input size."""
 
     backbone: str
-    weights: str
+    weights: str     # none | imagenet | a file under models/weights/ (layout.WEIGHTS_DIR)
     image_size: int
 
     def __post_init__(self) -> None:
         if self.image_size < 16:
             raise ValueError(f"image_size must be >= 16, got {self.image_size}")
+        path = PurePosixPath(self.weights)
+        if self.weights not in ("none", "imagenet") and (
+                path.is_absolute() or ".." in path.parts or path.parts[:2] != tuple(layout.WEIGHTS_DIR.split("/"))
+                or len(path.parts) < 3):
+            # a dependency of every stage that loads the initial weights (dvc.yaml): replacing the file re-runs
+            # them and dvc.lock records which weights trained the models. A path elsewhere would be invisible.
+            raise ValueError(f"weights must be none, imagenet or a file under {layout.WEIGHTS_DIR}/ (relative to "
+                             f"the repository root, a dependency of the stages that load it), got {self.weights!r}")
+
+    @property
+    def pretrained(self) -> bool:
+        """Whether the trunk starts from trained weights (imagenet or a file), not at random: frozen
+        features, the probes and ``train.head_init: probe`` mean something only then."""
+        return self.weights != "none"
 
 
 @dataclass(frozen=True)
@@ -100,6 +122,11 @@ class TrainConfig(OptimConfig):
     val_fraction: float
     early_epoch: int
     parallel_runs: int  # independent runs (references, cross-fitting folds) at once: stages.lib.parallel
+    # random: a new head; probe: linear probe, then fine-tune (LP-FT, Kumar et al. 2022): the head starts as
+    # a logistic regression on the frozen features of the training labels (train.probe), so the first steps
+    # do not push a random head's gradients into the pretrained trunk. Needs pretrained weights.
+    head_init: Literal["random", "probe"]
+    probe: ProbeConfig
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -177,8 +204,60 @@ def eval_loader(images_dir: Path, df: pd.DataFrame, *, image_size: int, batch_si
     return engine.make_loader(ds, batch_size=batch_size, train=False, seed=0, workers=workers, device=device)
 
 
+def initial_model(model_cfg: ModelConfig, num_classes: int) -> Classifier:
+    """The model every training run starts from: ``model.weights`` in the trunk, a new head."""
+    return create_model(model_cfg.backbone, num_classes, model_cfg.weights)
+
+
+def extract_features(model: Classifier, df: pd.DataFrame, images_dir: Path, *, image_size: int, batch_size: int,
+                     device: str, workers: int = 0, index: pd.DataFrame | None = None,
+                     cache: DecodedImages | None = None) -> np.ndarray:
+    """The trunk's pooled features (what the head sees) of each row of ``df``
+    (its ``key`` column), in order, as float32 (rows, feature_dim): one pass
+    in eval mode with the eval transform (resize, centre crop), no
+    augmentation. In fp32 whatever ``train.precision`` says: a probe's head is
+    exact for the fp32 model evaluate scores. Leaves ``model`` on that device, in eval mode."""
+    ctx = run_context(device, "fp32")
+    loader = eval_loader(images_dir, df, image_size=image_size, batch_size=batch_size, workers=workers,
+                         device=ctx.device, index=index, cache=cache)
+    # moved outside inference mode: its parameters stay ordinary tensors (a probe's head is written into a copy)
+    model.to(ctx.device).eval()
+    head, model.head = model.head, nn.Identity()  # the model's own forward (normalisation, trunk), without its head
+    out, start = [], time.time()
+    try:
+        with torch.inference_mode():
+            for images, _ in tqdm(loader, desc="features", unit="batch", leave=False, mininterval=5):
+                out.append(model(engine.to_device(images, ctx)).float().cpu().numpy())
+    finally:
+        model.head = head
+    features = np.concatenate(out) if out else np.zeros((0, model.feature_dim), np.float32)
+    log.info("features of %d images (%d dims) in %.1f s on %s", len(features), features.shape[1],
+             time.time() - start, ctx.device.type)
+    return features
+
+
+def probe_head(model: Classifier, train_df: pd.DataFrame, images_dir: Path, *, num_classes: int,
+               model_cfg: ModelConfig, train_cfg: TrainConfig, index: pd.DataFrame | None = None,
+               cache: DecodedImages | None = None) -> Classifier:
+    """``model`` with its head replaced by a linear probe (``train.probe``) of
+    ``train_df``'s labels on the frozen features of its trunk: the first half
+    of LP-FT. The features come from the eval transform in fp32 (one pass,
+    like the probe references); the fine-tuning that follows sees augmented
+    images, which moves the features a little, not the head's meaning."""
+    if not model_cfg.pretrained:
+        raise ValueError("train.head_init: probe fits the head on frozen features, which are random with "
+                         "model.weights: none: use head_init: random, or start from pretrained weights")
+    start = time.time()
+    features = extract_features(model, train_df, images_dir, image_size=model_cfg.image_size,
+                                batch_size=train_cfg.batch_size, device=train_cfg.device, index=index, cache=cache)
+    probe = fit_probe(features, train_df["label"], num_classes, train_cfg.probe)
+    log.info("head_init probe: a linear probe of %d images (%d lbfgs iterations, C %g) is the head; %.1f s",
+             len(train_df), probe.n_iter, train_cfg.probe.C, time.time() - start)
+    return probe.into(model)
+
+
 def train_classifier(train_df: pd.DataFrame, val_df: pd.DataFrame | None, *, images_dir: Path, num_classes: int,
-                     model_cfg: ModelConfig, train_cfg: OptimConfig, checkpoint: Path | None = None,
+                     model_cfg: ModelConfig, train_cfg: TrainConfig, checkpoint: Path | None = None,
                      args: dict[str, Any] | None = None, index: pd.DataFrame | None = None,
                      cache: DecodedImages | None = None, on_epoch: Callable | None = None,
                      ) -> tuple[Classifier, list[dict[str, float]]]:
@@ -200,7 +279,10 @@ def train_classifier(train_df: pd.DataFrame, val_df: pd.DataFrame | None, *, ima
     if val_df is not None and len(val_df):
         val_loader = eval_loader(images_dir, val_df, image_size=size, batch_size=train_cfg.batch_size,
                                  workers=0, device=ctx.device, index=index, cache=cache)
-    model = create_model(model_cfg.backbone, num_classes, model_cfg.weights)
+    model = initial_model(model_cfg, num_classes)
+    if train_cfg.head_init == "probe":  # also before a resume: the checkpoint then replaces it, unused
+        model = probe_head(model, train_df, images_dir, num_classes=num_classes, model_cfg=model_cfg,
+                           train_cfg=train_cfg, index=index, cache=cache)
     loss_fn = engine.classification_loss(train_cfg.label_smoothing)
     history = engine.fit(model, loss_fn, train_loader, val_loader, train_cfg, ctx,
                          checkpoint=checkpoint, args=args, on_epoch=on_epoch)

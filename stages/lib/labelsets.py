@@ -19,8 +19,8 @@ import pandas as pd
 
 from stages.lib import layout
 from stages.lib.data import load_labels
-from stages.lib.features import ProbeConfig
 from stages.lib.params import Section
+from stages.lib.probe import ProbeConfig
 from stages.lib.tables import read_truth
 
 NAMES = ("raw", "truth")

@@ -33,6 +33,9 @@ REPORT = "report.json"
 ReferenceName = Literal["raw", "truth", "probe_raw", "probe_truth"]
 REFERENCES: tuple[str, ...] = get_args(ReferenceName)
 
+# model.weights as a file: it must lie here, a dependency (dvc.yaml) of every stage that reads the model params
+WEIGHTS_DIR = "models/weights"
+
 # models/naive/ and models/siamese/ (train_naive, train_siamese)
 MODEL = "model.pt"                  # weights + classes + preprocessing (stages.lib.models)
 EARLY_MODEL = "early.pt"            # naive only: the model after train.early_epoch epochs

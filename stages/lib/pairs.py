@@ -8,9 +8,9 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from stages.lib.features import ProbeConfig
 from stages.lib.noise import CleanlabFilter, FilterMethod
 from stages.lib.params import Section, in_range
+from stages.lib.probe import ProbeConfig
 
 POSITIVE, NEGATIVE, HARD_NEGATIVE = "positive", "negative", "hard_negative"
 

@@ -10,11 +10,19 @@ import pandas as pd
 from sklearn.model_selection import StratifiedKFold
 
 from stages.lib import engine
-from stages.lib.classifier import ModelConfig, TrainConfig, eval_loader, run_context, train_classifier
-from stages.lib.features import ProbeConfig, crossfit_probs, extract_features, initial_model
+from stages.lib.classifier import (
+    ModelConfig,
+    TrainConfig,
+    eval_loader,
+    extract_features,
+    initial_model,
+    run_context,
+    train_classifier,
+)
 from stages.lib.imagecache import DecodedImages
 from stages.lib.models import load_model_file
 from stages.lib.parallel import map_runs
+from stages.lib.probe import ProbeConfig, crossfit_probs
 
 log = logging.getLogger("scoring")
 

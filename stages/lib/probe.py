@@ -1,10 +1,12 @@
-"""Frozen features of the initial trunk, and linear probes on them.
+"""Linear probes: a logistic regression on frozen features, as one linear layer.
 
-Two callers share one feature pass (:func:`extract_features`): the linear-probe
-reference models of ``train_references`` (``probe_raw``, ``probe_truth``: the
-floor every fine-tuned model must clear in the pretrained regime) and the
-``features`` label scorer of ``make_pairs`` (cross-fitted probes, each scoring
-the fold it did not see).
+Three callers fit probes on the features of ``classifier.extract_features``:
+the probe reference models of ``train_references`` (``probe_raw``,
+``probe_truth``: the floor every fine-tuned model must clear in the
+pretrained regime), the ``features`` label scorer of ``make_pairs``
+(cross-fitted probes, each scoring the fold it did not see, :func:`crossfit_probs`)
+and ``train.head_init: probe`` (linear probe, then fine-tune: the new head
+starts as the probe of the training labels, ``classifier.probe_head``).
 
 A probe is a multinomial logistic regression (scikit-learn, L2 penalty
 ``C``) on standardised features. Standardising and the regression are both
@@ -13,9 +15,6 @@ with the scaler folded in, and :meth:`LinearProbe.into` writes it into a
 ``Classifier``'s own head. A probe is therefore saved as an ordinary model file
 (the initial trunk, this head) that ``evaluate`` and ``predict`` use like any
 other: ``softmax(head(trunk(x)))`` is the regression's ``predict_proba``.
-
-Frozen features mean something only when the trunk starts from pretrained
-weights (:func:`pretrained`): with ``model.weights: none`` they are random.
 """
 from __future__ import annotations
 
@@ -25,24 +24,17 @@ import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from torch import nn
-from tqdm import tqdm
 
-from stages.lib import engine
-from stages.lib.classifier import ModelConfig, eval_loader, run_context
-from stages.lib.imagecache import DecodedImages
-from stages.lib.models import Classifier, create_model
 from stages.lib.params import Section
 
-log = logging.getLogger("features")
+log = logging.getLogger("probe")
 
 # the logit of a class the probe never saw (absent from its training labels): probability 0 after the
 # softmax, yet finite (a float32 head, and no NaN from inf - inf)
@@ -61,43 +53,6 @@ class ProbeConfig(Section):
     def __post_init__(self) -> None:
         if not self.C > 0 or self.max_iter < 1:
             raise ValueError(f"C must be > 0 and max_iter >= 1, got {self.C}, {self.max_iter}")
-
-
-def pretrained(weights: str) -> bool:
-    """Whether ``model.weights`` starts the trunk from trained weights (imagenet or a file), not at random."""
-    return weights not in ("", "none")
-
-
-def initial_model(model_cfg: ModelConfig, num_classes: int) -> Classifier:
-    """The model every training run starts from: ``model.weights`` in the trunk, a new head."""
-    return create_model(model_cfg.backbone, num_classes, model_cfg.weights)
-
-
-def extract_features(model: Classifier, df: pd.DataFrame, images_dir: Path, *, image_size: int, batch_size: int,
-                     device: str, workers: int = 0, index: pd.DataFrame | None = None,
-                     cache: DecodedImages | None = None) -> np.ndarray:
-    """The trunk's pooled features (what the head sees) of each row of ``df``
-    (its ``key`` column), in order, as float32 (rows, feature_dim): one pass
-    in eval mode with the eval transform (resize, centre crop), no
-    augmentation. In fp32 whatever ``train.precision`` says: a probe's head is
-    exact for the fp32 model evaluate scores. Leaves ``model`` on that device, in eval mode."""
-    ctx = run_context(device, "fp32")
-    loader = eval_loader(images_dir, df, image_size=image_size, batch_size=batch_size, workers=workers,
-                         device=ctx.device, index=index, cache=cache)
-    # moved outside inference mode: its parameters stay ordinary tensors (a probe's head is written into a copy)
-    model.to(ctx.device).eval()
-    head, model.head = model.head, nn.Identity()  # the model's own forward (normalisation, trunk), without its head
-    out, start = [], time.time()
-    try:
-        with torch.inference_mode():
-            for images, _ in tqdm(loader, desc="features", unit="batch", leave=False, mininterval=5):
-                out.append(model(engine.to_device(images, ctx)).float().cpu().numpy())
-    finally:
-        model.head = head
-    features = np.concatenate(out) if out else np.zeros((0, model.feature_dim), np.float32)
-    log.info("features of %d images (%d dims) in %.1f s on %s", len(features), features.shape[1],
-             time.time() - start, ctx.device.type)
-    return features
 
 
 @dataclass(frozen=True)
@@ -119,7 +74,7 @@ class LinearProbe:
         e = np.exp(z)
         return e / e.sum(axis=1, keepdims=True)
 
-    def into(self, model: Classifier) -> Classifier:
+    def into(self, model: nn.Module) -> nn.Module:
         """A copy of ``model`` whose head is this probe."""
         if self.weight.shape != tuple(model.head.weight.shape):
             raise ValueError(f"a probe of shape {self.weight.shape} does not fit the head "

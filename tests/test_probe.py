@@ -4,6 +4,7 @@ train_references (skipped without pretrained weights), and the ``features``
 label scorer of make_pairs (out of fold by construction)."""
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from pathlib import Path
@@ -19,11 +20,11 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from stages import make_pairs, train_references
-from stages.lib import engine, features, layout, scoring
-from stages.lib.classifier import eval_loader, run_context
-from stages.lib.features import ABSENT_LOGIT, ProbeConfig, crossfit_probs, extract_features, fit_probe
+from stages.lib import engine, layout, scoring
+from stages.lib.classifier import eval_loader, extract_features, run_context
 from stages.lib.models import build_model, create_model, load_model_file
 from stages.lib.params import ConfigError
+from stages.lib.probe import ABSENT_LOGIT, ProbeConfig, crossfit_probs, fit_probe
 from stages.lib.shards import read_index
 from stages.lib.testset import evaluate_model
 from stages.lib.tracking import save_model
@@ -89,7 +90,7 @@ def test_crossfit_probs_score_each_row_with_a_probe_that_did_not_see_it(monkeypa
             seen = np.array([int(r) in self.rows for r in rows[:, 0]])
             return np.column_stack([~seen, seen, np.zeros(len(rows))]).astype(float)
 
-    monkeypatch.setattr(features, "fit_probe", lambda x, y, k, cfg: Seen(x))
+    monkeypatch.setattr("stages.lib.probe.fit_probe", lambda x, y, k, cfg: Seen(x))
     splits = [(np.array([i for i in range(n) if i % 3 != f]), np.array([i for i in range(n) if i % 3 == f]))
               for f in range(3)]
     p = crossfit_probs(x, y, 3, splits, ProbeConfig(**PROBE))
@@ -125,9 +126,10 @@ def test_out_of_fold_probes_doubt_the_wrong_labels_that_an_in_sample_probe_memor
 def _donor_weights(tiny: Path) -> str:
     """A local weights file for the tiny pipeline's backbone: a 'pretrained' trunk."""
     torch.manual_seed(1)
-    path = tiny / "donor.pth"
+    path = tiny / "models/weights/donor.pth"  # model.weights must be under models/weights/
+    path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(build_model("resnet18", 10).trunk.state_dict(), path)
-    return str(path)
+    return "models/weights/donor.pth"  # relative: the stages run in the work tree
 
 
 def _set_params(tiny: Path, **sections) -> None:
@@ -178,7 +180,7 @@ def test_probe_references_with_pretrained_weights_are_models_evaluate_scores(tin
         model, meta = load_model_file(path)
         assert meta["kind"] == "linear_probe" and meta["labels"] == name.removeprefix("probe_")
         # the trunk is the initial one: the weights file's, untouched by any training
-        start = create_model("resnet18", 3, weights)
+        start = create_model("resnet18", 3, str(tiny_pipeline / weights))
         assert all(torch.equal(v, model.trunk.state_dict()[k]) for k, v in start.trunk.state_dict().items())
         # evaluate's own scoring, no special case: the test images of the tiny pipeline
         index = read_index(tiny_pipeline / "data/images")
@@ -224,3 +226,49 @@ def test_make_pairs_with_the_features_scorer(tiny_pipeline: Path, monkeypatch) -
     (_, labels, _, splits, _), = calls
     assert sorted(np.concatenate([s for _, s in splits]).tolist()) == list(range(60))
     assert all(not set(f) & set(s) for f, s in splits)
+
+
+def test_head_init_probe_starts_the_fine_tuning_from_the_probe_of_the_training_labels(tiny_pipeline: Path,
+                                                                                     monkeypatch) -> None:
+    """LP-FT: the model handed to the training loop has the initial trunk and, as its head, the linear
+    probe (train.probe) of the training split's labels on that trunk's frozen features."""
+    from stages.lib import classifier
+
+    weights = _donor_weights(tiny_pipeline)
+    _set_params(tiny_pipeline, model={"weights": weights}, train={"head_init": "probe"})
+    started = []
+
+    class Started(Exception):
+        pass
+
+    def fit(model, *args, **kwargs):
+        started.append(copy.deepcopy(model))
+        raise Started
+
+    monkeypatch.setattr(engine, "fit", fit)
+    with pytest.raises(Started):
+        run_train_naive(tiny_pipeline)
+    model, = started
+    # the same probe, fitted here from the stage's own split
+    params = yaml.safe_load((tiny_pipeline / "params.yaml").read_text())
+    labels = pd.read_csv(tiny_pipeline / "data/filtered" / layout.LABELS, sep="\t")
+    cfg = classifier.TrainConfig.from_params(params["train"], "train")
+    model_cfg = classifier.ModelConfig.from_params(params["model"], "model")
+    train_df = classifier.plan_run(labels, cfg, len(labels)).train
+    images = tiny_pipeline / "data/images"
+    start = create_model("resnet18", 3, str(tiny_pipeline / weights))
+    feats = extract_features(start, train_df, images, image_size=32, batch_size=16, device="cpu",
+                             index=read_index(images))
+    want = fit_probe(feats, train_df["label"], 3, cfg.probe)
+    assert torch.allclose(model.head.weight.double(), torch.from_numpy(want.weight), atol=1e-6)
+    assert torch.allclose(model.head.bias.double(), torch.from_numpy(want.bias), atol=1e-6)
+    assert all(torch.equal(v, start.trunk.state_dict()[k]) for k, v in model.trunk.state_dict().items())
+    assert model_cfg.pretrained
+
+
+def test_head_init_probe_without_pretrained_weights_is_refused_before_training(tiny_pipeline: Path,
+                                                                               monkeypatch) -> None:
+    _set_params(tiny_pipeline, train={"head_init": "probe"})
+    monkeypatch.setattr(engine, "fit", lambda *a, **k: pytest.fail("trained with a probe of random features"))
+    with pytest.raises(ValueError, match=r"train\.head_init: probe .* model\.weights: none"):
+        run_train_naive(tiny_pipeline)

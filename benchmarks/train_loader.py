@@ -26,10 +26,11 @@ import torch
 
 from stages.lib import batchaug, engine, layout
 from stages.lib.classifier import ModelConfig, TrainConfig, run_context
-from stages.lib.data import ShardDataset, build_transform, load_labels
+from stages.lib.data import ShardDataset, load_labels
 from stages.lib.imagecache import DecodedImages
 from stages.lib.models import create_model
 from stages.lib.params import load_sections
+from stages.lib.presets import build_transform
 from stages.lib.shards import read_index
 
 

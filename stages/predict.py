@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from stages.lib.data import build_transform
-from stages.lib.engine import choose_device
 from stages.lib.images import DEFAULT_MAX_PIXELS, TooManyPixels, open_image, to_rgb
 from stages.lib.models import ModelFileError, load_model_file
+from stages.lib.presets import build_transform
+from stages.lib.runtime import choose_device
 
 BATCH = 32
 

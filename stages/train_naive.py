@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stages.lib import engine, layout
+from stages.lib import engine, layout, runtime
 from stages.lib.atomic import atomic_file, exit_on_sigterm, refuse_overlapping_args
 from stages.lib.classifier import (
     ModelConfig,
@@ -64,12 +64,12 @@ def drop_resume_without_early(checkpoints: Path, run_args: dict, cfg: TrainConfi
     if (checkpoints / layout.EARLY_MODEL).exists() or not last.exists():
         return
     state = engine.load_checkpoint(last, run_args, cfg.epochs)  # every rank decides alike
-    engine.barrier()  # ... before rank 0 removes the file
-    if state is not None and state["epoch"] + 1 >= cfg.early_epoch and engine.is_main_process():
+    runtime.barrier()  # ... before rank 0 removes the file
+    if state is not None and state["epoch"] + 1 >= cfg.early_epoch and runtime.is_main_process():
         log.warning("%s is missing: the run in %s is past epoch %d and cannot be resumed; training from scratch",
                     checkpoints / layout.EARLY_MODEL, last, cfg.early_epoch)
         last.unlink()
-    engine.barrier()
+    runtime.barrier()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     params = load_sections(args.params, model=ModelConfig, train=TrainConfig, cache=CacheConfig)
     model_cfg, train_cfg = params["model"], params["train"]
-    _, world = engine.init_distributed(train_cfg.device)
+    _, world = runtime.init_distributed(train_cfg.device)
 
     labels_path = args.filtered_dir / layout.LABELS
     classes = json.loads((args.filtered_dir / layout.CLASSES).read_text())
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     model_meta = {"backbone": model_cfg.backbone, "image_size": model_cfg.image_size, "classes": classes,
                   **resolved_run(cfg)}
     logger = None
-    if engine.is_main_process():
+    if runtime.is_main_process():
         out.mkdir(parents=True, exist_ok=True)
         # early.pt lives with the persisted checkpoints until the end, so a run
         # resumed past the early epoch still has it
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     model, info = train_on_labels(plan, name="train_naive", images_dir=args.images_dir, num_classes=len(classes),
                                   model_cfg=model_cfg, checkpoint=checkpoints / "last.pt", args=run_args,
                                   index=index, cache=cache, on_epoch=logger)
-    if engine.is_main_process():
+    if runtime.is_main_process():
         val_acc = write_val_predictions(out / layout.VAL_PREDICTIONS, model, plan.val, args.images_dir,
                                         model_cfg, cfg, index, cache)
         save_model(out / layout.MODEL, model, **model_meta, epochs=cfg.epochs, steps=plan.steps)

@@ -17,7 +17,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from stages.lib import engine, layout
+from stages.lib import layout, runtime
 from stages.lib.atomic import exit_on_sigterm, refuse_overlapping_args
 from stages.lib.classifier import resolved_run
 from stages.lib.data import load_labels
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     params = load_sections(args.params, siamese=SiameseConfig, cache=CacheConfig)
     cfg = params["siamese"]
-    _, world = engine.init_distributed(cfg.device)
+    _, world = runtime.init_distributed(cfg.device)
 
     model, meta = siamese_from_naive(args.naive_dir / layout.MODEL, cfg)
     clean = load_labels(args.pairs_dir / layout.CLEAN)
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     val = read_table(args.naive_dir / layout.VAL_PREDICTIONS)
     out = args.out_dir
     logger = None
-    if engine.is_main_process():
+    if runtime.is_main_process():
         out.mkdir(parents=True, exist_ok=True)
         logger = EpochLogger(out / layout.LIVE)
     run_args = run_fingerprint("stages.train_siamese", siamese=cfg, resolved=resolved_run(cfg), world_size=world,
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     history = fit_siamese(model, meta, clean, pairs, val, images_dir=args.images_dir, index=index, cfg=cfg,
                           cache=cache, checkpoint=out / layout.CHECKPOINTS / "last.pt", args=run_args,
                           on_epoch=logger)
-    if engine.is_main_process():
+    if runtime.is_main_process():
         save_model(out / layout.MODEL, model, backbone=meta["backbone"], image_size=meta["image_size"],
                    classes=meta["classes"], epochs=cfg.epochs, **resolved_run(cfg))
         logger.end()

@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 
 from stages.lib import batchaug, engine
-from stages.lib.data import DeviceTrainTransform, ShardDataset, TrainTransform, augment_on_device, build_transform
+from stages.lib.data import ShardDataset
+from stages.lib.presets import DeviceTrainTransform, TrainTransform, augment_on_device, build_transform
 from stages.lib.shards import INDEX, IndexWriter, ShardWriter
 
 

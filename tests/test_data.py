@@ -14,8 +14,9 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
-from stages.lib.data import EvalTransform, ShardDataset, TrainTransform, build_transform, split_train_val
+from stages.lib.data import ShardDataset, split_train_val
 from stages.lib.models import IMAGENET_MEAN, IMAGENET_STD, build_model
+from stages.lib.presets import EvalTransform, TrainTransform, build_transform
 from stages.lib.shards import INDEX, IndexWriter, ShardWriter
 
 

@@ -12,10 +12,11 @@ import yaml
 from conftest import run_train_naive
 from PIL import Image
 
-from stages.lib.data import ShardDataset, build_transform
+from stages.lib.data import ShardDataset
 from stages.lib.imagecache import CacheConfig, DecodedImages, decoded_bytes, hold_decoded
 from stages.lib.layout import INDEX
 from stages.lib.params import ConfigError
+from stages.lib.presets import build_transform
 from stages.lib.shards import IndexWriter, ShardReader, ShardWriter, read_index
 
 KEYS = [f"k{i}" for i in range(12)]

@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from stages import predict
-from stages.lib.data import build_transform
 from stages.lib.models import ModelFileError, build_model, load_model_file
+from stages.lib.presets import build_transform
 from stages.lib.tracking import save_model
 
 CLASSES = ["beagle", "pug", "poodle"]
@@ -167,3 +167,16 @@ def test_a_missing_model_file_is_exit_2(tmp_path: Path, capsys) -> None:
     jpg, _ = _images(tmp_path)
     assert predict.main([str(tmp_path / "nope.pt"), str(jpg)]) == 2
     assert capsys.readouterr().err == f"error: {tmp_path / 'nope.pt'}: no such model file\n"
+
+
+def test_predict_imports_no_training_machinery() -> None:
+    """Classifying one photo needs the model file, the eval transform and a device: not scikit-learn,
+    cleanlab, dvclive or the training loop (a fresh interpreter: this test process has them all)."""
+    import subprocess
+    import sys
+
+    heavy = ["sklearn", "cleanlab", "dvclive", "stages.lib.engine", "stages.lib.data", "stages.lib.classifier"]
+    code = f"import sys, stages.predict; print([m for m in {heavy!r} if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout
+    assert out.strip() == "[]"

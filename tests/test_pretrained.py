@@ -13,8 +13,8 @@ timm = pytest.importorskip("timm")  # an optional extra; requirements.lock insta
 from PIL import Image  # noqa: E402 (after the skip)
 
 from stages.lib import pretrained  # noqa: E402
-from stages.lib.data import build_transform  # noqa: E402
 from stages.lib.models import create_model  # noqa: E402
+from stages.lib.presets import build_transform  # noqa: E402
 
 LITE0 = "tf_efficientnet_lite0"
 

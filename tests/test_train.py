@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import run_train_naive
 
-from stages.lib import engine
+from stages.lib import engine, runtime
 from stages.lib.models import build_model, create_model, load_model_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -137,7 +137,7 @@ def test_a_dying_or_hanging_ddp_rank_ends_the_run_with_an_error(tiny_pipeline: P
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", engine.DDP_TIMEOUT_ENV: "15"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", runtime.DDP_TIMEOUT_ENV: "15"}
     start = time.monotonic()
     proc = subprocess.run(
         [str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
@@ -183,14 +183,14 @@ def test_imagenet_weights_offline_fail_at_once_with_advice(monkeypatch) -> None:
 
 def test_bad_choices_are_refused() -> None:
     with pytest.raises(ValueError, match="precision"):
-        engine.autocast_dtype(torch.device("cpu"), "fp8")
+        runtime.autocast_dtype(torch.device("cpu"), "fp8")
     with pytest.raises(ValueError, match="fp16 is for CUDA"):
-        engine.autocast_dtype(torch.device("cpu"), "fp16")
+        runtime.autocast_dtype(torch.device("cpu"), "fp16")
     with pytest.raises(ValueError, match="optimizer"):
         engine.build_optimizer(torch.nn.Linear(2, 2),
                                SimpleNamespace(optimizer="rmsprop", lr=0.1, momentum=0.9, weight_decay=0.0))
     with pytest.raises(ValueError, match="device"):
-        engine.choose_device("tpu")
+        runtime.choose_device("tpu")
 
 
 def test_step_budget_gives_smaller_sets_more_epochs() -> None:

@@ -4,7 +4,7 @@ At 224 px the loader, not the GPU, set the pace of ResNet-50 on an H200: each
 worker resized every thumbnail up to 224 px and jittered it with Pillow and
 numpy, then shipped 150 KB of pixels per image. With ``augment.where: device``
 the workers only decode and draw the augmentation's parameters (the same
-seeded draws as :class:`~stages.lib.data.TrainTransform`, so a run stays
+seeded draws as :class:`~stages.lib.presets.TrainTransform`, so a run stays
 deterministic and resumable); the crop, resize, flip and jitter of the whole
 batch run as a few kernels on the device after the copy, which now moves the
 decoded crops (with a one-pixel margin; at most ~27 KB an image on the sample)

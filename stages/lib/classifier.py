@@ -23,11 +23,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from stages.lib import engine, layout
-from stages.lib.data import ShardDataset, augment_on_device, build_transform, split_train_val
+from stages.lib import engine, layout, runtime
+from stages.lib.data import ShardDataset, split_train_val
 from stages.lib.imagecache import DecodedImages
 from stages.lib.models import Classifier, create_model
 from stages.lib.params import Section, in_range
+from stages.lib.presets import augment_on_device, build_transform
 from stages.lib.probe import ProbeConfig, fit_probe
 
 log = logging.getLogger("classifier")
@@ -65,7 +66,7 @@ class ModelConfig(Section):
 class AugmentConfig(Section):
     """``train.augment`` / ``siamese.augment``: RandomResizedCrop scale, flip,
     brightness and contrast jitter (no hue: coat hue is a breed cue), and
-    where they run (``data.augment_on_device``)."""
+    where they run (``presets.augment_on_device``)."""
 
     scale_min: float
     hflip: bool
@@ -143,8 +144,8 @@ def run_context(device: str, precision: str, clip_grad_norm: float = 0.0,
                 batchnorm: str = "train") -> engine.RunContext:
     """Device and autocast dtype chosen on this machine (``device: auto`` is
     CUDA when present)."""
-    dev = engine.choose_device(device)
-    return engine.RunContext(device=dev, amp_dtype=engine.autocast_dtype(dev, precision),
+    dev = runtime.choose_device(device)
+    return engine.RunContext(device=dev, amp_dtype=runtime.autocast_dtype(dev, precision),
                              clip_grad_norm=clip_grad_norm, frozen_batchnorm=batchnorm == "frozen")
 
 
@@ -264,7 +265,7 @@ def train_classifier(train_df: pd.DataFrame, val_df: pd.DataFrame | None, *, ima
     """Train a softmax classifier on ``train_df`` (key, label), validating on
     ``val_df``; returns the trained model (unwrapped) and the history. Images
     come from ``cache`` when given (it must hold every key), else the shards."""
-    engine.seed_everything(train_cfg.seed)
+    runtime.seed_everything(train_cfg.seed)
     ctx = run_context(train_cfg.device, train_cfg.precision, train_cfg.clip_grad_norm, train_cfg.batchnorm)
     size = model_cfg.image_size
     on_device = augment_on_device(train_cfg.augment.where, ctx.device)

@@ -16,12 +16,13 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from stages.lib import engine
+from stages.lib import engine, runtime
 from stages.lib.classifier import OptimConfig, eval_loader, run_context
-from stages.lib.data import ShardDataset, augment_on_device, build_transform
+from stages.lib.data import ShardDataset
 from stages.lib.imagecache import DecodedImages
 from stages.lib.losses import ContrastiveLoss, Reduction
 from stages.lib.models import Classifier, build_model, load_model_file
+from stages.lib.presets import augment_on_device, build_transform
 
 log = logging.getLogger("siamese")
 
@@ -98,7 +99,7 @@ class SiameseConfig(OptimConfig):
 
 def siamese_from_naive(naive_path: Path, cfg: SiameseConfig) -> tuple[Classifier, dict[str, Any]]:
     """The naive model's trunk and head, plus a new projection head if asked."""
-    engine.seed_everything(cfg.seed)  # the projection head's initial weights
+    runtime.seed_everything(cfg.seed)  # the projection head's initial weights
     naive, meta = load_model_file(naive_path)
     model = build_model(meta["backbone"], len(meta["classes"]), embedding_dim=cfg.embedding_dim,
                         normalize=cfg.normalize, mean=meta["mean"], std=meta["std"])
@@ -115,7 +116,7 @@ def fit_siamese(model: Classifier, meta: dict[str, Any], clean: pd.DataFrame, pa
                 args: dict[str, Any] | None = None, on_epoch=None) -> list[dict[str, float]]:
     """Fine-tune ``model`` on ``pairs`` of ``clean`` images, validating on ``val``
     (images from ``cache`` when given, which must hold both sets' keys)."""
-    engine.seed_everything(cfg.seed)
+    runtime.seed_everything(cfg.seed)
     ctx = run_context(cfg.device, cfg.precision, cfg.clip_grad_norm, cfg.batchnorm)
     size = meta["image_size"]
     images = ShardDataset(images_dir, clean["key"].tolist(), clean["label"].tolist(),

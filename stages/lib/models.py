@@ -37,10 +37,11 @@ class Classifier(nn.Module):
     normalisation runs once per batch on the training device.
     """
 
-    def __init__(self, trunk: nn.Module, feature_dim: int, num_classes: int, *,
+    def __init__(self, trunk: nn.Module, feature_dim: int, num_classes: int, *, backbone: str,
                  embedding_dim: int = 0, normalize: bool = False,
                  mean=IMAGENET_MEAN, std=IMAGENET_STD) -> None:
         super().__init__()
+        self.backbone_name = backbone  # what model.backbone named: ImageNet weights and model files need it
         # not in the state dict: the model file stores them as plain lists
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
@@ -114,7 +115,8 @@ def build_model(backbone: str, num_classes: int, *, embedding_dim: int = 0, norm
             raise ValueError(f"model.backbone {backbone!r} is not a torchvision classification model (or timm/<name> "
                              f"for a timm one); choose one of: {', '.join(sorted(available))}")
         trunk, dim = _split_last_linear(torchvision.models.get_model(backbone, weights=None))
-    return Classifier(trunk, dim, num_classes, embedding_dim=embedding_dim, normalize=normalize, mean=mean, std=std)
+    return Classifier(trunk, dim, num_classes, backbone=backbone, embedding_dim=embedding_dim, normalize=normalize,
+                      mean=mean, std=std)
 
 
 def _imagenet_state_dict(backbone: str) -> dict[str, torch.Tensor]:
@@ -165,10 +167,8 @@ def load_initial_weights(model: Classifier, weights: str) -> None:
     because its class count is ours."""
     if weights in (None, "", "none"):
         return
-    backbone_name = getattr(model, "backbone_name", None)
+    backbone_name = model.backbone_name
     if weights == "imagenet":
-        if backbone_name is None:
-            raise ValueError("imagenet weights need the backbone name")
         state = _imagenet_state_dict(backbone_name)
     else:
         state = _file_state_dict(Path(weights))
@@ -191,7 +191,6 @@ def load_initial_weights(model: Classifier, weights: str) -> None:
 
 def create_model(backbone: str, num_classes: int, weights: str = "none", **kwargs: Any) -> Classifier:
     model = build_model(backbone, num_classes, **kwargs)
-    model.backbone_name = backbone
     load_initial_weights(model, weights)
     return model
 
@@ -246,7 +245,6 @@ def load_model_file(path: str | Path, device: torch.device | str = "cpu") -> tup
         model.load_state_dict(obj["state_dict"], strict=True)
     except (RuntimeError, TypeError) as exc:  # what the checks above did not foresee
         raise ModelFileError(f"{path}: the weights do not load: {_one_line(exc)}") from exc
-    model.backbone_name = obj["backbone"]
     meta = {k: v for k, v in obj.items() if k != "state_dict"}
     return model.to(device).eval(), meta
 

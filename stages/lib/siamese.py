@@ -106,7 +106,6 @@ def siamese_from_naive(naive_path: Path, cfg: SiameseConfig) -> tuple[Classifier
     missing, unexpected = model.load_state_dict(naive.state_dict(), strict=False)
     if unexpected or any(not k.startswith("projection.") for k in missing):
         raise ValueError(f"{naive_path} does not fit: missing {missing}, unexpected {unexpected}")
-    model.backbone_name = meta["backbone"]
     return model, meta
 
 

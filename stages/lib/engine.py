@@ -38,7 +38,10 @@ from stages.lib.runtime import is_main_process
 
 log = logging.getLogger("engine")
 
-LossFn = Callable[[nn.Module, Any, "RunContext"], tuple[torch.Tensor, dict[str, float], int]]
+# (model, batch, ctx) -> (loss, logs, images): logs are detached 0-dim tensors on the training device (as
+# pytorch-metric-learning's losses return them), summed there; train_one_epoch reads them back once per
+# epoch, not with one host synchronisation per value and step
+LossFn = Callable[[nn.Module, Any, "RunContext"], tuple[torch.Tensor, dict[str, torch.Tensor], int]]
 STOP_ENV = "CLICKDOG_STOP_AFTER_EPOCH"  # simulates an interruption (tests of resume)
 
 
@@ -119,8 +122,8 @@ def classification_loss(label_smoothing: float = 0.0) -> LossFn:
         images, labels = to_device(images, ctx), labels.to(ctx.device, non_blocking=True)
         logits = model(images)
         loss = criterion(logits.float(), labels)
-        acc = (logits.argmax(1) == labels).float().mean().item()
-        return loss, {"loss": loss.item(), "acc": acc}, len(labels)
+        acc = (logits.argmax(1) == labels).float().mean()
+        return loss, {"loss": loss.detach(), "acc": acc}, len(labels)
 
     return loss_fn
 
@@ -138,7 +141,7 @@ def train_one_epoch(model: nn.Module, loss_fn: LossFn, loader: DataLoader, optim
         for module in model.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.eval()
-    sums: dict[str, float] = {}
+    sums: dict[str, torch.Tensor] = {}  # on the device: no host synchronisation per logged value
     seen, start = 0, time.time()
     batches, wait = batchaug.prefetch(loader, ctx.device, channels_last=ctx.channels_last), 0.0
     for step in itertools.count():
@@ -149,7 +152,7 @@ def train_one_epoch(model: nn.Module, loss_fn: LossFn, loader: DataLoader, optim
             break
         with ctx.autocast():
             loss, logs, n = loss_fn(model, batch, ctx)
-        if not torch.isfinite(loss):
+        if not torch.isfinite(loss):  # the one host synchronisation of a step: never step on a NaN
             raise NonFiniteLossError(f"loss is {loss.item()} at epoch {epoch} step {step}: lower the learning "
                                      f"rate, raise warm-up, or set clip_grad_norm")
         optimizer.zero_grad(set_to_none=True)
@@ -167,9 +170,9 @@ def train_one_epoch(model: nn.Module, loss_fn: LossFn, loader: DataLoader, optim
             optimizer.step()
         scheduler.step()
         for k, v in logs.items():
-            sums[k] = sums.get(k, 0.0) + v * n
+            sums[k] = sums[k] + v.detach().float() * n if k in sums else v.detach().float() * n
         seen += n
-    out = {k: v / max(1, seen) for k, v in sums.items()}
+    out = {k: v.item() / max(1, seen) for k, v in sums.items()}
     out["images_per_s"] = seen / max(1e-9, time.time() - start)
     out["data_wait_s"] = wait
     out["lr"] = optimizer.param_groups[0]["lr"]

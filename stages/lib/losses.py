@@ -52,22 +52,24 @@ class ContrastiveLoss(nn.Module):
         # at least fp32 under autocast; eps keeps sqrt's gradient finite for identical embeddings
         dtype = torch.promote_types(emb_a.dtype, torch.float32)
         d = torch.sqrt(((emb_a.to(dtype) - emb_b.to(dtype)) ** 2).sum(dim=1) + self.eps)
-        pos, neg = same.bool(), ~same.bool()
-        pos_loss = d[pos].pow(2)
-        gap = torch.clamp(self.margin - d[neg], min=0)
-        neg_loss = gap.pow(2)
-        active = gap > 0
-        zero = d.sum() * 0  # keeps the graph (and the dtype) when a batch has no pair of a kind
+        # masks as weights, not boolean indexing: no data-dependent shape, so no host synchronisation on a
+        # GPU; a mean over no pair is 0 (a count clamped at 1), and the graph is kept
+        pos = same.to(dtype)
+        neg = 1 - pos
+        gap = torch.clamp(self.margin - d, min=0)
+        active = (gap > 0).to(dtype) * neg
+
+        def mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+            return (values * weights).sum() / weights.sum().clamp(min=1)
+
         if self.reduction == "active":
-            positive = pos_loss.mean() if len(pos_loss) else zero
-            negative = neg_loss[active].mean() if active.any() else zero
+            positive, negative = mean(d.pow(2), pos), mean(gap.pow(2), active)
         else:
             n = max(1, len(d))
-            positive, negative = pos_loss.sum() / n, neg_loss.sum() / n
+            positive, negative = (d.pow(2) * pos).sum() / n, (gap.pow(2) * neg).sum() / n
         return {"loss": positive + negative, "positive": positive.detach(), "negative": negative.detach(),
-                "active_negatives": active.float().mean().detach() if len(gap) else zero.detach(),
-                "pos_distance": d[pos].mean().detach() if pos.any() else zero.detach(),
-                "neg_distance": d[neg].mean().detach() if neg.any() else zero.detach()}
+                "active_negatives": mean(active, neg).detach(),
+                "pos_distance": mean(d, pos).detach(), "neg_distance": mean(d, neg).detach()}
 
     def forward(self, emb_a: torch.Tensor, emb_b: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
         return self.terms(emb_a, emb_b, same)["loss"]

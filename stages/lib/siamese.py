@@ -71,11 +71,11 @@ def siamese_loss(*, contrastive_weight: float, margin: float, label_smoothing: f
         ce_a, ce_b = ce(logits[:n].float(), ya), ce(logits[n:].float(), yb)
         terms = contrastive.terms(emb[:n], emb[n:], same)
         loss = ce_a + ce_b + contrastive_weight * terms["loss"]
-        acc = (logits.argmax(1) == torch.cat([ya, yb])).float().mean().item()
-        logs = {"loss": loss.item(), "ce": (ce_a + ce_b).item() / 2, "contrastive": terms["loss"].item(),
-                "contrastive_pos": terms["positive"].item(), "contrastive_neg": terms["negative"].item(),
-                "active_negatives": terms["active_negatives"].item(), "acc": acc}
-        return loss, logs, n
+        acc = (logits.argmax(1) == torch.cat([ya, yb])).float().mean()
+        logs = {"loss": loss, "ce": (ce_a + ce_b) / 2, "contrastive": terms["loss"],
+                "contrastive_pos": terms["positive"], "contrastive_neg": terms["negative"],
+                "active_negatives": terms["active_negatives"], "acc": acc}
+        return loss, {k: v.detach() for k, v in logs.items()}, n
 
     return loss_fn
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from stages.lib.atomic import exit_on_sigterm, refuse_overlapping_args
+from stages.lib.cli import run_stage
 from stages.lib.decoding import DecodeConfig, DecodeError, decode_dataset
 from stages.lib.params import ConfigError, load_params
 
@@ -31,7 +31,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     exit_on_sigterm()  # a killed stage removes its partial outputs
     refuse_overlapping_args(args, "out_dir", "decode")  # replacing the output must not delete an input
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         decode_dataset(args.raw_dir, args.out_dir, DecodeConfig.from_params(load_params("decode", path=args.params)))
     except (DecodeError, ConfigError) as e:
@@ -41,4 +40,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(run_stage(main, "decode"))

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from stages.lib import layout
 from stages.lib.atomic import atomic_dir, exit_on_sigterm
+from stages.lib.cli import run_stage
 from stages.lib.fetch import DataConfig, fetch_raw, sha256_file, write_checksums
 from stages.lib.params import load_sections, read_yaml
 
@@ -78,10 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args(argv)
     exit_on_sigterm()  # a killed stage removes its partial outputs
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     download(load_sections(args.params, data=DataConfig)["data"], args.out_dir)
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_stage(main, "download"))

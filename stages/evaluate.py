@@ -37,6 +37,7 @@ from pathlib import Path
 
 from stages.lib import layout, reports
 from stages.lib.atomic import atomic_file, exit_on_sigterm, refuse_overlapping_args, write_json
+from stages.lib.cli import run_stage
 from stages.lib.imagecache import CacheConfig, hold_decoded
 from stages.lib.params import load_sections
 from stages.lib.reports import EvaluateConfig
@@ -53,7 +54,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     exit_on_sigterm()  # a killed stage removes its partial outputs
     refuse_overlapping_args(args, "out", "evaluate")  # replacing the output must not delete an input
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     params = load_sections(args.params, evaluate=EvaluateConfig, cache=CacheConfig)
     cfg = params["evaluate"]
     dirs = {k: getattr(args, k) for k in ("raw", "images", "filtered", "pairs", "naive", "siamese")}
@@ -100,4 +100,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_stage(main, "evaluate"))

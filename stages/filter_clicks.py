@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 
 from stages.lib import layout
 from stages.lib.atomic import atomic_dir, atomic_file, exit_on_sigterm, refuse_overlapping_args, write_json
+from stages.lib.cli import run_stage
 from stages.lib.clicklog import ClickLogSummary, aggregate_clicks, read_breeds, read_train_keys
 from stages.lib.labelquality import label_quality, sweep_thresholds
 from stages.lib.noise import check_enough_left
@@ -247,7 +248,6 @@ def main(argv: list[str] | None = None) -> int:
     refuse_overlapping_args(args, "out", "filter_clicks")  # replacing the output must not delete an input
     if (args.out is None) == (args.sweep is None):
         ap.error("give either OUT or --sweep DIR")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         params = load_sections(args.params, filter=FilterConfig)["filter"]
     except ValueError as err:  # ConfigError, or a threshold out of range
@@ -272,4 +272,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_stage(main, "filter_clicks"))

@@ -45,6 +45,7 @@ import pandas as pd
 from stages.lib import layout
 from stages.lib.atomic import atomic_dir, exit_on_sigterm, refuse_overlapping_args, write_json
 from stages.lib.classifier import ModelConfig, TrainConfig
+from stages.lib.cli import run_stage
 from stages.lib.data import load_labels
 from stages.lib.imagecache import CacheConfig, DecodedImages, hold_decoded
 from stages.lib.labelquality import table_quality
@@ -107,7 +108,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     exit_on_sigterm()  # a killed stage removes its partial outputs
     refuse_overlapping_args(args, "out_dir", "make_pairs")  # replacing the output must not delete an input
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     params = load_sections(args.params, pairs=PairsConfig, model=ModelConfig, train=TrainConfig, cache=CacheConfig)
     p, model_cfg, train_cfg = params["pairs"], params["model"], params["train"]
     check_scorer(p, model_cfg)
@@ -162,4 +162,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_stage(main, "make_pairs"))

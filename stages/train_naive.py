@@ -33,6 +33,7 @@ from stages.lib.classifier import (
     run_context,
     train_on_labels,
 )
+from stages.lib.cli import run_stage
 from stages.lib.data import load_labels
 from stages.lib.imagecache import CacheConfig, DecodedImages, hold_decoded
 from stages.lib.params import load_sections
@@ -81,7 +82,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     exit_on_sigterm()  # a killed stage removes its partial outputs
     refuse_overlapping_args(args, "out_dir", "train_naive")  # replacing the output must not delete an input
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     params = load_sections(args.params, model=ModelConfig, train=TrainConfig, cache=CacheConfig)
     model_cfg, train_cfg = params["model"], params["train"]
     _, world = runtime.init_distributed(train_cfg.device)
@@ -128,4 +128,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_stage(main, "train_naive"))

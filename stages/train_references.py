@@ -49,6 +49,7 @@ from stages.lib.classifier import (
     run_context,
     train_on_labels,
 )
+from stages.lib.cli import run_stage
 from stages.lib.data import split_train_val
 from stages.lib.imagecache import CacheConfig, DecodedImages, hold_decoded
 from stages.lib.labelsets import ReferenceConfig, label_set, train_keys
@@ -72,7 +73,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     exit_on_sigterm()  # a killed stage removes its partial outputs
     refuse_overlapping_args(args, "out_dir", "train_references")  # replacing the output must not delete an input
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     params = load_sections(args.params, model=ModelConfig, train=TrainConfig, reference=ReferenceConfig,
                            cache=CacheConfig)
     model_cfg, train_cfg, ref = params["model"], params["train"], params["reference"]
@@ -178,4 +178,4 @@ def train_probes(probes: dict[str, pd.DataFrame], out_dir: Path, images_dir: Pat
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_stage(main, "train_references"))

@@ -20,6 +20,7 @@ from pathlib import Path
 from stages.lib import layout, runtime
 from stages.lib.atomic import exit_on_sigterm, refuse_overlapping_args
 from stages.lib.classifier import resolved_run
+from stages.lib.cli import run_stage
 from stages.lib.data import load_labels
 from stages.lib.imagecache import CacheConfig, hold_decoded
 from stages.lib.params import load_sections
@@ -39,7 +40,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     exit_on_sigterm()  # a killed stage removes its partial outputs
     refuse_overlapping_args(args, "out_dir", "train_siamese")  # replacing the output must not delete an input
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     params = load_sections(args.params, siamese=SiameseConfig, cache=CacheConfig)
     cfg = params["siamese"]
     _, world = runtime.init_distributed(cfg.device)
@@ -69,4 +69,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_stage(main, "train_siamese"))

@@ -2,6 +2,8 @@
 repeated keys stop a stage with the key's dotted name."""
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
 import pytest
@@ -107,3 +109,28 @@ def test_a_stage_stops_on_a_typo_before_any_work(tiny_pipeline: Path, monkeypatc
     with pytest.raises(ConfigError, match=r"params\.yaml: train\.augment\.brightnes: unknown key"):
         train_naive.main(["data/filtered", "data/images", "models/naive"])
     assert not (tiny_pipeline / "models").exists()
+
+
+@pytest.mark.parametrize("stage, args, message", [
+    # a ConfigError raised in main
+    ("train_naive", ["data/filtered", "data/images", "models/naive"], r"train\.augment\.brightnes: unknown key"),
+    # a SystemExit(message) of the stage itself
+    ("filter_clicks", ["data/raw", "data/images", "data/filtered2"], r"filter_clicks: params.yaml"),
+])
+def test_every_stage_fails_in_one_log_line_without_a_traceback(tiny_pipeline: Path, stage: str, args: list[str],
+                                                               message: str) -> None:
+    """stages.lib.cli.run_stage: the same format and exit code for every foreseen failure (a stage used to
+    end with a ConfigError traceback, another with a bare SystemExit message, a third with its own log line)."""
+    import subprocess
+    import sys
+
+    params = yaml.safe_load((tiny_pipeline / "params.yaml").read_text())
+    params["train"]["augment"]["brightnes"] = 0.5
+    (tiny_pipeline / "params.yaml").write_text(yaml.safe_dump(params))
+    (tiny_pipeline / "data/raw").mkdir()
+    proc = subprocess.run([sys.executable, "-m", f"stages.{stage}", *args], cwd=tiny_pipeline, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if f" {stage} ERROR " in line]
+    assert len(errors) == 1 and re.search(message, errors[0]), proc.stderr

@@ -24,6 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 from stages.lib import engine, layout, runtime
+from stages.lib.cli import StageFailure
 from stages.lib.data import ShardDataset, split_train_val
 from stages.lib.imagecache import DecodedImages
 from stages.lib.models import Classifier, create_model
@@ -290,7 +291,7 @@ def train_classifier(train_df: pd.DataFrame, val_df: pd.DataFrame | None, *, ima
     return model, history
 
 
-class ModelAtChanceError(RuntimeError):
+class ModelAtChanceError(StageFailure):
     """A training run ended at chance: it learnt nothing, and nothing after it
     should build on it."""
 

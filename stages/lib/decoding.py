@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from stages.lib import layout
 from stages.lib.atomic import atomic_dir, write_json
+from stages.lib.cli import StageFailure
 from stages.lib.images import INPUT_FORMATS, exif_orientation, to_rgb
 from stages.lib.params import ConfigError, Section, check_value
 from stages.lib.shards import IndexWriter, ShardWriter
@@ -69,7 +70,7 @@ class Reject(Exception):
         self.key = key
 
 
-class DecodeError(RuntimeError):
+class DecodeError(StageFailure):
     """The stage must fail (too many rejects, bad params, no input)."""
 
 

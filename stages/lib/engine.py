@@ -33,6 +33,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from stages.lib import batchaug
+from stages.lib.cli import StageFailure
 from stages.lib.data import EpochSampler
 from stages.lib.runtime import is_main_process
 
@@ -45,7 +46,7 @@ LossFn = Callable[[nn.Module, Any, "RunContext"], tuple[torch.Tensor, dict[str, 
 STOP_ENV = "CLICKDOG_STOP_AFTER_EPOCH"  # simulates an interruption (tests of resume)
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(StageFailure):
     """The loss became NaN or inf: the run stops instead of training on garbage."""
 
 

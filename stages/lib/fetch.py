@@ -45,6 +45,7 @@ from tqdm import tqdm
 
 from stages.lib import layout
 from stages.lib.atomic import atomic_file
+from stages.lib.cli import StageFailure
 from stages.lib.params import Section
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ _MAX_BACKOFF_S = 60.0
 _RETRY_HTTP_CODES = frozenset({408, 425, 429, 500, 502, 503, 504})
 
 
-class FetchError(RuntimeError):
+class FetchError(StageFailure):
     """A raw file could not be obtained (network, HTTP status, archive content)."""
 
 

@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 from stages.lib import layout
-from stages.lib.atomic import atomic_dir, exit_on_sigterm
+from stages.lib.atomic import atomic_dir, exit_on_sigterm, sha256_file
 from stages.lib.cli import run_stage
-from stages.lib.fetch import DataConfig, fetch_raw, sha256_file, write_checksums
+from stages.lib.fetch import DataConfig, fetch_raw, write_checksums
 from stages.lib.params import load_sections, read_yaml
 
 log = logging.getLogger("download")

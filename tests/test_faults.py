@@ -132,3 +132,25 @@ def test_a_stage_refuses_an_output_that_is_or_holds_an_input(tmp_path: Path, mon
     with pytest.raises(SystemExit, match=rf"{stage}: the output folder \S+ (is|contains|lies inside) the input"):
         module.main(argv)
     assert (tmp_path / "data/raw/train_images.tsv").read_text() == "k\tx\n"
+
+
+def test_every_atomic_write_reaches_the_disk_before_its_rename(tmp_path: Path, monkeypatch) -> None:
+    """One atomic writer for every file (tables, JSON, model files, checkpoints): its data is fsynced
+    before the rename, so a crash leaves the old file or the new one, whole. Only the checkpoint writer,
+    a second implementation, did so before."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append("fsync") or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append("replace") or real_replace(a, b))
+    with atomic_file(tmp_path / "labels.tsv") as f:
+        f.write("key\tlabel\n")
+    import torch
+
+    from stages.lib import engine
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    engine.save_checkpoint(tmp_path / "last.pt", model=model, optimizer=optimizer,
+                           scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0), scaler=None,
+                           epoch=0, args={}, history=[])
+    assert events == ["fsync", "replace", "fsync", "replace"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.tsv", "last.pt"]

@@ -17,7 +17,7 @@ from PIL import Image
 from stages import download
 from stages.lib import layout
 from stages.lib import sample as sample_module
-from stages.lib.fetch import sha256_file
+from stages.lib.atomic import sha256_file
 from stages.lib.sample import ALIAS_QUERIES, BREED_NAMES, BREEDS, click_rows, generate_sample
 
 SMALL = dict(n_train=120, test_per_breed=2, min_side=64, max_side=96, lookalike_share=0.25,

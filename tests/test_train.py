@@ -16,7 +16,8 @@ import pytest
 import torch
 from conftest import run_train_naive
 
-from stages.lib import engine, runtime
+from stages.lib import atomic, engine, runtime
+from stages.lib.atomic import TMP_TAG
 from stages.lib.models import build_model, create_model, load_model_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -306,11 +307,14 @@ def test_odd_checkpoints_are_ignored_with_a_warning(tmp_path: Path, content: str
         torch.save({"epoch": 1, "args": {}}, path)
     else:
         path.write_bytes(b"\x00not a checkpoint")
-    (tmp_path / "last.pt.tmp").write_bytes(b"torn")  # a write that a crash cut short
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a process that is gone: the torn write of a crashed run
+    torn = tmp_path / f".last.pt{TMP_TAG}{atomic._host()}-{dead.pid}-abc"
+    torn.write_bytes(b"torn")
     with caplog.at_level("WARNING", logger="engine"):
         assert engine.load_checkpoint(path, {}, epochs=4) is None
     assert "ignoring" in caplog.text
-    assert not (tmp_path / "last.pt.tmp").exists()
+    assert not torn.exists()
 
 
 def test_imagenet_weights_load_safely_with_their_hash_checked(monkeypatch) -> None:

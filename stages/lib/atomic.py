@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import json
 import logging
 import os
@@ -140,12 +141,25 @@ def atomic_file(target: str | Path, mode: str = "w", **open_kwargs: Any) -> Iter
     try:
         with open(tmp, mode, **open_kwargs) as f:
             yield f
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename: after a crash, the old file or the new one, whole
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def sha256_file(*paths: str | Path) -> str:
+    """Hex sha256 of the files' contents, one after another, read in 1 MiB chunks: the one file hasher
+    (download's SHA256SUMS, releases, the checkpoint fingerprint)."""
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    return h.hexdigest()
 
 
 def write_json(path: str | Path, obj: Any) -> None:

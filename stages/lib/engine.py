@@ -33,6 +33,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from stages.lib import batchaug
+from stages.lib.atomic import atomic_file, remove_stale_temporaries
 from stages.lib.cli import StageFailure
 from stages.lib.data import EpochSampler
 from stages.lib.runtime import is_main_process
@@ -240,13 +241,8 @@ def save_checkpoint(path: Path, *, model: nn.Module, optimizer, scheduler, scale
         "rng_cpu": torch.get_rng_state(),
         "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_file(path, "wb") as f:  # fsynced before the rename: after a crash, the old file or the new one
         torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())  # on disk before the rename: a crash leaves the old or the new file, whole
-    os.replace(tmp, path)
 
 
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "epoch", "args", "history", "rng_cpu", "rng_cuda")
@@ -259,7 +255,7 @@ def load_checkpoint(path: Path, args: dict[str, Any], epochs: int) -> dict[str, 
     a forced re-run (``dvc repro -f``, after a library upgrade, to check
     determinism) must train, not re-save the old model. A checkpoint of other
     settings, or an unreadable or foreign file, is ignored with a log line."""
-    path.with_name(path.name + ".tmp").unlink(missing_ok=True)  # a write that a crash cut short
+    remove_stale_temporaries(path)  # a write that a crash cut short (its process is gone)
     if not path.is_file():
         return None
     try:

@@ -44,7 +44,7 @@ from typing import Any, BinaryIO, Literal
 from tqdm import tqdm
 
 from stages.lib import layout
-from stages.lib.atomic import atomic_file
+from stages.lib.atomic import atomic_file, sha256_file
 from stages.lib.cli import StageFailure
 from stages.lib.params import Section
 
@@ -608,15 +608,6 @@ def write_checksums(out_dir: Path, sums: dict[str, str]) -> None:
     sorted by file name, written atomically: the one writer of that file."""
     with atomic_file(out_dir / layout.CHECKSUMS) as f:
         f.writelines(f"{digest}  {name}\n" for name, digest in sorted(sums.items()))
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK_BYTES):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _check_member_name(name: str, *, where: str) -> str:

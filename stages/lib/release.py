@@ -30,7 +30,6 @@ each image's clicks. Nothing here reads or writes params.yaml.
 from __future__ import annotations
 
 import base64
-import hashlib
 import io
 import json
 import logging
@@ -47,7 +46,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from stages.lib import layout
-from stages.lib.atomic import atomic_dir, refuse_overlap
+from stages.lib.atomic import atomic_dir, refuse_overlap, sha256_file
 from stages.lib.clicklog import aggregate_clicks, read_breeds
 from stages.lib.decoding import capped_size
 from stages.lib.images import DEFAULT_MAX_PIXELS, TooManyPixels, open_image, to_rgb
@@ -380,7 +379,7 @@ def make_release(photos_dir: str | Path, out_dir: str | Path, *, families: Seque
             raise SystemExit(f"make_release: after unreadable photos were skipped, breeds {short} have no training "
                              f"or no test image left (skipped: {skipped[:5]})")
         files = {name.removesuffix(".tsv"): {"path": str((out_dir / name).resolve()),
-                                             "sha256": _sha256(tmp / name)}
+                                             "sha256": sha256_file(tmp / name)}
                  for name in (layout.TRAIN_IMAGES, layout.TEST_IMAGES, layout.TEST_LABELS, layout.CLICKS,
                               layout.BREEDS, layout.TRUTH)}
         manifest = {
@@ -425,14 +424,6 @@ def _read_pairs(path: Path) -> Iterator[tuple[str, str]]:
         for line in f:
             a, b = line.rstrip("\n").split("\t")
             yield a, b
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def data_params_yaml(files: dict[str, dict[str, str]]) -> str:

@@ -2,26 +2,20 @@
 files, and the input fingerprint that decides whether a checkpoint resumes."""
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from stages.lib.atomic import atomic_file
+from stages.lib.atomic import atomic_file, sha256_file
 from stages.lib.deps import ROOT, stage_files
 from stages.lib.models import Classifier, model_file
 
 
 def file_digest(*paths: Path) -> str:
     """Fingerprint of the inputs: a checkpoint made from other data is not resumed."""
-    h = hashlib.sha256()
-    for p in paths:
-        with open(p, "rb") as f:
-            while block := f.read(1 << 20):
-                h.update(block)
-    return h.hexdigest()[:16]
+    return sha256_file(*paths)[:16]
 
 
 def stage_code_digest(module: str) -> str:

@@ -91,10 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
     reports.write_figures(args.out, dirs, results, table, index, pairs_report, cfg.gallery_per_reason)
     log.info("figures written in %.1f s", time.time() - start)
-    with atomic_file(args.out / "ablation.md") as f:
+    with atomic_file(args.out / layout.ABLATION) as f:
         f.write(reports.ablation_markdown(metrics, results, filter_report, pairs_report))
     # last: metrics.json is what CI compares, so it appears only with the rest
-    write_json(args.out / "metrics.json", metrics)
+    write_json(args.out / layout.METRICS, metrics)
     log.info("reports written to %s", args.out)
     return 0
 

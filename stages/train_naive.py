@@ -61,7 +61,7 @@ def write_val_predictions(path: Path, model, val_df: pd.DataFrame, images_dir: P
 def drop_resume_without_early(checkpoints: Path, run_args: dict, cfg: TrainConfig) -> None:
     """An interrupted run past ``early_epoch`` whose early model is gone cannot
     give early.pt (make_pairs' early scorer) when resumed: train from scratch."""
-    last = checkpoints / "last.pt"
+    last = checkpoints / layout.LAST_CHECKPOINT
     if (checkpoints / layout.EARLY_MODEL).exists() or not last.exists():
         return
     state = engine.load_checkpoint(last, run_args, cfg.epochs)  # every rank decides alike
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
                                world_size=world, data=file_digest(labels_path, args.images_dir / layout.INDEX))
     drop_resume_without_early(checkpoints, run_args, cfg)
     model, info = train_on_labels(plan, name="train_naive", images_dir=args.images_dir, num_classes=len(classes),
-                                  model_cfg=model_cfg, checkpoint=checkpoints / "last.pt", args=run_args,
+                                  model_cfg=model_cfg, checkpoint=checkpoints / layout.LAST_CHECKPOINT, args=run_args,
                                   index=index, cache=cache, on_epoch=logger)
     if runtime.is_main_process():
         val_acc = write_val_predictions(out / layout.VAL_PREDICTIONS, model, plan.val, args.images_dir,

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     index = read_index(args.images_dir)
     cache = hold_decoded(args.images_dir, index, [*clean["key"], *val["key"]], params["cache"])
     history = fit_siamese(model, meta, clean, pairs, val, images_dir=args.images_dir, index=index, cfg=cfg,
-                          cache=cache, checkpoint=out / layout.CHECKPOINTS / "last.pt", args=run_args,
+                          cache=cache, checkpoint=out / layout.CHECKPOINTS / layout.LAST_CHECKPOINT, args=run_args,
                           on_epoch=logger)
     if runtime.is_main_process():
         save_model(out / layout.MODEL, model, backbone=meta["backbone"], image_size=meta["image_size"],

@@ -40,10 +40,16 @@ WEIGHTS_DIR = "models/weights"
 MODEL = "model.pt"                  # weights + classes + preprocessing (stages.lib.models)
 EARLY_MODEL = "early.pt"            # naive only: the model after train.early_epoch epochs
 VAL_PREDICTIONS = "val_predictions.tsv"  # naive only: key, label, pred, p_label on the validation split
-CHECKPOINTS = "checkpoints"         # persisted by DVC; last.pt resumes an interrupted run
+CHECKPOINTS = "checkpoints"         # persisted by DVC; LAST_CHECKPOINT in it resumes an interrupted run
+LAST_CHECKPOINT = "last.pt"
 LIVE = "live"                       # dvclive: metrics.json, plots/metrics/*.tsv
 
 # data/pairs/ (make_pairs)
 CLEAN = "clean.tsv"                 # key, label, breed, clicks, share, p_label (probability-filtered)
 SCORES = "scores.tsv"               # every click-filtered image with p_label from each scorer
 PAIRS = "pairs.tsv"                 # key_a, key_b, same, kind
+
+# reports/ (evaluate)
+METRICS = "metrics.json"            # every model's test metrics, the comparison and the data block (CI checks it)
+PER_CLASS = "per_class.tsv"         # test accuracy per breed and model
+ABLATION = "ablation.md"            # the tables README's results block is made of

@@ -22,12 +22,13 @@ from typing import Any
 
 import yaml
 
+from stages.lib import layout
 from stages.lib.metrics import SUMMARY_METRICS
 from stages.lib.params import ConfigError, Section, in_range, load_sections, parse_yaml
 
 OK, BETTER, WORSE, MISSING = "ok", "better", "REGRESSION", "MISSING"
 PROTECTED = "origin/main"     # the protected branch whose merge-base is the base (--protected)
-METRICS = "reports/metrics.json"
+METRICS = f"reports/{layout.METRICS}"  # the path git and dvc.yaml know
 MAX_TOLERANCE = 0.1           # a seed tolerance above 10 points would pass anything worth catching
 MAX_REPRODUCE = 1e-3          # re-scoring the same files is deterministic up to float kernels
 

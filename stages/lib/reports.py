@@ -182,7 +182,7 @@ def write_figures(out: Path, dirs: dict[str, Path], results: list[ModelResult], 
 
 def write_tables(out: Path, table: pd.DataFrame) -> None:
     """per_class.tsv."""
-    with atomic_file(out / "per_class.tsv") as f:
+    with atomic_file(out / layout.PER_CLASS) as f:
         table.to_csv(f, sep="\t", index=False, na_rep="", lineterminator="\n")
 
 

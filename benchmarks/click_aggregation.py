@@ -1,8 +1,8 @@
 """The core of filter_clicks' log aggregation, two ways, on the same blocks:
 
-* ``custom``: the project's code (stages/lib/clicklog.py): image keys -> dense
-  ids through 64-bit hashes in a sorted array (``_KeyTable``), then sorted
-  sums per packed (id, breed code) merged as blocks arrive (``_Aggregate``);
+* ``custom``: the project's code (stages/lib/keyagg.py): image keys -> dense
+  ids through 64-bit hashes in a sorted array (``KeyTable``), then sorted
+  sums per packed (id, breed code) merged as blocks arrive (``Aggregate``);
 * ``pyarrow``: ``Table.group_by(["key", "code"]).aggregate([("clicks", "sum")])``
   per block, the partial results concatenated and grouped again whenever they
   grow past half the merged part (the same merging rule), keys kept as strings.
@@ -47,9 +47,9 @@ def blocks(rows: int, keys: int, block: int, seed: int = 0):
 
 
 def run_custom(data):
-    from stages.lib.clicklog import _Aggregate, _KeyTable
+    from stages.lib.keyagg import Aggregate, KeyTable
 
-    keys, agg = _KeyTable(), _Aggregate()
+    keys, agg = KeyTable(), Aggregate()
     for key, code, clicks in data:
         agg.add(keys.encode(key), np.zeros(len(key), np.int64), code, clicks)
     kid, code, clicks, _ = agg.result()

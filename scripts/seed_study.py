@@ -47,7 +47,7 @@ import pandas as pd
 
 from stages.lib import layout
 from stages.lib.classifier import ModelConfig, TrainConfig, plan_run, reference_size, run_context, train_on_labels
-from stages.lib.clicklog import aggregate_clicks, read_breeds, read_train_keys
+from stages.lib.clicklog import aggregate_clicks
 from stages.lib.data import load_labels
 from stages.lib.labelquality import table_quality
 from stages.lib.labelsets import label_set, train_keys
@@ -58,7 +58,7 @@ from stages.lib.queries import BreedMatcher
 from stages.lib.scoring import class_probs, score_crossfit
 from stages.lib.shards import read_index
 from stages.lib.siamese import SiameseConfig, fit_siamese, siamese_from_naive
-from stages.lib.tables import read_truth
+from stages.lib.tables import read_breeds, read_train_keys, read_truth
 from stages.lib.testset import evaluate_model, read_test_set
 from stages.lib.tracking import save_model
 from stages.lib.weaklabels import find_weak_labels

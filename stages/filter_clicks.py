@@ -34,12 +34,12 @@ import pyarrow.parquet as pq
 from stages.lib import layout
 from stages.lib.atomic import atomic_dir, atomic_file, exit_on_sigterm, refuse_overlapping_args, write_json
 from stages.lib.cli import run_stage
-from stages.lib.clicklog import ClickLogSummary, aggregate_clicks, read_breeds, read_train_keys
+from stages.lib.clicklog import ClickLogSummary, aggregate_clicks
 from stages.lib.labelquality import label_quality, sweep_thresholds
 from stages.lib.noise import check_enough_left
 from stages.lib.params import load_sections
 from stages.lib.queries import BreedMatcher
-from stages.lib.tables import read_truth, write_table
+from stages.lib.tables import read_breeds, read_train_keys, read_truth, write_table
 from stages.lib.weaklabels import (
     COLUMN_DROP_REASONS,
     DROP_REASONS,

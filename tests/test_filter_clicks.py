@@ -284,8 +284,7 @@ def sample_raw(tmp_path_factory) -> Path:
 
 
 def test_filter_raises_precision_on_generated_sample(sample_raw):
-    from stages.lib.clicklog import read_breeds
-    from stages.lib.tables import read_truth
+    from stages.lib.tables import read_breeds, read_truth
     breeds = read_breeds(sample_raw / layout.BREEDS)
     truth = read_truth(sample_raw / layout.TRUTH)
     aliases = yaml.safe_load((ROOT / "params.yaml").read_text())["filter"]["aliases"]
@@ -392,10 +391,10 @@ def test_key_hash_same_for_fixed_and_mixed_length_blocks():
     image would get two ids (its clicks split) across blocks."""
     import pyarrow as pa
 
-    from stages.lib.clicklog import _hash_strings
+    from stages.lib.keyagg import hash_strings
     fixed = pa.array(["abcdefghijk", "abcdefghijl", "zzzzzzzzzzz"])
     mixed = pa.array(["", "abcdefghijk", "x", "abcdefghijl", "zzzzzzzzzzz", "\u00e9" * 20])
-    h_fixed, h_mixed = _hash_strings(fixed), _hash_strings(mixed)
+    h_fixed, h_mixed = hash_strings(fixed), hash_strings(mixed)
     assert (h_fixed == h_mixed[[1, 3, 4]]).all()
     assert len(set(h_mixed.tolist())) == len(mixed)
 

@@ -10,9 +10,8 @@ import pandas as pd
 import pytest
 
 from stages.lib import layout
-from stages.lib.clicklog import read_breeds
 from stages.lib.sample import BREED_NAMES
-from stages.lib.tables import check_breed_name, read_headerless, read_truth
+from stages.lib.tables import check_breed_name, read_breeds, read_headerless, read_truth
 from stages.lib.testset import read_test_set
 
 HOSTILE_NAMES = [

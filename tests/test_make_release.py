@@ -14,14 +14,14 @@ import yaml
 from PIL import Image
 
 from stages.lib import layout, release, sample
-from stages.lib.clicklog import aggregate_clicks, read_breeds
+from stages.lib.clicklog import aggregate_clicks
 from stages.lib.decoding import decode_dataset
 from stages.lib.fetch import fetch_raw
 from stages.lib.params import load_params
 from stages.lib.queries import BreedMatcher
 from stages.lib.release import Noise, click_rows, read_families, resolve_families
 from stages.lib.shards import read_index
-from stages.lib.tables import read_headerless
+from stages.lib.tables import read_breeds, read_headerless
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("make_release", ROOT / "scripts" / "make_release.py")

@@ -47,13 +47,13 @@ from tqdm import tqdm
 
 from stages.lib import layout
 from stages.lib.atomic import atomic_dir, refuse_overlap, sha256_file
-from stages.lib.clicklog import aggregate_clicks, read_breeds
+from stages.lib.clicklog import aggregate_clicks
 from stages.lib.decoding import capped_size
 from stages.lib.images import DEFAULT_MAX_PIXELS, TooManyPixels, open_image, to_rgb
 from stages.lib.params import ConfigError, read_yaml
 from stages.lib.queries import BreedMatcher
 from stages.lib.sample import DISTRACTOR, NO_BREED_QUERIES, _clicks, _key, _query
-from stages.lib.tables import check_breed_name, read_headerless, read_truth
+from stages.lib.tables import check_breed_name, read_breeds, read_headerless, read_truth
 from stages.lib.weaklabels import image_evidence
 
 log = logging.getLogger("make_release")

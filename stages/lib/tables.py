@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 KEY_COLUMNS = ("key", "key_a", "key_b")
 
@@ -139,3 +140,32 @@ def write_table(df: pd.DataFrame, path: str | Path | BinaryIO) -> None:
             lines = pc.utf8_replace_slice(lines, -1, 2**31 - 1, "\n")      # ... becomes the newline
             offsets = np.frombuffer(lines.buffers()[1], np.int32)[lines.offset:lines.offset + len(lines) + 1]
             f.write(memoryview(lines.buffers()[2])[offsets[0]:offsets[-1]])  # the rows, back to back
+
+
+def read_breeds(path: str | Path) -> list[str]:
+    """Breed names of ``breed<TAB>label`` ordered by label (the class
+    vocabulary); each name one that reports can show (``check_breed_name``)."""
+    df = read_headerless(path, ["breed", "label"])
+    if df.empty:
+        raise ValueError(f"{path}: no breeds; every line must be 'breed<TAB>integer label'")
+    labels = pd.to_numeric(df["label"], errors="coerce")
+    not_integer = labels.isna() | (labels % 1 != 0)
+    if not_integer.any():
+        line = not_integer.idxmax()
+        raise ValueError(f"{path} line {line}: label {df.loc[line, 'label']!r} is not an integer; "
+                         f"every line must be 'breed<TAB>integer label'")
+    check_breed_column(df, "breed", path)
+    for column, values in (("breed", df["breed"]), ("label", labels)):  # "1" and "1.0" are one label
+        repeated = values.duplicated()
+        if repeated.any():
+            line = repeated.idxmax()
+            raise ValueError(f"{path} line {line}: {column} {df.loc[line, column]!r} is given twice; "
+                             f"breed names and labels must be unique")
+    return df.assign(label=labels).sort_values("label")["breed"].tolist()
+
+
+def read_train_keys(index_path: str | Path) -> pa.Array:
+    """Distinct keys of the decoded training images (``split == "train"``)."""
+    index = pq.read_table(index_path, columns=["key", "split"])
+    keys = index.filter(pc.equal(index["split"].cast(pa.string()), "train"))["key"]
+    return pc.unique(keys.cast(pa.string())) if len(keys) else pa.array([], pa.string())

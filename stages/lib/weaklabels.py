@@ -31,7 +31,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from stages.lib.clicklog import sum_sorted
+from stages.lib.keyagg import sum_sorted
 from stages.lib.params import Section, in_range
 from stages.lib.queries import MULTIPLE_BREEDS
 

@@ -130,11 +130,12 @@ def run_seed(seed: int, photos: Path, sets: list[str], log: Path) -> list[dict[s
 
 
 # ------------------------------------------------------------------ report
-def _mean_se(x: list[float], digits: int = 3) -> str:
+def _mean_se(x: list[float], signed: bool = True, digits: int = 3) -> str:
     a = np.asarray(x, float)
+    sign = "+" if signed else ""
     if len(a) < 2:
-        return f"{a.mean():+.{digits}f}" if len(a) else "n/a"
-    return f"{a.mean():+.{digits}f} ± {a.std(ddof=1) / np.sqrt(len(a)):.{digits}f}"
+        return f"{a.mean():{sign}.{digits}f}" if len(a) else "n/a"
+    return f"{a.mean():{sign}.{digits}f} ± {a.std(ddof=1) / np.sqrt(len(a)):.{digits}f}"
 
 
 def _by(runs: list[dict], variant: str) -> dict[int, dict]:
@@ -142,13 +143,14 @@ def _by(runs: list[dict], variant: str) -> dict[int, dict]:
 
 
 def report(runs: list[dict], pilot: list[dict]) -> str:
-    """reports/photo_study.md from the runs (and the pilot's ``lpft`` rows: the same releases and recipe
-    with a random head, for the head-init difference)."""
+    """reports/photo_study.md from the runs, and the pilot's ``lpft`` rows (reports/photo_pilot.json: the
+    same releases, a random head, lr 0.01 with the trunk at 0.1x, BatchNorm frozen) for the recipe's
+    paired difference."""
     final, c0, cf = _by(runs, "final"), _by(runs, "contrastive0"), _by(runs, "crossfit")
     seeds = sorted(final)
     rows = ["| seed | truth | raw | naive | final | probe_truth | probe_raw | final, contrastive 0 | final, crossfit "
             "scorer | gap recovery | label filter P / R (features) | P / R (crossfit) | make_pairs s (features / "
-            "crossfit) |", "|" + "---|" * 14]
+            "crossfit) |", "|" + "---|" * 13]
     diffs: dict[str, list[float]] = {}
 
     def add(name: str, value: float) -> None:
@@ -186,10 +188,14 @@ def report(runs: list[dict], pilot: list[dict]) -> str:
     for s in seeds:
         if s in lpft:
             for m in ("truth", "raw", "naive", "siamese"):
-                add(f"head_init probe − random ({m}; pilot's lpft rows)", final[s]["top1"][m] - lpft[s][m])
+                add(f"{m}: this recipe − the pilot's lpft recipe", final[s]["top1"][m] - lpft[s][m])
     n_test = sorted({final[s]["test_images"] for s in seeds})
     lines = ["| paired over seeds " + ", ".join(map(str, seeds)) + " | mean ± s.e. | per seed |", "|---|---|---|"]
-    lines += [f"| {k} | {_mean_se(v)} | {', '.join(f'{x:+.3f}' for x in v)} |" for k, v in diffs.items()]
+    levels = ("gap recovery", "label precision (features)", "label recall (features)",
+              "make_pairs time, features / crossfit")  # not differences: no sign
+    for k, v in diffs.items():
+        signed = k not in levels
+        lines.append(f"| {k} | {_mean_se(v, signed)} | {', '.join(f'{x:+.3f}' if signed else f'{x:.3f}' for x in v)} |")
     return "\n".join([
         "# Photo study: the pretrained regime on real dog photos",
         "",

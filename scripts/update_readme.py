@@ -45,6 +45,16 @@ def single_run_noise(runs_path: Path) -> str:
             f"of a difference); the seed study below pairs runs by seed and is the evidence.")
 
 
+def photo_differences(path: Path) -> str:
+    """The paired-differences table of reports/photo_study.md (scripts/photo_study.py writes it)."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("| paired over seeds")), None)
+    if start is None:
+        raise SystemExit(f"{path}: no paired-differences table (| paired over seeds ...): run scripts/photo_study.py")
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return "\n".join(lines[start:end])
+
+
 def results_block(reports: Path) -> str:
     ablation = (reports / "ablation.md").read_text(encoding="utf-8")
     ablation = re.sub(r"^# Ablation\n\n.*?do not edit\.\n\n", "", ablation, flags=re.S)
@@ -59,6 +69,12 @@ def results_block(reports: Path) -> str:
                   "`train.parallel_runs` (each cross-fitting fold then trained on 2 threads, now on 1: single runs "
                   "differ; the study has not been re-run on this code).", "",
                   study.read_text(encoding="utf-8")]
+    photo = reports / "photo_study.md"
+    if photo.is_file():
+        parts += ["#### Photo study: the pretrained regime on real dog photos (paired over release seeds)", "",
+                  "From `python scripts/photo_study.py --photos ../shared/dog_photos`: EfficientNet-Lite0 with "
+                  "ImageNet weights, `profiles/photos-cpu.yaml`; every run and the per-seed table in "
+                  "[reports/photo_study.md](reports/photo_study.md).", "", photo_differences(photo), ""]
     sweep = reports / "sweep" / "filter_sweep.png"
     figures = [(f"figures/{name}", alt) for name, alt in FIGURES if (reports / "figures" / name).is_file()]
     if sweep.is_file():

@@ -92,13 +92,22 @@ def main() -> int:
                 failures.append(f"{section}.{key}: expected {expected}, got {got}")
         params_path.unlink()
         params_path.write_text(original)
-        # a weights file (model.weights) replaced under models/weights re-runs every stage that may load it
-        (repo / WEIGHTS_DIR / ".check_wiring.pth").write_bytes(b"other weights")
-        got = planned_stages(repo)
-        verdict = "ok" if sorted(got) == sorted(ORDER[3:]) else "WRONG"
-        print(f"a new file in {WEIGHTS_DIR}: would run {got} [{verdict}]")
-        if verdict != "ok":
-            failures.append(f"{WEIGHTS_DIR}: expected {ORDER[3:]}, got {got}")
+        # models/weights' README is no weight (.dvcignore): editing it runs nothing; a weights file
+        # (model.weights) added or replaced there re-runs every stage that may load it
+        readme = repo / WEIGHTS_DIR / "README.md"
+        text = readme.read_text()
+        readme.unlink()  # a hard link to the real README: replace it, never write into it
+        readme.write_text(text + "\nedited\n")
+        for what, path, expected in ((f"an edited {WEIGHTS_DIR}/README.md", None, []),
+                                     (f"a new file in {WEIGHTS_DIR}", repo / WEIGHTS_DIR / ".check_wiring.pth",
+                                      ORDER[3:])):
+            if path is not None:
+                path.write_bytes(b"other weights")
+            got = planned_stages(repo)
+            verdict = "ok" if sorted(got) == sorted(expected) else "WRONG"
+            print(f"{what}: would run {got} [{verdict}]")
+            if verdict != "ok":
+                failures.append(f"{what}: expected {expected}, got {got}")
     finally:
         shutil.rmtree(repo, ignore_errors=True)
     for f in failures:

@@ -62,9 +62,11 @@ def _run(cmd: list[str], cwd: Path, log: Path) -> float:
 def _apply(tree: Path, profile: dict | Path, log: Path) -> None:
     """scripts/apply_profile.py in ``tree``: every key checked against params.yaml and validated."""
     if isinstance(profile, dict):
-        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-            yaml.safe_dump(profile, f)
-        profile = Path(f.name)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "overrides.yaml"
+            path.write_text(yaml.safe_dump(profile))
+            _run([sys.executable, "scripts/apply_profile.py", str(path)], tree, log)
+        return
     _run([sys.executable, "scripts/apply_profile.py", str(profile)], tree, log)
 
 

@@ -44,7 +44,7 @@ import pandas as pd
 
 from stages.lib import layout
 from stages.lib.atomic import atomic_dir, exit_on_sigterm, refuse_overlapping_args, write_json
-from stages.lib.classifier import ModelConfig, TrainConfig
+from stages.lib.classifier import ModelConfig, TrainConfig, check_head_init
 from stages.lib.cli import run_stage
 from stages.lib.data import load_labels
 from stages.lib.imagecache import CacheConfig, DecodedImages, hold_decoded
@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     params = load_sections(args.params, pairs=PairsConfig, model=ModelConfig, train=TrainConfig, cache=CacheConfig)
     p, model_cfg, train_cfg = params["pairs"], params["model"], params["train"]
     check_scorer(p, model_cfg)
+    check_head_init(model_cfg, train_cfg)  # the crossfit scorer trains with the train section
 
     classes = json.loads((args.filtered_dir / layout.CLASSES).read_text())
     labels = load_labels(args.filtered_dir / layout.LABELS)

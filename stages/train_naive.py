@@ -26,6 +26,7 @@ from stages.lib.atomic import atomic_file, exit_on_sigterm, refuse_overlapping_a
 from stages.lib.classifier import (
     ModelConfig,
     TrainConfig,
+    check_head_init,
     eval_loader,
     plan_run,
     reference_size,
@@ -84,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     refuse_overlapping_args(args, "out_dir", "train_naive")  # replacing the output must not delete an input
     params = load_sections(args.params, model=ModelConfig, train=TrainConfig, cache=CacheConfig)
     model_cfg, train_cfg = params["model"], params["train"]
+    check_head_init(model_cfg, train_cfg)
     _, world = runtime.init_distributed(train_cfg.device)
 
     labels_path = args.filtered_dir / layout.LABELS
@@ -111,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
                              snapshot=lambda m: save_model(checkpoints / layout.EARLY_MODEL, m, **model_meta,
                                                            epochs=cfg.early_epoch))
     run_args = run_fingerprint("stages.train_naive", model=model_cfg, train=cfg, resolved=resolved_run(cfg),
-                               world_size=world, data=file_digest(labels_path, args.images_dir / layout.INDEX))
+                               world_size=world, data=file_digest(labels_path, args.images_dir / layout.INDEX,
+                                                                *filter(None, [model_cfg.weights_file])))
     drop_resume_without_early(checkpoints, run_args, cfg)
     model, info = train_on_labels(plan, name="train_naive", images_dir=args.images_dir, num_classes=len(classes),
                                   model_cfg=model_cfg, checkpoint=checkpoints / layout.LAST_CHECKPOINT, args=run_args,

@@ -42,6 +42,7 @@ from stages.lib.classifier import (
     ModelConfig,
     TrainConfig,
     chance_check,
+    check_head_init,
     extract_features,
     initial_model,
     plan_run,
@@ -76,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     params = load_sections(args.params, model=ModelConfig, train=TrainConfig, reference=ReferenceConfig,
                            cache=CacheConfig)
     model_cfg, train_cfg, ref = params["model"], params["train"], params["reference"]
+    check_head_init(model_cfg, train_cfg)
 
     classes = json.loads((args.filtered_dir / layout.CLASSES).read_text())
     index = read_index(args.images_dir)

@@ -134,10 +134,11 @@ def test_a_stage_refuses_an_output_that_is_or_holds_an_input(tmp_path: Path, mon
     assert (tmp_path / "data/raw/train_images.tsv").read_text() == "k\tx\n"
 
 
-def test_every_atomic_write_reaches_the_disk_before_its_rename(tmp_path: Path, monkeypatch) -> None:
-    """One atomic writer for every file (tables, JSON, model files, checkpoints): its data is fsynced
-    before the rename, so a crash leaves the old file or the new one, whole. Only the checkpoint writer,
-    a second implementation, did so before."""
+def test_every_atomic_file_write_reaches_the_disk_before_its_rename(tmp_path: Path, monkeypatch) -> None:
+    """One atomic writer for every single file (tables, JSON, model files, checkpoints): its data is
+    fsynced before the rename, so a crash leaves the old file or the new one, whole. Only the checkpoint
+    writer, a second implementation, did so before. (Output folders, atomic_dir, are renamed whole
+    without an fsync of each file: a crash can leave a folder whose last files are empty.)"""
     events = []
     real_fsync, real_replace = os.fsync, os.replace
     monkeypatch.setattr(os, "fsync", lambda fd: events.append("fsync") or real_fsync(fd))

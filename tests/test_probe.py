@@ -21,7 +21,7 @@ from sklearn.preprocessing import StandardScaler
 
 from stages import make_pairs, train_references
 from stages.lib import engine, layout, scoring
-from stages.lib.classifier import eval_loader, extract_features, run_context
+from stages.lib.classifier import eval_loader, extract_features, probe_head, run_context
 from stages.lib.models import build_model, create_model, load_model_file
 from stages.lib.params import ConfigError
 from stages.lib.probe import ABSENT_LOGIT, ProbeConfig, crossfit_probs, fit_probe
@@ -270,5 +270,23 @@ def test_head_init_probe_without_pretrained_weights_is_refused_before_training(t
                                                                                monkeypatch) -> None:
     _set_params(tiny_pipeline, train={"head_init": "probe"})
     monkeypatch.setattr(engine, "fit", lambda *a, **k: pytest.fail("trained with a probe of random features"))
-    with pytest.raises(ValueError, match=r"train\.head_init: probe .* model\.weights: none"):
+    with pytest.raises(ConfigError, match=r"train\.head_init: probe .* model\.weights: none"):
         run_train_naive(tiny_pipeline)
+    assert not (tiny_pipeline / "models").exists()  # refused on entry: no output folder, no decoded cache
+
+
+def test_a_class_absent_from_the_training_split_starts_neutral_not_at_probability_zero(tmp_path: Path) -> None:
+    """The probe gives an unseen class logit -1e4; as a starting head that class could never recover
+    (label smoothing would add 0.1/K x 1e4 to every step's loss). probe_head starts it at the lowest
+    bias of the seen classes, weights zero."""
+    from stages.lib import classifier
+
+    images, df, index = _images(tmp_path)
+    seen = df[df["label"] != 2].reset_index(drop=True)
+    model = build_model("shufflenet_v2_x0_5", 3)
+    model_cfg = classifier.ModelConfig(backbone="shufflenet_v2_x0_5", weights="models/weights/x.pth", image_size=32)
+    train = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())["train"]
+    cfg = classifier.TrainConfig.from_params({**train, "device": "cpu", "batch_size": 8, "head_init": "probe"}, "train")
+    head = probe_head(model, seen, images, num_classes=3, model_cfg=model_cfg, train_cfg=cfg, index=index).head
+    assert head.bias[2].item() == pytest.approx(min(head.bias[0].item(), head.bias[1].item()))
+    assert torch.count_nonzero(head.weight[2]) == 0 and head.bias[2].item() > ABSENT_LOGIT / 2

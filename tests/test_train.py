@@ -86,6 +86,27 @@ def test_checkpoint_of_other_settings_is_not_resumed(tiny_pipeline: Path, monkey
     assert ckpt["args"]["train"]["lr"] == 0.04 and len(ckpt["history"]) == 4
 
 
+def test_a_checkpoint_made_from_other_initial_weights_is_not_resumed(tiny_pipeline: Path, caplog,
+                                                                    monkeypatch) -> None:
+    """A weights file replaced under the same name (models/weights/): DVC re-runs the stage, and the
+    interrupted run's checkpoint, trained from the old weights, must not be resumed."""
+    weights = tiny_pipeline / "models/weights/start.pth"
+    weights.parent.mkdir(parents=True)
+    torch.manual_seed(1)
+    torch.save(build_model("resnet18", 10).trunk.state_dict(), weights)
+    params = (tiny_pipeline / "params.yaml").read_text().replace("weights: none", "weights: models/weights/start.pth")
+    (tiny_pipeline / "params.yaml").write_text(params)
+    monkeypatch.setenv(engine.STOP_ENV, "2")
+    with pytest.raises(engine.TrainingInterrupted):
+        run_stage(tiny_pipeline)
+    monkeypatch.delenv(engine.STOP_ENV)
+    torch.manual_seed(2)
+    torch.save(build_model("resnet18", 10).trunk.state_dict(), weights)
+    with caplog.at_level("INFO", logger="engine"):
+        run_stage(tiny_pipeline)
+    assert "resumed from" not in caplog.text  # trained again from the new weights
+
+
 def test_non_finite_loss_stops_with_a_clear_error(tiny_pipeline: Path) -> None:
     params = (tiny_pipeline / "params.yaml").read_text()
     params = params.replace("lr: 0.05", "lr: 1.0e+30").replace("clip_grad_norm: 5.0", "clip_grad_norm: 0.0")

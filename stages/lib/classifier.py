@@ -28,9 +28,9 @@ from stages.lib.cli import StageFailure
 from stages.lib.data import ShardDataset, split_train_val
 from stages.lib.imagecache import DecodedImages
 from stages.lib.models import Classifier, create_model
-from stages.lib.params import Section, in_range
+from stages.lib.params import ConfigError, Section, in_range
 from stages.lib.presets import augment_on_device, build_transform
-from stages.lib.probe import ProbeConfig, fit_probe
+from stages.lib.probe import ABSENT_LOGIT, ProbeConfig, fit_probe
 
 log = logging.getLogger("classifier")
 
@@ -55,6 +55,11 @@ class ModelConfig(Section):
             # them and dvc.lock records which weights trained the models. A path elsewhere would be invisible.
             raise ValueError(f"weights must be none, imagenet or a file under {layout.WEIGHTS_DIR}/ (relative to "
                              f"the repository root, a dependency of the stages that load it), got {self.weights!r}")
+
+    @property
+    def weights_file(self) -> Path | None:
+        """The weights file under models/weights/, or None (none, imagenet)."""
+        return None if self.weights in ("none", "imagenet") else Path(self.weights)
 
     @property
     def pretrained(self) -> bool:
@@ -238,6 +243,14 @@ def extract_features(model: Classifier, df: pd.DataFrame, images_dir: Path, *, i
     return features
 
 
+def check_head_init(model_cfg: ModelConfig, train_cfg: TrainConfig) -> None:
+    """``train.head_init: probe`` needs pretrained weights: refused on entry, before any work, with
+    ``model.weights: none`` (a probe of random features is no head to start from)."""
+    if train_cfg.head_init == "probe" and not model_cfg.pretrained:
+        raise ConfigError("train.head_init: probe fits the head on frozen features, which are random with "
+                          "model.weights: none: use head_init: random, or start from pretrained weights")
+
+
 def probe_head(model: Classifier, train_df: pd.DataFrame, images_dir: Path, *, num_classes: int,
                model_cfg: ModelConfig, train_cfg: TrainConfig, index: pd.DataFrame | None = None,
                cache: DecodedImages | None = None) -> Classifier:
@@ -246,13 +259,16 @@ def probe_head(model: Classifier, train_df: pd.DataFrame, images_dir: Path, *, n
     of LP-FT. The features come from the eval transform in fp32 (one pass,
     like the probe references); the fine-tuning that follows sees augmented
     images, which moves the features a little, not the head's meaning."""
-    if not model_cfg.pretrained:
-        raise ValueError("train.head_init: probe fits the head on frozen features, which are random with "
-                         "model.weights: none: use head_init: random, or start from pretrained weights")
+    check_head_init(model_cfg, train_cfg)
     start = time.time()
     features = extract_features(model, train_df, images_dir, image_size=model_cfg.image_size,
-                                batch_size=train_cfg.batch_size, device=train_cfg.device, index=index, cache=cache)
+                                batch_size=train_cfg.batch_size, device=train_cfg.device, workers=train_cfg.workers,
+                                index=index, cache=cache)
     probe = fit_probe(features, train_df["label"], num_classes, train_cfg.probe)
+    absent = probe.bias == ABSENT_LOGIT
+    if absent.any():  # a class without a training image here (a small class in a fold): a neutral start that
+        # can still learn, not the probe's -1e4 (probability 0), which label smoothing would punish for ever
+        probe.bias[absent] = probe.bias[~absent].min()
     log.info("head_init probe: a linear probe of %d images (%d lbfgs iterations, C %g) is the head; %.1f s",
              len(train_df), probe.n_iter, train_cfg.probe.C, time.time() - start)
     return probe.into(model)

@@ -3,17 +3,21 @@
 ``raise SystemExit(run_stage(main, "decode"))`` in each stage script: one log format, and a failure
 the stage foresaw (bad params, bad or missing input, a model that learnt nothing, a download that
 failed) ends as one ERROR log line naming the stage, and exit code 1, instead of a traceback. What
-the stage did not foresee (a bug: ``TypeError``, ``KeyError``...) keeps its traceback. Stages still
-raise their own exceptions, so tests call ``main`` and assert on them.
+the stage did not foresee (a bug: ``TypeError``, ``KeyError``...) keeps its traceback. A ValueError
+is how the library reports bad params and bad input, but a bug can raise one too: with
+``CLICKDOG_TRACEBACK=1`` every failure also logs its traceback. Stages still raise their own
+exceptions, so tests call ``main`` and assert on them.
 
-Light on purpose (logging and sys only): every stage imports it, the download stage included.
+Light on purpose (logging and os only): every stage imports it, the download stage included.
 """
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
+TRACEBACK_ENV = "CLICKDOG_TRACEBACK"  # 1: a foreseen failure's ERROR line also carries its traceback
 
 
 class StageFailure(RuntimeError):
@@ -43,6 +47,6 @@ def run_stage(main: Callable[[], int | None], name: str) -> int:
             return 1
         return exc.code or 0
     except EXPECTED as exc:
-        log.error("%s", one_line(exc, name))
+        log.error("%s", one_line(exc, name), exc_info=os.environ.get(TRACEBACK_ENV) == "1")
         return 1
 

@@ -1,6 +1,7 @@
 """Reading a Clickture click log (``key<TAB>query<TAB>clicks``) into clicks
-per (image, query class), streamed, with malformed lines counted by reason;
-and the small raw-data readers of filter_clicks (breed list, decoded keys).
+per (image, query class), streamed, with malformed lines counted by reason
+(the numpy counting core is ``keyagg``; breeds.tsv and the decoded keys are
+read by ``tables``).
 
 The log is read in blocks (pyarrow's streaming CSV reader), so memory grows
 with the per-(image, breed) aggregate, the distinct queries and 8 bytes per

@@ -7,11 +7,10 @@ and resume. The loss is a callable ``loss_fn(model, batch, ctx) ->
 (loss, {name: value}, batch_size)`` so the siamese stage extends the loop
 instead of copying it (``ctx``: a :class:`RunContext`).
 
-Device and precision are chosen at run time: CUDA with fp16/bf16 autocast and
-channels_last; on CPU, bf16 autocast only where the CPU has native bf16 (on
-AVX-512 without it bf16 measured slower than fp32 here). Several processes:
-``torchrun`` + DistributedDataParallel (gloo on CPU, nccl on CUDA); only rank 0
-writes.
+The device, the autocast dtype and the DDP process group come from ``runtime``
+(CUDA with fp16/bf16 autocast and channels_last; on CPU, bf16 autocast only
+where the CPU has native bf16). Several processes: ``torchrun`` +
+DistributedDataParallel (gloo on CPU, nccl on CUDA); only rank 0 writes.
 """
 from __future__ import annotations
 
@@ -172,7 +171,8 @@ def train_one_epoch(model: nn.Module, loss_fn: LossFn, loader: DataLoader, optim
             optimizer.step()
         scheduler.step()
         for k, v in logs.items():
-            sums[k] = sums[k] + v.detach().float() * n if k in sums else v.detach().float() * n
+            # float64 as the Python floats the sums were before (no MPS support: CPU and CUDA only)
+            sums[k] = sums[k] + v.detach().double() * n if k in sums else v.detach().double() * n
         seen += n
     out = {k: v.item() / max(1, seen) for k, v in sums.items()}
     out["images_per_s"] = seen / max(1e-9, time.time() - start)

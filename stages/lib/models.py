@@ -41,7 +41,7 @@ class Classifier(nn.Module):
                  embedding_dim: int = 0, normalize: bool = False,
                  mean=IMAGENET_MEAN, std=IMAGENET_STD) -> None:
         super().__init__()
-        self.backbone_name = backbone  # what model.backbone named: ImageNet weights and model files need it
+        self.backbone_name = backbone  # what model.backbone named: load_initial_weights finds ImageNet weights by it
         # not in the state dict: the model file stores them as plain lists
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
@@ -129,7 +129,8 @@ def _imagenet_state_dict(backbone: str) -> dict[str, torch.Tensor]:
             offline = ", ".join(TIMM_PREFIX + name for name in pretrained.OFFLINE_IMAGENET)
             raise ValueError(f"model.weights: imagenet is for torchvision backbones and the timm ones with offline "
                              f"weights ({offline}); for {backbone}, download its weights file (model.safetensors "
-                             f"from the Hugging Face hub) and set model.weights to its path")
+                             f"from the Hugging Face hub), put it under models/weights/ and set model.weights to "
+                             f"its path")
         return pretrained.imagenet_state_dict(backbone)
     weights = torchvision.models.get_model_weights(backbone).DEFAULT
     try:  # fail at once when offline instead of hanging in urlopen
@@ -140,7 +141,7 @@ def _imagenet_state_dict(backbone: str) -> dict[str, torch.Tensor]:
     except OSError as exc:
         raise RuntimeError(
             f"model.weights: imagenet needs internet to fetch {weights.url} ({exc}). Download that file "
-            f"on a machine with internet, copy it here and set model.weights to its path.") from exc
+            f"on a machine with internet, copy it into models/weights/ and set model.weights to its path.") from exc
 
 
 def _file_state_dict(path: Path) -> dict[str, torch.Tensor]:

@@ -43,7 +43,7 @@ ABSENT_LOGIT = -1e4
 
 @dataclass(frozen=True)
 class ProbeConfig(Section):
-    """``reference.probe`` / ``pairs.probe``: the logistic regression on frozen
+    """``reference.probe`` / ``pairs.probe`` / ``train.probe``: the logistic regression on frozen
     features (scikit-learn's ``LogisticRegression``, lbfgs, multinomial, on
     standardised features)."""
 
@@ -105,7 +105,8 @@ def fit_probe(features: np.ndarray, labels: Sequence[int], num_classes: int, cfg
     n_iter = int(np.max(lr.n_iter_))
     if not converged:
         log.warning("probe: lbfgs stopped at max_iter %d before converging (C %g, %d images, %d dims): the "
-                    "probabilities are usable, raise reference.probe.max_iter / pairs.probe.max_iter to finish",
+                    "probabilities are usable; raise max_iter of the probe in use (reference.probe, pairs.probe "
+                    "or train.probe) to finish",
                     cfg.max_iter, cfg.C, len(y), x.shape[1])
     coef, intercept = lr.coef_, lr.intercept_
     if len(lr.classes_) == 2:  # binary: one logit for classes_[1]; as a softmax, logits (0, z) give the same p

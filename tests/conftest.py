@@ -1,11 +1,13 @@
 """Small data the tests make themselves: a decoded-image folder (shards +
-index) of solid-colour-plus-noise images, one colour per class, and the
-label files the training stages read."""
+index) of solid-colour-plus-noise images, one colour per class, the label
+files the training stages read (written by the stages' own writer), test
+images with detail, and ``sh`` for the tests that drive git and dvc."""
 from __future__ import annotations
 
 import io
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +18,31 @@ from PIL import Image
 
 from stages.lib import layout
 from stages.lib.shards import IndexWriter, ShardWriter
+from stages.lib.tables import write_table
 
 COLOURS = [(220, 40, 40), (40, 200, 40), (40, 60, 220), (230, 210, 40)]
+
+
+def gradient_image(width: int, height: int, seed: int = 0, *, ripple: bool = False) -> Image.Image:
+    """Smooth colour gradients (bilinear resampling differences stay small); ``ripple`` adds a ripple
+    of period ~19 pixels: detail, so a misplaced sample shows."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x * 200 / width, y * 200 / height, (x + y) * 100 / (width + height)], axis=-1)
+    base = base + rng.uniform(0, 40, 3)
+    if ripple:
+        base += 20 * np.sin(x / 3.0)[..., None]
+    return Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
+
+
+def sh(*cmd: str, cwd: Path, env: dict[str, str] | None = None) -> str:
+    """Run ``cmd`` in ``cwd`` (git with an identity, DVC without analytics); its stdout and stderr. A
+    failure fails the test with the output's tail."""
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t", **(env or {})}
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout + proc.stderr
 
 
 def tiny_image(label: int, rng: np.random.Generator, size: int = 32) -> bytes:
@@ -63,8 +88,8 @@ def tiny_pipeline(tmp_path: Path) -> Path:
     filtered.mkdir(parents=True)
     train = pd.DataFrame([(k, lab, classes[lab], 3, 1.0) for k, s, lab in rows if s == "train"],
                          columns=["key", "label", "breed", "clicks", "share"])
-    train.to_csv(filtered / layout.LABELS, sep="\t", index=False)
-    train.to_csv(filtered / layout.RAW_LABELS, sep="\t", index=False)
+    write_table(train, filtered / layout.LABELS)
+    write_table(train, filtered / layout.RAW_LABELS)
     (filtered / layout.CLASSES).write_text(json.dumps(classes))
     params = {
         "cache": {"max_mb": 64},

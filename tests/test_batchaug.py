@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import gradient_image
 from PIL import Image
 
 from stages.lib import batchaug, engine
@@ -20,12 +21,7 @@ from stages.lib.shards import INDEX, IndexWriter, ShardWriter
 
 
 def _image(width: int, height: int, seed: int) -> Image.Image:
-    """Gradients plus a ripple of period ~19 pixels: detail, so a misplaced sample shows."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width]
-    base = np.stack([x * 200 / width, y * 200 / height, (x + y) * 100 / (width + height)], axis=-1)
-    base += rng.uniform(0, 40, 3) + 20 * np.sin(x / 3.0)[..., None]
-    return Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
+    return gradient_image(width, height, seed, ripple=True)
 
 
 def _noise(width: int, height: int, seed: int) -> Image.Image:

@@ -12,20 +12,12 @@ import pandas as pd
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
-from PIL import Image
+from conftest import gradient_image
 
 from stages.lib.data import ShardDataset, split_train_val
 from stages.lib.models import IMAGENET_MEAN, IMAGENET_STD, build_model
 from stages.lib.presets import EvalTransform, TrainTransform, build_transform
 from stages.lib.shards import INDEX, IndexWriter, ShardWriter
-
-
-def _image(width: int, height: int, seed: int = 0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    # smooth content, so bilinear resampling differences stay small
-    y, x = np.mgrid[0:height, 0:width]
-    base = np.stack([x * 200 / width, y * 200 / height, (x + y) * 100 / (width + height)], axis=-1)
-    return Image.fromarray((base + rng.uniform(0, 40, 3)).astype(np.uint8))
 
 
 def test_crop_boxes_follow_random_resized_crop_bounds() -> None:
@@ -43,7 +35,7 @@ def test_crop_boxes_follow_random_resized_crop_bounds() -> None:
 
 def test_train_transform_is_uint8_chw_and_seeded() -> None:
     t = TrainTransform(32, brightness=0.3, contrast=0.3)
-    img = _image(70, 50)
+    img = gradient_image(70, 50)
     a, b = t(img, random.Random(7)), t(img, random.Random(7))
     assert a.dtype == torch.uint8 and a.shape == (3, 32, 32)
     assert torch.equal(a, b)
@@ -52,7 +44,7 @@ def test_train_transform_is_uint8_chw_and_seeded() -> None:
 
 def test_jitter_matches_torchvision_brightness_then_contrast() -> None:
     t = TrainTransform(32, brightness=0.4, contrast=0.4)
-    a = np.asarray(_image(32, 32, seed=3))
+    a = np.asarray(gradient_image(32, 32, seed=3))
     for seed in range(5):
         rng = random.Random(seed)
         b = rng.uniform(0.6, 1.4)
@@ -67,14 +59,14 @@ def test_jitter_matches_torchvision_brightness_then_contrast() -> None:
 
 
 def test_no_jitter_keeps_the_resized_crop() -> None:
-    img = _image(40, 40)
+    img = gradient_image(40, 40)
     t = TrainTransform(40, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=False)
     assert np.array_equal(t(img, random.Random(0)).permute(1, 2, 0).numpy(), np.asarray(img))
 
 
 def test_eval_transform_matches_resize_then_centre_crop() -> None:
     for size, (w, h) in [(32, (48, 64)), (160, (300, 200))]:
-        img = _image(w, h)
+        img = gradient_image(w, h)
         got = EvalTransform(size)(img).float()
         resize = size if size < 128 else math.ceil(size / 0.875)
         want = TF.center_crop(TF.pil_to_tensor(TF.resize(img, resize, antialias=True)), [size, size]).float()
@@ -113,7 +105,7 @@ def shards(tmp_path: Path) -> Path:
     with ShardWriter(tmp_path, max_bytes=4000) as writer, IndexWriter(tmp_path / INDEX) as index:
         for i in range(12):
             buf = io.BytesIO()
-            _image(40 + i, 36, seed=i).save(buf, format="JPEG", quality=90)
+            gradient_image(40 + i, 36, seed=i).save(buf, format="JPEG", quality=90)
             shard, offset = writer.write(buf.getvalue())
             index.add(f"k{i}", "train", shard, offset, len(buf.getvalue()), 40 + i, 36)
     return tmp_path

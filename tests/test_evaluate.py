@@ -2,7 +2,6 @@
 on a tiny pipeline tree (shards, index, filter reports, two model files)."""
 from __future__ import annotations
 
-import io
 import json
 import math
 import shutil
@@ -12,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from conftest import tiny_image
 from PIL import Image
 
 from stages import evaluate
@@ -66,14 +66,6 @@ def test_summarize_block():
 
 # ------------------------------------------------------------------ a tiny pipeline tree
 BREEDS = ["red dog", "green dog", "blue dog", "yellow dog"]  # yellow: a test breed no model knows
-COLOURS = [(220, 40, 40), (40, 200, 40), (40, 60, 220), (230, 210, 40)]
-
-
-def _jpeg(colour: int, rng: np.random.Generator) -> bytes:
-    arr = np.clip(np.array(COLOURS[colour]) + rng.normal(0, 20, (32, 32, 3)), 0, 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr, "RGB").save(buf, format="JPEG", quality=85)
-    return buf.getvalue()
 
 
 def _tsv(path: Path, rows: list[tuple], columns: list[str] | None) -> None:
@@ -86,7 +78,7 @@ def _write_images(images: Path, rows: list[tuple[str, str, int]]) -> None:
     rng = np.random.default_rng(0)
     with ShardWriter(images, 1 << 20) as shards, IndexWriter(images / layout.INDEX) as index:
         for key, split, colour in rows:
-            data = _jpeg(colour, rng)
+            data = tiny_image(colour, rng)
             shard, offset = shards.write(data)
             index.add(key, split, shard, offset, len(data), 32, 32)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import sh
 
 from stages.lib import layout
 from stages.lib.sample import generate_sample
@@ -62,14 +63,6 @@ def small_params(files: dict[str, dict[str, str]]) -> dict:
     return params
 
 
-def sh(*cmd: str, cwd: Path) -> str:
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc.stdout + proc.stderr
-
-
 @pytest.fixture(scope="module")
 def release_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
     """A project checkout whose whole pipeline ran on the release and was
@@ -83,6 +76,8 @@ def release_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, s
     repo.mkdir()
     shutil.copytree(ROOT / "stages", repo / "stages", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
+    shutil.copytree(ROOT / layout.WEIGHTS_DIR, repo / layout.WEIGHTS_DIR)  # a dependency of the training stages
+    shutil.copy(ROOT / ".dvcignore", repo / ".dvcignore")
     (repo / "params.yaml").write_text(yaml.safe_dump(small_params(files), sort_keys=False))
     sh("git", "init", "-q", cwd=repo)
     sh("dvc", "init", "-q", cwd=repo)

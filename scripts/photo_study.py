@@ -85,12 +85,14 @@ def _overrides(sets: list[str]) -> dict:
 def _measure(tree: Path, variant: str, seed: int, **extra: Any) -> dict[str, Any]:
     metrics = json.loads((tree / "reports/metrics.json").read_text())
     pairs = json.loads((tree / "data/pairs/report.json").read_text())
+    siamese = yaml.safe_load((tree / "params.yaml").read_text())["siamese"]
     data = metrics["data"]
     return {"seed": seed, "variant": variant, **extra,
             "top1": {m: metrics[m]["top1"] for m in MODELS if isinstance(metrics.get(m), dict)},
             "label_filter": {k: data["prob_filter"][k] for k in ("images", "precision", "recall")},
             "raw_clicks": {k: data["raw_clicks"][k] for k in ("images", "precision", "recall")},
-            "scorer": pairs["scorer"], "scorer_cost_s": pairs["cost_s"], "test_images": data["test"]["labelled"]}
+            "scorer": pairs["scorer"], "scorer_cost_s": pairs["cost_s"], "test_images": data["test"]["labelled"],
+            "contrastive_weight": float(siamese["contrastive_weight"])}
 
 
 def run_seed(seed: int, photos: Path, sets: list[str], log: Path) -> list[dict[str, Any]]:
@@ -192,6 +194,7 @@ def report(runs: list[dict], pilot: list[dict]) -> str:
             for m in ("truth", "raw", "naive", "siamese"):
                 add(f"{m}: this recipe − the pilot's lpft recipe", final[s]["top1"][m] - lpft[s][m])
     n_test = sorted({final[s]["test_images"] for s in seeds})
+    weights = ", ".join(f"{w:g}" for w in sorted({final[s]["contrastive_weight"] for s in seeds}))
     lines = ["| paired over seeds " + ", ".join(map(str, seeds)) + " | mean ± s.e. | per seed |", "|---|---|---|"]
     levels = ("gap recovery", "label precision (features)", "label recall (features)",
               "make_pairs time, features / crossfit")  # not differences: no sign
@@ -211,7 +214,8 @@ def report(runs: list[dict], pilot: list[dict]) -> str:
         "the weights were trained on: read differences, not absolute accuracy.",
         "",
         "`final` is the siamese fine-tune (pairs.filter cleanlab on the features scorer's out-of-fold "
-        "probabilities); `contrastive 0` the same fine-tune with `siamese.contrastive_weight: 0`; `crossfit "
+        f"probabilities; siamese.contrastive_weight {weights}); `contrastive 0` the same fine-tune with "
+        "`siamese.contrastive_weight: 0`; `crossfit "
         "scorer` the final pipeline with `pairs.scorer: crossfit` (3 fine-tuned folds of `train.epochs` epochs). "
         "`make_pairs s` is the stage's wall time alone on 2 CPU cores. Gap recovery: (final − raw) / (truth − raw).",
         "",

@@ -75,6 +75,15 @@ def main() -> int:
     failures = []
     repo = scratch_copy(root)
     params_path = repo / "params.yaml"
+
+    def expect(what: str, expected: list[str]) -> None:
+        """One case: the stages `dvc repro` would run now must be ``expected`` (in any order)."""
+        got = planned_stages(repo)
+        verdict = "ok" if sorted(got) == sorted(expected) else "WRONG"
+        print(f"{what}: would run {got} [{verdict}]")
+        if verdict != "ok":
+            failures.append(f"{what}: expected {expected}, got {got}")
+
     try:
         stale = planned_stages(repo)
         print(f"after repro: would run {stale or 'nothing'}")
@@ -85,11 +94,7 @@ def main() -> int:
             params[section][key] = value
             params_path.unlink()  # a hard link to the real params.yaml: replace it, never write into it
             params_path.write_text(yaml.safe_dump(params, sort_keys=False))
-            got = planned_stages(repo)
-            verdict = "ok" if sorted(got) == sorted(expected) else "WRONG"
-            print(f"{section}.{key}={value}: would run {got} [{verdict}]")
-            if verdict != "ok":
-                failures.append(f"{section}.{key}: expected {expected}, got {got}")
+            expect(f"{section}.{key}={value}", expected)
         params_path.unlink()
         params_path.write_text(original)
         # models/weights' README is no weight (.dvcignore): editing it runs nothing; a weights file
@@ -103,11 +108,7 @@ def main() -> int:
                                       ORDER[3:])):
             if path is not None:
                 path.write_bytes(b"other weights")
-            got = planned_stages(repo)
-            verdict = "ok" if sorted(got) == sorted(expected) else "WRONG"
-            print(f"{what}: would run {got} [{verdict}]")
-            if verdict != "ok":
-                failures.append(f"{what}: expected {expected}, got {got}")
+            expect(what, expected)
     finally:
         shutil.rmtree(repo, ignore_errors=True)
     for f in failures:

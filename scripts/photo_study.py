@@ -60,14 +60,13 @@ def _run(cmd: list[str], cwd: Path, log: Path) -> float:
 
 
 def _apply(tree: Path, profile: dict | Path, log: Path) -> None:
-    """scripts/apply_profile.py in ``tree``: every key checked against params.yaml and validated."""
-    if isinstance(profile, dict):
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "overrides.yaml"
-            path.write_text(yaml.safe_dump(profile))
-            _run([sys.executable, "scripts/apply_profile.py", str(path)], tree, log)
-        return
-    _run([sys.executable, "scripts/apply_profile.py", str(profile)], tree, log)
+    """scripts/apply_profile.py in ``tree`` (a profile file, or a dict written to one): every key checked
+    against params.yaml and validated."""
+    with tempfile.TemporaryDirectory() as tmp:
+        if isinstance(profile, dict):
+            (path := Path(tmp) / "overrides.yaml").write_text(yaml.safe_dump(profile))
+            profile = path
+        _run([sys.executable, "scripts/apply_profile.py", str(profile)], tree, log)
 
 
 def _overrides(sets: list[str]) -> dict:

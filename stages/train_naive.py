@@ -112,9 +112,11 @@ def main(argv: list[str] | None = None) -> int:
         logger = EpochLogger(out / layout.LIVE, snapshot_epoch=cfg.early_epoch,
                              snapshot=lambda m: save_model(checkpoints / layout.EARLY_MODEL, m, **model_meta,
                                                            epochs=cfg.early_epoch))
+    inputs = [labels_path, args.images_dir / layout.INDEX]
+    if model_cfg.weights_file:  # its content, not only its name: a file replaced in place is other weights
+        inputs.append(model_cfg.weights_file)
     run_args = run_fingerprint("stages.train_naive", model=model_cfg, train=cfg, resolved=resolved_run(cfg),
-                               world_size=world, data=file_digest(labels_path, args.images_dir / layout.INDEX,
-                                                                *filter(None, [model_cfg.weights_file])))
+                               world_size=world, data=file_digest(*inputs))
     drop_resume_without_early(checkpoints, run_args, cfg)
     model, info = train_on_labels(plan, name="train_naive", images_dir=args.images_dir, num_classes=len(classes),
                                   model_cfg=model_cfg, checkpoint=checkpoints / layout.LAST_CHECKPOINT, args=run_args,

@@ -29,9 +29,9 @@ class StageFailure(RuntimeError):
 EXPECTED = (ValueError, OSError, StageFailure)
 
 
-def one_line(exc: BaseException, name: str) -> str:
-    """The error's message on one line, prefixed with the stage's name once."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
+def one_line(message: str, name: str) -> str:
+    """``message`` on one line, prefixed with the stage's name once."""
+    text = " ".join(message.split())
     return text if text.startswith(f"{name}:") else f"{name}: {text}"
 
 
@@ -43,10 +43,10 @@ def run_stage(main: Callable[[], int | None], name: str) -> int:
         return int(main() or 0)
     except SystemExit as exc:  # argparse's usage errors (code 2) and a stage's own SystemExit(message)
         if isinstance(exc.code, str):
-            log.error("%s", one_line(Exception(exc.code), name))
+            log.error("%s", one_line(exc.code, name))
             return 1
         return exc.code or 0
     except EXPECTED as exc:
-        log.error("%s", one_line(exc, name), exc_info=os.environ.get(TRACEBACK_ENV) == "1")
+        log.error("%s", one_line(str(exc) or type(exc).__name__, name), exc_info=os.environ.get(TRACEBACK_ENV) == "1")
         return 1
 

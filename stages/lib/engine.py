@@ -172,7 +172,7 @@ def train_one_epoch(model: nn.Module, loss_fn: LossFn, loader: DataLoader, optim
         scheduler.step()
         for k, v in logs.items():
             # float64 as the Python floats the sums were before (no MPS support: CPU and CUDA only)
-            sums[k] = sums[k] + v.detach().double() * n if k in sums else v.detach().double() * n
+            sums[k] = sums.get(k, 0.0) + v.detach().double() * n
         seen += n
     out = {k: v.item() / max(1, seen) for k, v in sums.items()}
     out["images_per_s"] = seen / max(1e-9, time.time() - start)

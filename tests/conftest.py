@@ -96,7 +96,7 @@ def tiny_pipeline(tmp_path: Path) -> Path:
         "model": {"backbone": "resnet18", "weights": "none", "image_size": 32},
         "train": {"device": "cpu", "precision": "fp32", "epochs": 4, "batch_size": 16, "optimizer": "sgd",
                   "lr": 0.05, "momentum": 0.9, "weight_decay": 0.0005, "warmup_epochs": 1, "label_smoothing": 0.1,
-                  "clip_grad_norm": 5.0, "trunk_lr_scale": 1.0, "batchnorm": "train",
+                  "clip_grad_norm": 5.0, "trunk_lr_scale": 1.0, "batchnorm": "train", "ema_half_life": 0.0,
                   "val_fraction": 0.2, "early_epoch": 2, "workers": 0, "seed": 0,
                   "parallel_runs": 1, "head_init": "random", "probe": {"C": 1.0, "max_iter": 500},
                   "augment": {"scale_min": 0.6, "hflip": True, "brightness": 0.1, "contrast": 0.1, "where": "auto"}},

@@ -180,7 +180,7 @@ def test_training_runs_with_the_augmentation_on_the_device(tmp_path) -> None:
     augment = AugmentConfig(scale_min=0.5, hflip=True, brightness=0.2, contrast=0.2, where="device")
     cfg = TrainConfig(device="cpu", precision="fp32", epochs=1, batch_size=8, optimizer="sgd", lr=0.01,
                       momentum=0.9, weight_decay=0.0, warmup_epochs=0, label_smoothing=0.0, clip_grad_norm=0.0,
-                      trunk_lr_scale=1.0, batchnorm="train", workers=0, seed=0, augment=augment,
+                      trunk_lr_scale=1.0, batchnorm="train", ema_half_life=0.0, workers=0, seed=0, augment=augment,
                       val_fraction=0.2, early_epoch=1, parallel_runs=1,
                       head_init="random", probe=ProbeConfig(C=1.0, max_iter=100))
     model, history = train_classifier(df, df[:8], images_dir=tmp_path, num_classes=2,

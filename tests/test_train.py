@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 from conftest import run_train_naive
 
 from stages.lib import atomic, engine, runtime
@@ -55,7 +56,14 @@ def test_tiny_training_writes_a_usable_model(tiny_pipeline: Path) -> None:
     assert any(not torch.equal(a, b) for a, b in zip(early.values(), final.values()))
 
 
-def test_resume_after_interruption_equals_uninterrupted_run(tiny_pipeline: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("ema_half_life", [0.0, 1.0])
+def test_resume_after_interruption_equals_uninterrupted_run(tiny_pipeline: Path, monkeypatch,
+                                                            ema_half_life: float) -> None:
+    """With an average of the weights too: the checkpoint carries the average, or the resumed model
+    would average only the epochs after the interruption."""
+    params = yaml.safe_load((tiny_pipeline / "params.yaml").read_text())
+    params["train"]["ema_half_life"] = ema_half_life
+    (tiny_pipeline / "params.yaml").write_text(yaml.safe_dump(params))
     run_stage(tiny_pipeline, "models/straight")
     monkeypatch.setenv(engine.STOP_ENV, "2")
     with pytest.raises(engine.TrainingInterrupted):
@@ -213,6 +221,56 @@ def test_bad_choices_are_refused() -> None:
                                SimpleNamespace(optimizer="rmsprop", lr=0.1, momentum=0.9, weight_decay=0.0))
     with pytest.raises(ValueError, match="device"):
         runtime.choose_device("tpu")
+
+
+def _ema_run(half_life: float, seen: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """fit() on a linear regression of 4 steps an epoch for 3 epochs; ``seen`` collects the weights
+    each step starts from."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 3)
+    y = x @ torch.tensor([1.0, -2.0, 0.5])
+
+    class Rows(torch.utils.data.Dataset):  # indexed by the training sampler's (index, epoch)
+        def __len__(self) -> int:
+            return len(x)
+
+        def __getitem__(self, item: tuple[int, int]):
+            return x[item[0]], y[item[0]]
+
+    data = Rows()
+    loader = engine.make_loader(data, batch_size=16, train=True, seed=0, workers=0, device=torch.device("cpu"))
+    model = torch.nn.Linear(3, 1, bias=False)
+
+    def loss_fn(model, batch, ctx):
+        if seen is not None:
+            seen.append(model.weight.detach().clone())
+        inputs, targets = batch
+        loss = ((model(inputs).squeeze(1) - targets) ** 2).mean()
+        return loss, {"loss": loss.detach()}, len(targets)
+
+    cfg = SimpleNamespace(epochs=3, optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=0.0, trunk_lr_scale=1.0,
+                          warmup_epochs=0, ema_half_life=half_life)
+    ctx = engine.RunContext(device=torch.device("cpu"), amp_dtype=None, channels_last=False)
+    engine.fit(model, loss_fn, loader, None, cfg, ctx)
+    return model.weight.detach().clone()
+
+
+def test_the_returned_model_is_the_moving_average_of_every_steps_weights() -> None:
+    """train.ema_half_life: the model fit() returns is the exponential moving average of the weights
+    after each of its 12 steps, with a step's weight halving every half-life (in epochs: 4 steps here)."""
+    seen: list[torch.Tensor] = []
+    last = _ema_run(0.0, seen)  # the plain run: the EMA does not change the training itself
+    after_steps = seen[1:] + [last]  # the weights after steps 1..12
+    decay = 0.5 ** (1 / (0.5 * 4))
+    assert engine.ema_decay(0.5, 4) == pytest.approx(decay)
+    expected = after_steps[0]  # torch's AveragedModel starts from the first update's weights
+    for weights in after_steps[1:]:
+        expected = decay * expected + (1 - decay) * weights
+    averaged = _ema_run(0.5)
+    assert torch.allclose(averaged, expected, atol=1e-6)
+    assert not torch.allclose(averaged, last, atol=1e-3)
+    with pytest.raises(ValueError, match="ema_half_life"):
+        engine.ema_decay(0.0, 4)
 
 
 def test_step_budget_gives_smaller_sets_more_epochs() -> None:

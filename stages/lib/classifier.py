@@ -105,6 +105,8 @@ class OptimConfig(Section):
     # batchnorm: frozen keeps its BatchNorm layers' running statistics (their affine weights still train)
     trunk_lr_scale: float
     batchnorm: Literal["train", "frozen"]
+    # an exponential moving average of the weights (engine.build_ema), its half-life in epochs; 0: none
+    ema_half_life: float
     workers: int
     seed: int
     augment: AugmentConfig
@@ -114,8 +116,9 @@ class OptimConfig(Section):
         if self.epochs < 1 or self.batch_size < 1 or self.workers < 0:  # 0 epochs would train on nothing
             raise ValueError(f"epochs must be >= 1, batch_size >= 1, workers >= 0; got {self.epochs}, "
                              f"{self.batch_size}, {self.workers}")
-        if self.lr <= 0 or self.weight_decay < 0 or self.clip_grad_norm < 0 or self.warmup_epochs < 0:
-            raise ValueError("lr must be > 0; weight_decay, clip_grad_norm and warmup_epochs >= 0")
+        if (self.lr <= 0 or self.weight_decay < 0 or self.clip_grad_norm < 0 or self.warmup_epochs < 0
+                or self.ema_half_life < 0):
+            raise ValueError("lr must be > 0; weight_decay, clip_grad_norm, warmup_epochs and ema_half_life >= 0")
         in_range("momentum", self.momentum, 0, 1)
         in_range("label_smoothing", self.label_smoothing, 0, 1)
 

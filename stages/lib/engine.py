@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset
 
 from stages.lib import batchaug
@@ -92,6 +93,26 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Any, steps_per_epoch:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def ema_decay(half_life_epochs: float, steps_per_epoch: int) -> float:
+    """The per-step decay of an exponential moving average whose weight on a step halves every
+    ``half_life_epochs`` epochs: declared in epochs, the average spans the same share of a run on the
+    sample's 30 steps an epoch and on the real data's thousands."""
+    if half_life_epochs <= 0 or steps_per_epoch < 1:
+        raise ValueError(f"ema_half_life must be > 0 and an epoch at least one step, got {half_life_epochs}, "
+                         f"{steps_per_epoch}")
+    return 0.5 ** (1.0 / (half_life_epochs * steps_per_epoch))
+
+
+def build_ema(model: nn.Module, cfg: Any, steps_per_epoch: int) -> AveragedModel | None:
+    """An exponential moving average of ``model``'s weights (``cfg.ema_half_life`` epochs; 0: none),
+    updated after every optimizer step: torch's ``AveragedModel``, BatchNorm statistics averaged too
+    (``use_buffers``). Under label noise the late steps memorise wrong labels; the average lags them."""
+    if cfg.ema_half_life == 0:
+        return None
+    decay = ema_decay(cfg.ema_half_life, steps_per_epoch)
+    return AveragedModel(unwrap(model), multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
 # ---------------------------------------------------------------- loops
 @dataclass
 class RunContext:
@@ -130,13 +151,15 @@ def classification_loss(label_smoothing: float = 0.0) -> LossFn:
 
 
 def train_one_epoch(model: nn.Module, loss_fn: LossFn, loader: DataLoader, optimizer, scheduler,
-                    scaler: torch.amp.GradScaler | None, ctx: RunContext, epoch: int) -> dict[str, float]:
+                    scaler: torch.amp.GradScaler | None, ctx: RunContext, epoch: int,
+                    ema: AveragedModel | None = None) -> dict[str, float]:
     """One pass over ``loader``; returns the sample-weighted mean of each logged value,
     images/s, and ``data_wait_s``: the seconds the step waited for its batches
     (with loader workers, only what their prefetching did not hide). On CUDA
     each batch is copied (and augmented) one step ahead on a side stream
     (``batchaug.prefetch``), so there ``data_wait_s`` is the time spent taking
-    the *next* batch from the loader and queueing its copy before each step."""
+    the *next* batch from the loader and queueing its copy before each step.
+    ``ema``, when given, takes the weights after every optimizer step."""
     model.train()
     if ctx.frozen_batchnorm:  # a pretrained trunk's running statistics, not those of small noisy batches
         for module in model.modules():
@@ -170,6 +193,8 @@ def train_one_epoch(model: nn.Module, loss_fn: LossFn, loader: DataLoader, optim
         else:
             optimizer.step()
         scheduler.step()
+        if ema is not None:
+            ema.update_parameters(unwrap(model))
         for k, v in logs.items():
             # float64 as the Python floats the sums were before (no MPS support: CPU and CUDA only)
             sums[k] = sums.get(k, 0.0) + v.detach().double() * n
@@ -228,10 +253,12 @@ def make_loader(dataset: Dataset, *, batch_size: int, train: bool, seed: int, wo
 
 # ---------------------------------------------------------------- checkpoints
 def save_checkpoint(path: Path, *, model: nn.Module, optimizer, scheduler, scaler, epoch: int,
-                    args: dict[str, Any], history: list[dict[str, float]]) -> None:
+                    args: dict[str, Any], history: list[dict[str, float]],
+                    ema: AveragedModel | None = None) -> None:
     """Atomically write a resumable checkpoint (loadable with weights_only=True)."""
     state = {
         "model": unwrap(model).state_dict(),
+        "ema": ema.state_dict() if ema is not None else None,
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
@@ -245,7 +272,8 @@ def save_checkpoint(path: Path, *, model: nn.Module, optimizer, scheduler, scale
         torch.save(state, f)
 
 
-CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "epoch", "args", "history", "rng_cpu", "rng_cuda")
+CHECKPOINT_KEYS = ("model", "ema", "optimizer", "scheduler", "scaler", "epoch", "args", "history", "rng_cpu",
+                   "rng_cuda")
 
 
 def load_checkpoint(path: Path, args: dict[str, Any], epochs: int) -> dict[str, Any] | None:
@@ -288,6 +316,10 @@ def fit(model: nn.Module, loss_fn: LossFn, train_loader: DataLoader, val_loader:
 
     ``on_epoch(epoch, metrics, model)`` runs on rank 0 after each epoch, also for
     the epochs replayed from a checkpoint (so loggers see the whole run).
+
+    With ``cfg.ema_half_life`` > 0 the run keeps an exponential moving average of the weights: validation,
+    ``on_epoch`` and the returned ``model`` (its weights replaced at the end) are the average's; the
+    checkpoint holds both, so a resumed run is the uninterrupted one.
     """
     model.to(ctx.device)
     if ctx.channels_last:
@@ -295,12 +327,15 @@ def fit(model: nn.Module, loss_fn: LossFn, train_loader: DataLoader, val_loader:
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, len(train_loader))
     scaler = torch.amp.GradScaler("cuda") if ctx.amp_dtype == torch.float16 else None
+    ema = build_ema(model, cfg, len(train_loader))
     args = args if args is not None else {}
     history: list[dict[str, float]] = []
     start_epoch = 0
     state = load_checkpoint(checkpoint, args, cfg.epochs) if checkpoint is not None else None
     if state is not None:
         model.load_state_dict(state["model"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state["scaler"] is not None:
@@ -317,25 +352,28 @@ def fit(model: nn.Module, loss_fn: LossFn, train_loader: DataLoader, val_loader:
     if dist.is_initialized():
         train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    scored = ema.module if ema is not None else model  # the weights validation and on_epoch see
     stop_after = int(os.environ.get(STOP_ENV, "0"))
     for epoch in range(start_epoch, cfg.epochs):
         train_loader.sampler.set_epoch(epoch)
         start = time.time()
         metrics = {f"train_{k}": v for k, v in train_one_epoch(
-            train_model, loss_fn, train_loader, optimizer, scheduler, scaler, ctx, epoch).items()}
+            train_model, loss_fn, train_loader, optimizer, scheduler, scaler, ctx, epoch, ema=ema).items()}
         if val_loader is not None:
-            metrics.update({f"val_{k}": v for k, v in evaluate(model, val_loader, ctx).items()})
+            metrics.update({f"val_{k}": v for k, v in evaluate(scored, val_loader, ctx).items()})
         metrics["epoch_s"] = time.time() - start
         history.append(metrics)
         log.info("epoch %d/%d %s", epoch + 1, cfg.epochs, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
         if is_main_process():
             if on_epoch is not None:
-                on_epoch(epoch, metrics, model)
+                on_epoch(epoch, metrics, scored)
             if checkpoint is not None:
                 save_checkpoint(checkpoint, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                                epoch=epoch, args=args, history=history)
+                                epoch=epoch, args=args, history=history, ema=ema)
         if dist.is_initialized():
             dist.barrier()
         if stop_after and epoch + 1 == stop_after and epoch + 1 < cfg.epochs:
             raise TrainingInterrupted(f"stopped after epoch {epoch + 1} as {STOP_ENV} asks")
+    if ema is not None:
+        model.load_state_dict(ema.module.state_dict())
     return history

@@ -13,8 +13,9 @@ For each seed S:
 3. ``final``: ``dvc repro train_naive``, then ``dvc repro make_pairs`` (timed alone: the scorer's wall
    time), then ``dvc repro``: every model of metrics.json (truth, raw, probe_truth, probe_raw, naive,
    siamese = the final model) and its data block (label precision / recall);
-4. ``contrastive0``: ``siamese.contrastive_weight: 0``, ``dvc repro`` (the fine-tune and evaluate only);
-5. ``crossfit``: the contrastive weight back, ``pairs.scorer: crossfit`` with ``pairs.crossfit_epochs``
+4. ``contrastive``: the other contrastive weight (0 where the profile has one, else 1: the profile has
+   0 since the first study), ``dvc repro`` (the fine-tune and evaluate only);
+5. ``crossfit``: the profile's contrastive weight back, ``pairs.scorer: crossfit`` with ``pairs.crossfit_epochs``
    = ``train.epochs``, ``dvc repro make_pairs`` timed, then ``dvc repro``.
 
 Every run is appended to OUT/photo_study.json as it ends (a killed study keeps what it measured; a seed
@@ -115,8 +116,8 @@ def run_seed(seed: int, photos: Path, sets: list[str], log: Path) -> list[dict[s
         total = _run(["dvc", "repro"], tree, log)
         runs.append(_measure(tree, "final", seed, make_pairs_s=pairs_s, seconds=total))
         weight = params["siamese"]["contrastive_weight"]
-        _apply(tree, {"siamese": {"contrastive_weight": 0.0}}, log)
-        runs.append(_measure(tree, "contrastive0", seed, seconds=_run(["dvc", "repro"], tree, log)))
+        _apply(tree, {"siamese": {"contrastive_weight": 0.0 if weight else 1.0}}, log)
+        runs.append(_measure(tree, "contrastive", seed, seconds=_run(["dvc", "repro"], tree, log)))
         _apply(tree, {"siamese": {"contrastive_weight": weight},
                       "pairs": {"scorer": "crossfit", "crossfit_epochs": params["train"]["epochs"]}}, log)
         pairs_s = _run(["dvc", "repro", "make_pairs"], tree, log)
@@ -149,9 +150,12 @@ def report(runs: list[dict], pilot: list[dict]) -> str:
     """reports/photo_study.md from the runs, and the pilot's ``lpft`` rows (reports/photo_pilot.json: the
     same releases, a random head, lr 0.01 with the trunk at 0.1x, BatchNorm frozen) for the recipe's
     paired difference."""
-    final, c0, cf = _by(runs, "final"), _by(runs, "contrastive0"), _by(runs, "crossfit")
+    final, cf = _by(runs, "final"), _by(runs, "crossfit")
+    # the final fine-tune with the other contrastive weight ("contrastive0" in the first study's runs)
+    other = _by(runs, "contrastive") | _by(runs, "contrastive0")
     seeds = sorted(final)
-    rows = ["| seed | truth | raw | naive | final | probe_truth | probe_raw | final, contrastive 0 | final, crossfit "
+    rows = ["| seed | truth | raw | naive | final | probe_truth | probe_raw | final, other contrastive weight | "
+            "final, crossfit "
             "scorer | gap recovery | label filter P / R (features) | P / R (crossfit) | make_pairs s (features / "
             "crossfit) |", "|" + "---|" * 13]
     diffs: dict[str, list[float]] = {}
@@ -164,7 +168,8 @@ def report(runs: list[dict], pilot: list[dict]) -> str:
         gap = (t["siamese"] - t["raw"]) / (t["truth"] - t["raw"]) if t["truth"] != t["raw"] else float("nan")
         lf, lc = final[s]["label_filter"], cf[s]["label_filter"] if s in cf else None
         cells = [str(s), *(f"{t[m]:.3f}" for m in ("truth", "raw", "naive", "siamese", "probe_truth", "probe_raw")),
-                 f"{c0[s]['top1']['siamese']:.3f}" if s in c0 else "n/a",
+                 f"{other[s]['top1']['siamese']:.3f} (weight {other[s]['contrastive_weight']:g})"
+                 if s in other else "n/a",
                  f"{cf[s]['top1']['siamese']:.3f}" if s in cf else "n/a", f"{gap:.2f}",
                  f"{lf['precision']:.3f} / {lf['recall']:.3f}",
                  f"{lc['precision']:.3f} / {lc['recall']:.3f}" if lc else "n/a",
@@ -180,8 +185,10 @@ def report(runs: list[dict], pilot: list[dict]) -> str:
         add("gap recovery", gap)
         add("label precision (features)", lf["precision"])
         add("label recall (features)", lf["recall"])
-        if s in c0:
-            add("final − final with contrastive 0", t["siamese"] - c0[s]["top1"]["siamese"])
+        if s in other:  # with the term minus without, whichever of the two the profile has
+            with_term, without = ((final[s], other[s]) if final[s]["contrastive_weight"] else (other[s], final[s]))
+            add(f"contrastive weight {with_term['contrastive_weight']:g} − 0",
+                with_term["top1"]["siamese"] - without["top1"]["siamese"])
         if s in cf:
             add("final − final with the crossfit scorer", t["siamese"] - cf[s]["top1"]["siamese"])
             add("label precision, features − crossfit", lf["precision"] - lc["precision"])
@@ -213,8 +220,8 @@ def report(runs: list[dict], pilot: list[dict]) -> str:
         "the weights were trained on: read differences, not absolute accuracy.",
         "",
         "`final` is the siamese fine-tune (pairs.filter cleanlab on the features scorer's out-of-fold "
-        f"probabilities; siamese.contrastive_weight {weights}); `contrastive 0` the same fine-tune with "
-        "`siamese.contrastive_weight: 0`; `crossfit "
+        f"probabilities; siamese.contrastive_weight {weights}); `other contrastive weight` the same fine-tune "
+        "with the other `siamese.contrastive_weight` (1 where the profile has 0, else 0); `crossfit "
         "scorer` the final pipeline with `pairs.scorer: crossfit` (3 fine-tuned folds of `train.epochs` epochs). "
         "`make_pairs s` is the stage's wall time alone on 2 CPU cores. Gap recovery: (final − raw) / (truth − raw).",
         "",

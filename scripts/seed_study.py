@@ -20,6 +20,9 @@ seed. Configurations:
   threshold  the same with pairs.filter: threshold (the paper's p(label) >= min_prob)
   <filter>_ce  the same as <filter> with siamese.contrastive_weight 0: <filter> -
              <filter>_ce is the contrastive loss's own share
+  naive_ema  naive with train.ema_half_life --ema-half-life: an average of the weights
+  cleanlab_ema  cleanlab whose fine-tune has siamese.ema_half_life --ema-half-life (the
+             same naive model and scorer as cleanlab: the difference is the average's)
   paper      the paper's recipe end to end: click-count filter min_clicks 2, min_share 0.7
              (the pipeline's defaults before this study), naive on those labels, the
              threshold filter, the siamese fine-tuning
@@ -63,21 +66,28 @@ from stages.lib.testset import evaluate_model, read_test_set
 from stages.lib.tracking import save_model
 from stages.lib.weaklabels import find_weak_labels
 
-CONFIGS = ("truth", "raw", "naive", "cleanlab", "cleanlab_ce", "relabel", "relabel_ce", "threshold", "threshold_ce",
-           "paper")
+CONFIGS = ("truth", "raw", "naive", "naive_ema", "cleanlab", "cleanlab_ce", "cleanlab_ema", "relabel", "relabel_ce",
+           "threshold", "threshold_ce", "paper")
+VARIANTS = ("_ce", "_ema")  # <filter><variant>: the same filter, another fine-tune
 REFERENCES = {"truth": "truth", "raw": "raw"}  # config -> label set
 DEFAULT_CONFIGS = ("truth", "raw", "naive", "cleanlab", "relabel", "relabel_ce", "paper")
 # the label filter of each fine-tuned configuration on the pipeline's click labels
-FILTERS = {name: name.removesuffix("_ce") for name in CONFIGS if name.removesuffix("_ce") in
-           ("cleanlab", "relabel", "threshold")}
+def _filter_of(name: str) -> str:
+    for variant in VARIANTS:
+        name = name.removesuffix(variant)
+    return name
+
+
+FILTERS = {name: _filter_of(name) for name in CONFIGS if _filter_of(name) in ("cleanlab", "relabel", "threshold")}
 # the paper's click-count filter (the defaults before the relabelling filter): see `paper`
 PAPER_CLICK_FILTER = {"min_clicks": 2, "min_share": 0.7}
 # differences reported, paired by seed: (minuend, subtrahend)
 DIFFERENCES = (("cleanlab", "raw"), ("cleanlab", "naive"), ("relabel", "raw"), ("relabel", "naive"),
                ("paper", "raw"), ("threshold", "raw"), ("cleanlab", "relabel"), ("cleanlab", "paper"),
                ("relabel", "paper"), ("cleanlab", "cleanlab_ce"), ("relabel", "relabel_ce"),
-               ("threshold", "threshold_ce"), ("naive", "raw"), ("truth", "raw"))
-GAP_CONFIGS = ("cleanlab", "relabel", "paper", "threshold")  # gap recovery (x - raw) / (truth - raw)
+               ("threshold", "threshold_ce"), ("cleanlab_ema", "cleanlab"), ("naive_ema", "naive"),
+               ("cleanlab_ema", "raw"), ("naive", "raw"), ("truth", "raw"))
+GAP_CONFIGS = ("cleanlab", "cleanlab_ema", "relabel", "paper", "threshold")  # gap recovery (x - raw) / (truth - raw)
 log = logging.getLogger("seed_study")
 
 
@@ -128,7 +138,7 @@ class Study:
         return path, model, plan, info
 
 
-def run_seed(study: Study, seed: int, configs: list[str]) -> list[dict[str, Any]]:
+def run_seed(study: Study, seed: int, configs: list[str], ema_half_life: float) -> list[dict[str, Any]]:
     train_cfg = study.params["train"].replace(seed=seed)
     rows = []
     for name in [c for c in configs if c in ("truth", "raw")]:
@@ -142,15 +152,22 @@ def run_seed(study: Study, seed: int, configs: list[str]) -> list[dict[str, Any]
     pipeline = {c: FILTERS[c] for c in FILTERS if c in configs}
     if "naive" in configs or pipeline:
         click = load_labels(study.data / "filtered" / layout.LABELS)
-        rows += naive_and_fine_tuned("naive", click, seed, pipeline, study, train_cfg, "naive" in configs)
+        rows += naive_and_fine_tuned("naive", click, seed, pipeline, study, train_cfg, "naive" in configs,
+                                     ema_half_life)
+    if "naive_ema" in configs:
+        start = time.time()
+        click = load_labels(study.data / "filtered" / layout.LABELS)
+        path, *_ = study.naive_recipe("naive_ema", click[click["label"] >= 0],
+                                      train_cfg.replace(ema_half_life=ema_half_life))
+        rows.append(study.score("naive_ema", path, seed, start, ema_half_life=ema_half_life))
     if "paper" in configs:
         rows += naive_and_fine_tuned("paper_naive", study.paper_click_labels(), seed, {"paper": "threshold"},
-                                     study, train_cfg, False)
+                                     study, train_cfg, False, ema_half_life)
     return rows
 
 
 def naive_and_fine_tuned(naive_name: str, labels: pd.DataFrame, seed: int, fine: dict[str, str], study: Study,
-                         train_cfg: TrainConfig, score_naive: bool) -> list[dict[str, Any]]:
+                         train_cfg: TrainConfig, score_naive: bool, ema_half_life: float) -> list[dict[str, Any]]:
     """train_naive on ``labels``, then make_pairs (out-of-fold probabilities
     once, then each configuration's filter) and train_siamese, as the stages do."""
     params, rows = study.params, []
@@ -180,6 +197,8 @@ def naive_and_fine_tuned(naive_name: str, labels: pd.DataFrame, seed: int, fine:
         cfg = params["siamese"].replace(seed=seed)
         if name.endswith("_ce"):
             cfg = cfg.replace(contrastive_weight=0.0)
+        if name.endswith("_ema"):
+            cfg = cfg.replace(ema_half_life=ema_half_life)
         model, meta = siamese_from_naive(naive_path, cfg)
         fit_siamese(model, meta, clean, pairs, plan.val, images_dir=study.images, index=study.index, cfg=cfg)
         path = study.tmp / f"{name}-{seed}.pt"
@@ -242,6 +261,8 @@ def main() -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--data", type=Path, default=Path("data"))
     p.add_argument("--out", type=Path, default=Path("reports"))
+    p.add_argument("--ema-half-life", type=float, default=1.0,
+                   help="train/siamese.ema_half_life (epochs) of the *_ema configurations")
     p.add_argument("--summarize", action="store_true", help="only rewrite seed_study.md from seed_study.json")
     args = p.parse_args()
     if args.summarize:
@@ -255,7 +276,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         study = Study(args.data, params, Path(tmp))
         for seed in args.seeds:
-            runs += run_seed(study, seed, args.configs)
+            runs += run_seed(study, seed, args.configs, args.ema_half_life)
             args.out.mkdir(parents=True, exist_ok=True)  # after every seed: a long study can be read early
             (args.out / "seed_study.json").write_text(json.dumps(runs, indent=2))
             (args.out / "seed_study.md").write_text(summary_table(pd.DataFrame(runs)))

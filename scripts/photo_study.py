@@ -247,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report:
         if args.photos is None:
             parser.error("--photos is required to run the study")
+        args.out.mkdir(parents=True, exist_ok=True)  # before an hour of runs, not after the first seed's
         log = Path(f"/tmp/photo_study_{os.getpid()}.log")
         for seed in args.seeds:
             if any(r["seed"] == seed for r in runs):

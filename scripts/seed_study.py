@@ -204,7 +204,8 @@ def naive_and_fine_tuned(naive_name: str, labels: pd.DataFrame, seed: int, fine:
         path = study.tmp / f"{name}-{seed}.pt"
         save_model(path, model, backbone=meta["backbone"], image_size=meta["image_size"], classes=study.classes)
         rows.append(study.score(name, path, seed, start, filter=method, clean_images=len(clean),
-                                label_precision=quality.get("precision"), label_recall=quality.get("recall")))
+                                label_precision=quality.get("precision"), label_recall=quality.get("recall"),
+                                distractors=quality.get("distractors")))
     return rows
 
 
@@ -223,6 +224,8 @@ def summary_table(runs: pd.DataFrame) -> str:
         quality = "–"
         if "label_precision" in r and r["label_precision"].notna().any():
             quality = f"{r['label_precision'].mean():.3f} / {r['label_recall'].mean():.3f}"
+            if "distractors" in r and r["distractors"].notna().any():  # non-dogs still labelled (runs since 12-04)
+                quality += f" ({r['distractors'].mean():.0f} distractors)"
         lines.append(f"| {name} | {len(r)} | {_mean_se(r['top1'])} | {_mean_se(r['mean_class_accuracy'])} "
                      f"| {_mean_se(r['top5'])} | {quality} |")
     return "\n".join(lines) + "\n\n" + paired_differences(runs)

@@ -109,7 +109,7 @@ def tree(tmp_path: Path) -> Path:
     (filtered / layout.REPORT).write_text(json.dumps({
         "images": {"decoded_train": 14, "raw_labelled": 14, "kept": 12,
                    "dropped": {"too_few_clicks": 1, "ambiguous": 1, "no_decoded_image": 1}},
-        "quality": {"raw": {"precision": 0.857, "recall": 1.0}, "filtered": {"precision": 0.917, "recall": 0.9}}}))
+        "quality": {"raw": {"precision": 0.857, "recall": 1.0}, "filtered": {"precision": 0.917, "recall": 0.9, "distractors": 2}}}))
     pairs = tmp_path / "data/pairs"
     clean = [row + (0.9,) for row in labels[2:]]
     _tsv(pairs / "clean.tsv", clean, ["key", "label", "breed", "clicks", "share", "p_label"])
@@ -119,7 +119,7 @@ def tree(tmp_path: Path) -> Path:
         "scorer": "early", "filter": "relabel", "min_prob": 0.2,
         "images": {"click_filtered": 12, "clean": 10, "dropped": 2, "relabelled": 1,
                    "status": {"kept": 9, "relabelled": 1, "label_issue": 2}},
-        "label_quality": {"label_filter": {"images": 10, "precision": 1.0, "recall": 0.9}}}))
+        "label_quality": {"label_filter": {"images": 10, "precision": 1.0, "recall": 0.9, "distractors": 0}}}))
     _write_model(tmp_path / "models/naive/model.pt")
     _write_model(tmp_path / "models/siamese/model.pt", embedding_dim=8)
     # the raw and truth references are the same weights: no gap to recover, on every machine (the formula
@@ -172,8 +172,9 @@ def test_evaluate_end_to_end(tree: Path):
     assert top1["truth"] == top1["raw"]  # the same weights
     assert comp["gap_recovery"] == {"top1": None, "mean_class_accuracy": None}  # undefined, not a division by 0
     data = metrics["data"]
-    assert data["click_filter"] == {"images": 12, "precision": 0.917, "recall": 0.9}
-    assert data["prob_filter"] == {"images": 10, "relabelled": 1, "precision": 1.0, "recall": 0.9}
+    # the non-dogs still labelled after each filter (none is a number: 0 kept)
+    assert data["click_filter"] == {"images": 12, "precision": 0.917, "recall": 0.9, "distractors": 2}
+    assert data["prob_filter"] == {"images": 10, "relabelled": 1, "precision": 1.0, "recall": 0.9, "distractors": 0}
     assert data["test"]["labelled"] == 9 and data["test"]["not_decoded"] == 1
     assert list(table.columns) == ["breed", "support"] + [f"{m}_{c}" for m in ("naive", "siamese", "raw", "truth")
                                                           for c in ("precision", "recall")]

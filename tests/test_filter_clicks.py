@@ -265,8 +265,8 @@ def test_label_quality_definitions():
     # make_pairs' form (label tables, labels possibly changed) gives the same numbers
     for name, table in (("raw", weak.raw), ("filtered", weak.kept)):
         t = table_quality(table, weak.raw, truth)
-        assert (t["images"], t["correct"], t["precision"], t["recall"]) == \
-            (q[name]["labelled"], q[name]["correct"], q[name]["precision"], q[name]["recall"])
+        assert (t["images"], t["correct"], t["distractors"], t["precision"], t["recall"]) == \
+            (q[name]["labelled"], q[name]["correct"], q[name]["distractors"], q[name]["precision"], q[name]["recall"])
     # rounded as label_quality rounds (metrics.json showed 0.8844519966015293 beside 0.6605)
     thirds = table_quality(weak.raw[weak.raw["key"].isin(["keep", "keep2", "tie"])], weak.raw, truth)
     assert thirds["precision"] == 0.3333

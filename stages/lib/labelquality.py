@@ -73,13 +73,14 @@ def table_quality(kept: pd.DataFrame, raw: pd.DataFrame, truth: pd.Series) -> di
     breed) that is not a filter_clicks result, e.g. make_pairs' clean set,
     whose labels may have been changed: precision = share of ``kept`` images
     whose label is the true breed; recall = among correctly clicked images
-    (``raw``'s top-clicked breed == true breed), the share that is kept."""
+    (``raw``'s top-clicked breed == true breed), the share that is kept;
+    ``distractors``: kept images that are not dogs."""
     kept_true = kept["key"].map(truth)
     correct_raw = set(raw.loc[raw["breed"].to_numpy() == raw["key"].map(truth).to_numpy(), "key"])
     n_correct = int((kept["breed"].to_numpy() == kept_true.to_numpy()).sum())
     n_known = int(kept_true.notna().sum())  # images without a truth entry do not count
     kept_keys = set(kept["key"])
-    return {"images": len(kept), "correct": n_correct,
+    return {"images": len(kept), "correct": n_correct, "distractors": int((kept_true == DISTRACTOR).sum()),
             "precision": _ratio(n_correct, n_known),
             "recall": _ratio(len(correct_raw & kept_keys), len(correct_raw))}
 

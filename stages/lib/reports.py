@@ -37,25 +37,26 @@ def read_json(path: Path) -> dict[str, Any]:
 def data_block(filter_report: dict[str, Any], pairs_report: dict[str, Any],
                test_counts: dict[str, int]) -> dict[str, Any]:
     """Images left after each filter and, where the reports have it (truth.tsv
-    exists), label precision and recall after each filter."""
+    exists), label precision, recall and the distractors (non-dogs) still
+    labelled after each filter."""
     images = filter_report.get("images", {})
     quality = filter_report.get("quality") or {}
     steps: dict[str, dict[str, Any]] = {
         "decoded_train": {"images": images.get("decoded_train")},
-        "raw_clicks": {"images": images.get("raw_labelled"), **_precision_recall(quality.get("raw"))},
-        "click_filter": {"images": images.get("kept"), **_precision_recall(quality.get("filtered"))},
+        "raw_clicks": {"images": images.get("raw_labelled"), **_label_numbers(quality.get("raw"))},
+        "click_filter": {"images": images.get("kept"), **_label_numbers(quality.get("filtered"))},
     }
     prob_quality = (pairs_report.get("label_quality") or {}).get("label_filter")
     steps["prob_filter"] = {"images": pairs_report.get("images", {}).get("clean"),
                             "relabelled": pairs_report.get("images", {}).get("relabelled"),
-                            **_precision_recall(prob_quality)}
+                            **_label_numbers(prob_quality)}
     out = {k: {m: v for m, v in step.items() if v is not None} for k, step in steps.items()}
     return {**{k: v for k, v in out.items() if v}, "test": test_counts}
 
 
-def _precision_recall(quality: dict[str, Any] | None) -> dict[str, Any]:
+def _label_numbers(quality: dict[str, Any] | None) -> dict[str, Any]:
     quality = quality or {}
-    return {"precision": quality.get("precision"), "recall": quality.get("recall")}
+    return {k: quality.get(k) for k in ("precision", "recall", "distractors")}
 
 
 def digest_test_set(test: pd.DataFrame) -> str:

@@ -109,7 +109,8 @@ def tree(tmp_path: Path) -> Path:
     (filtered / layout.REPORT).write_text(json.dumps({
         "images": {"decoded_train": 14, "raw_labelled": 14, "kept": 12,
                    "dropped": {"too_few_clicks": 1, "ambiguous": 1, "no_decoded_image": 1}},
-        "quality": {"raw": {"precision": 0.857, "recall": 1.0}, "filtered": {"precision": 0.917, "recall": 0.9, "distractors": 2}}}))
+        "quality": {"raw": {"precision": 0.857, "recall": 1.0},
+                    "filtered": {"precision": 0.917, "recall": 0.9, "distractors": 2}}}))
     pairs = tmp_path / "data/pairs"
     clean = [row + (0.9,) for row in labels[2:]]
     _tsv(pairs / "clean.tsv", clean, ["key", "label", "breed", "clicks", "share", "p_label"])
@@ -187,7 +188,7 @@ def test_evaluate_end_to_end(tree: Path):
         with Image.open(out / "figures" / png) as img:
             assert img.format == "PNG" and img.size[0] > 100
     ablation = (out / "ablation.md").read_text()
-    assert "| click filter | 12 | 0.917 | 0.900 |" in ablation
+    assert "| click filter | 12 | 0.917 | 0.900 | 2 |" in ablation
     assert "| label filter (relabel, early scorer) | label_issue | 2 |" in ablation
     assert "| label filter (relabel, early scorer) | relabelled | 1 |" in ablation
     assert "| siamese − raw |" in ablation and "| siamese − naive |" in ablation

@@ -65,9 +65,11 @@ def results_block(reports: Path) -> str:
     study = reports / "seed_study.md"
     if study.is_file():
         parts += ["#### Seed study (test set, mean ± standard error over seeds)", "",
-                  "From `python scripts/seed_study.py` (`reports/seed_study.json` has every run). It was run before "
-                  "`train.parallel_runs` (each cross-fitting fold then trained on 2 threads, now on 1: single runs "
-                  "differ; the study has not been re-run on this code).", "",
+                  "From `python scripts/seed_study.py` (`reports/seed_study.json` has every run, each with its "
+                  "date and commit). The truth and raw rows are the 2026-11-27 runs: their training code has not "
+                  "changed since (raw at seed 0, re-run on 2026-12-04, gave the same top-1 and top-5); the earlier "
+                  "study's relabel and paper configurations are in "
+                  "[reports/seed_study_2026-11-27.md](reports/seed_study_2026-11-27.md).", "",
                   study.read_text(encoding="utf-8")]
     photo = reports / "photo_study.md"
     if photo.is_file():

@@ -94,8 +94,9 @@ log = logging.getLogger("seed_study")
 class Study:
     """The pipeline's inputs and params, shared by every seed."""
 
-    def __init__(self, data: Path, params: dict[str, Any], tmp: Path) -> None:
+    def __init__(self, data: Path, params: dict[str, Any], tmp: Path, ema_half_life: float) -> None:
         self.data, self.params, self.tmp = data, params, tmp
+        self.ema_half_life = ema_half_life  # of the *_ema configurations
         self.images = data / "images"
         self.index = read_index(self.images)
         self.keys = train_keys(self.index)
@@ -138,7 +139,7 @@ class Study:
         return path, model, plan, info
 
 
-def run_seed(study: Study, seed: int, configs: list[str], ema_half_life: float) -> list[dict[str, Any]]:
+def run_seed(study: Study, seed: int, configs: list[str]) -> list[dict[str, Any]]:
     train_cfg = study.params["train"].replace(seed=seed)
     rows = []
     for name in [c for c in configs if c in ("truth", "raw")]:
@@ -150,24 +151,22 @@ def run_seed(study: Study, seed: int, configs: list[str], ema_half_life: float) 
         path, *_ = study.naive_recipe(name, labels, train_cfg)
         rows.append(study.score(name, path, seed, start))
     pipeline = {c: FILTERS[c] for c in FILTERS if c in configs}
+    click = load_labels(study.data / "filtered" / layout.LABELS)
     if "naive" in configs or pipeline:
-        click = load_labels(study.data / "filtered" / layout.LABELS)
-        rows += naive_and_fine_tuned("naive", click, seed, pipeline, study, train_cfg, "naive" in configs,
-                                     ema_half_life)
+        rows += naive_and_fine_tuned("naive", click, seed, pipeline, study, train_cfg, "naive" in configs)
     if "naive_ema" in configs:
         start = time.time()
-        click = load_labels(study.data / "filtered" / layout.LABELS)
         path, *_ = study.naive_recipe("naive_ema", click[click["label"] >= 0],
-                                      train_cfg.replace(ema_half_life=ema_half_life))
-        rows.append(study.score("naive_ema", path, seed, start, ema_half_life=ema_half_life))
+                                      train_cfg.replace(ema_half_life=study.ema_half_life))
+        rows.append(study.score("naive_ema", path, seed, start, ema_half_life=study.ema_half_life))
     if "paper" in configs:
         rows += naive_and_fine_tuned("paper_naive", study.paper_click_labels(), seed, {"paper": "threshold"},
-                                     study, train_cfg, False, ema_half_life)
+                                     study, train_cfg, False)
     return rows
 
 
 def naive_and_fine_tuned(naive_name: str, labels: pd.DataFrame, seed: int, fine: dict[str, str], study: Study,
-                         train_cfg: TrainConfig, score_naive: bool, ema_half_life: float) -> list[dict[str, Any]]:
+                         train_cfg: TrainConfig, score_naive: bool) -> list[dict[str, Any]]:
     """train_naive on ``labels``, then make_pairs (out-of-fold probabilities
     once, then each configuration's filter) and train_siamese, as the stages do."""
     params, rows = study.params, []
@@ -198,7 +197,7 @@ def naive_and_fine_tuned(naive_name: str, labels: pd.DataFrame, seed: int, fine:
         if name.endswith("_ce"):
             cfg = cfg.replace(contrastive_weight=0.0)
         if name.endswith("_ema"):
-            cfg = cfg.replace(ema_half_life=ema_half_life)
+            cfg = cfg.replace(ema_half_life=study.ema_half_life)
         model, meta = siamese_from_naive(naive_path, cfg)
         fit_siamese(model, meta, clean, pairs, plan.val, images_dir=study.images, index=study.index, cfg=cfg)
         path = study.tmp / f"{name}-{seed}.pt"
@@ -277,9 +276,9 @@ def main() -> None:
     params = load_sections(model=ModelConfig, train=TrainConfig, pairs=PairsConfig, siamese=SiameseConfig)
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        study = Study(args.data, params, Path(tmp))
+        study = Study(args.data, params, Path(tmp), args.ema_half_life)
         for seed in args.seeds:
-            runs += run_seed(study, seed, args.configs, args.ema_half_life)
+            runs += run_seed(study, seed, args.configs)
             args.out.mkdir(parents=True, exist_ok=True)  # after every seed: a long study can be read early
             (args.out / "seed_study.json").write_text(json.dumps(runs, indent=2))
             (args.out / "seed_study.md").write_text(summary_table(pd.DataFrame(runs)))

@@ -23,6 +23,7 @@ from stages.lib.atomic import atomic_file
 from stages.lib.classifier import ModelConfig, TrainConfig
 from stages.lib.decoding import DecodeConfig
 from stages.lib.fetch import DataConfig
+from stages.lib.galleries import GalleriesConfig
 from stages.lib.imagecache import CacheConfig
 from stages.lib.labelsets import ReferenceConfig
 from stages.lib.metriccheck import CheckConfig
@@ -34,7 +35,8 @@ from stages.lib.weaklabels import FilterConfig
 
 SECTIONS = {"data": DataConfig, "decode": DecodeConfig, "filter": FilterConfig, "cache": CacheConfig,
             "model": ModelConfig, "train": TrainConfig, "pairs": PairsConfig, "siamese": SiameseConfig,
-            "reference": ReferenceConfig, "evaluate": EvaluateConfig, "check": CheckConfig}
+            "reference": ReferenceConfig, "evaluate": EvaluateConfig, "galleries": GalleriesConfig,
+            "check": CheckConfig}
 FREE = {("data", "files"), ("filter", "aliases")}  # mappings whose keys are the user's (file roles, words)
 
 

@@ -23,15 +23,16 @@ from stages.lib.atomic import TMP_TAG, exit_on_sigterm, remove_stale_temporaries
 from stages.lib.layout import WEIGHTS_DIR
 
 ORDER = ["download", "decode", "filter_clicks", "train_naive", "train_references", "make_pairs", "train_siamese",
-         "evaluate"]
+         "evaluate", "galleries"]
 # param (section, key, new value) -> the stages `dvc repro --dry` must plan to run (in any order)
 CASES = [
     (("siamese", "margin", 0.77), ["train_siamese", "evaluate"]),
     (("decode", "jpeg_quality", 77), ORDER[1:]),
     (("filter", "min_clicks", 7), ORDER[2:]),
-    (("pairs", "relabel_min_prob", 0.77), ["make_pairs", "train_siamese", "evaluate"]),
+    (("pairs", "relabel_min_prob", 0.77), ["make_pairs", "train_siamese", "evaluate", "galleries"]),
     (("reference", "labels", ["raw"]), ["train_references", "evaluate"]),
-    (("evaluate", "gallery_per_reason", 7), ["evaluate"]),
+    (("evaluate", "batch_size", 77), ["evaluate"]),
+    (("galleries", "per_reason", 7), ["galleries"]),  # redrawn without re-running the label filter's scorer
 ]
 
 

@@ -101,7 +101,9 @@ class Study:
         self.index = read_index(self.images)
         self.keys = train_keys(self.index)
         self.classes = json.loads((data / "filtered" / layout.CLASSES).read_text())
-        self.test, _ = read_test_set(data / "raw", self.index)
+        self.test_images = data / "test_images"  # decode's second output
+        self.test_index = read_index(self.test_images)
+        self.test, _ = read_test_set(data / "raw", self.test_index)
         truth_path = data / "raw" / layout.TRUTH
         self.truth = read_truth(truth_path) if truth_path.is_file() else None
         self.raw_labels = self.labels("raw")
@@ -123,7 +125,8 @@ class Study:
                          classes=self.classes, train_keys=self.keys)
 
     def score(self, name: str, path: Path, seed: int, start: float, **extra: Any) -> dict[str, Any]:
-        result = evaluate_model(name, path, self.test, self.images, self.index, device="cpu", batch_size=256)
+        result = evaluate_model(name, path, self.test, self.test_images, self.test_index, device="cpu",
+                                batch_size=256)
         row = {"config": name, "seed": seed, **{k: result.block[k] for k in ("top1", "top5", "mean_class_accuracy")},
                "seconds": round(time.time() - start, 1), **extra}
         log.info("seed %d %s: %s", seed, name, row)

@@ -18,13 +18,13 @@ import numpy as np
 import pandas as pd
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
-FIGURES = [
-    ("per_class_accuracy.png", "Per-class test accuracy of every model"),
-    ("confusion_naive.png", "Naive model: confusion on the test set"),
-    ("confusion_siamese.png", "Siamese model: confusion on the test set"),
-    ("confusion_raw.png", "Raw-click reference: confusion on the test set"),
-    ("gallery_click_filter.png", "What the click filter kept and dropped"),
-    ("gallery_prob_filter.png", "What the label filter kept and dropped"),
+FIGURES = [  # under reports/: evaluate's figures, the galleries stage's PNGs
+    ("figures/per_class_accuracy.png", "Per-class test accuracy of every model"),
+    ("figures/confusion_naive.png", "Naive model: confusion on the test set"),
+    ("figures/confusion_siamese.png", "Siamese model: confusion on the test set"),
+    ("figures/confusion_raw.png", "Raw-click reference: confusion on the test set"),
+    ("galleries/gallery_click_filter.png", "What the click filter kept and dropped"),
+    ("galleries/gallery_prob_filter.png", "What the label filter kept and dropped"),
 ]
 
 
@@ -78,7 +78,7 @@ def results_block(reports: Path) -> str:
                   "ImageNet weights, `profiles/photos-cpu.yaml`; every run and the per-seed table in "
                   "[reports/photo_study.md](reports/photo_study.md).", "", photo_differences(photo), ""]
     sweep = reports / "sweep" / "filter_sweep.png"
-    figures = [(f"figures/{name}", alt) for name, alt in FIGURES if (reports / "figures" / name).is_file()]
+    figures = [(path, alt) for path, alt in FIGURES if (reports / path).is_file()]
     if sweep.is_file():
         figures.append(("sweep/filter_sweep.png", "Click filter: label precision against images kept"))
     parts += ["#### Figures", ""] + [f"![{alt}](reports/{path})" for path, alt in figures] + ["", END]

@@ -1,16 +1,17 @@
 """evaluate stage: every model on the clean test set, and reports people can look at.
 
-    python -m stages.evaluate data/raw data/images data/filtered data/pairs \
+    python -m stages.evaluate data/raw data/test_images data/filtered data/pairs \
         models/naive models/siamese models/references reports
 
 The models: naive, siamese, and each reference of ``models/references`` whose
 model file exists (``layout.REFERENCES``: the raw-click baseline, the truth
 ceiling, the linear probes of a pretrained trunk).
 
-Reads params ``evaluate.*``; ``raw/test_labels.tsv`` (key, breed) and the
-decode index (``split == "test"`` rows are the test images); each model's
-``model.pt``; the filters' ``report.json`` and label tables; ``raw/truth.tsv`` where it exists (sample
-data: captions of the gallery say whether a label is right).
+Reads params ``evaluate.*``; ``raw/test_labels.tsv`` (key, breed); the
+decoded test images (decode's second output: its ``split == "test"`` rows are
+the test images); each model's ``model.pt``; the filters' ``report.json``.
+Nothing of the training images: re-validating a run pulls the test set and
+the models, not the training set (the filter galleries are make_pairs').
 
 Test breeds map to a model's classes by name; a test image whose breed is not
 a class of the model is counted (``n_not_scored``), not scored. Writes to the
@@ -24,8 +25,7 @@ output folder, each file atomically:
 * ``live/plots/``: each model's confusion matrix (``sklearn/``) and per-class
   accuracy (``custom/``), logged through dvclive: ``dvc plots diff`` compares
   them across experiments;
-* ``figures/``: confusion matrices, per-class accuracy, and a gallery of what
-  each filter dropped and kept (PNGs);
+* ``figures/``: confusion matrices and per-class accuracy (PNGs);
 * ``ablation.md``: the filters and the models side by side.
 """
 from __future__ import annotations
@@ -49,19 +49,18 @@ log = logging.getLogger("evaluate")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for name in ("raw", "images", "filtered", "pairs", "naive", "siamese", "references", "out"):
-        parser.add_argument(name, type=Path)
+        parser.add_argument(name, type=Path)  # images: the decoded test images (data/test_images)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args(argv)
     exit_on_sigterm()  # a killed stage removes its partial outputs
     refuse_overlapping_args(args, "out", "evaluate")  # replacing the output must not delete an input
     params = load_sections(args.params, evaluate=EvaluateConfig, cache=CacheConfig)
     cfg = params["evaluate"]
-    dirs = {k: getattr(args, k) for k in ("raw", "images", "filtered", "pairs", "naive", "siamese")}
 
     index = read_index(args.images)
     test, test_counts = read_test_set(args.raw, index)
     log.info("test set: %s", test_counts)
-    models = {name: dirs[name] / layout.MODEL for name in ("naive", "siamese")}
+    models = {"naive": args.naive / layout.MODEL, "siamese": args.siamese / layout.MODEL}
     for name in layout.REFERENCES:
         path = args.references / name / layout.MODEL
         if path.is_file():
@@ -89,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     reports.write_tables(args.out, table)
     reports.log_plots(args.out, results, table)
     start = time.time()
-    reports.write_figures(args.out, dirs, results, table, index, pairs_report, cfg.gallery_per_reason)
+    reports.write_figures(args.out, results, table)
     log.info("figures written in %.1f s", time.time() - start)
     with atomic_file(args.out / layout.ABLATION) as f:
         f.write(reports.ablation_markdown(metrics, results, filter_report, pairs_report))

@@ -57,14 +57,16 @@ STAGE = "evaluate"
 
 def cached_inputs(stage: str, stages: dict) -> list[str]:
     """The deps of ``stage`` that another stage writes into DVC's cache: what a pull must fetch (code and
-    git-tracked outputs, ``cache: false``, come with the checkout)."""
+    git-tracked outputs, ``cache: false``, come with the checkout). A dep may be one file of a cached
+    folder (evaluate's ``data/raw/test_labels.tsv``): DVC pulls that file alone."""
     cached = set()
     for spec in stages.values():
         for out in spec.get("outs", []):
             name, opts = next(iter(out.items())) if isinstance(out, dict) else (out, {})
             if opts.get("cache", True):
-                cached.add(name)
-    return [d for d in stages[stage].get("deps", []) if d in cached]
+                cached.add(name.rstrip("/"))
+    return [d for d in stages[stage].get("deps", [])
+            if any(d == out or d.startswith(out + "/") for out in cached)]
 
 
 def dvc(*args: str) -> str:

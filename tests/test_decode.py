@@ -494,3 +494,37 @@ def test_a_config_resolves_each_files_layout() -> None:
         cfg.key_col  # noqa: B018 (the property raises)
     plain = DecodeConfig.from_params(PARAMS)
     assert plain.for_file("test_images") is plain and not plain.keeps_breeds
+
+
+def test_test_images_in_a_folder_of_their_own(tmp_path: Path) -> None:
+    """With ``test_dir`` each split has its own shards, index, rejects and stats (evaluate depends on the
+    test folder alone); keys stay unique across the two; the returned stats are both splits'."""
+    train = good_lines("a", 3) + [b"a0\t" + b64(image_bytes(40, 30, seed=5))]   # a duplicate inside train
+    test = good_lines("t", 2) + [b"a1\t" + b64(image_bytes(40, 30, seed=6))]    # a training key again
+    raw = make_raw(tmp_path, train, test)
+    stats = decode_dataset(raw, tmp_path / "images", PARAMS, test_dir=tmp_path / "test_images")
+
+    train_index, test_index = read_index(tmp_path / "images"), read_index(tmp_path / "test_images")
+    assert list(train_index["key"]) == ["a0", "a1", "a2"] and set(train_index["split"]) == {"train"}
+    assert list(test_index["key"]) == ["t0", "t1"] and set(test_index["split"]) == {"test"}
+    assert list(read_rejects(tmp_path / "images")["reason"]) == ["duplicate_key"]
+    test_rejects = read_rejects(tmp_path / "test_images")
+    assert list(test_rejects["key"]) == ["a1"] and list(test_rejects["file"]) == [layout.TEST_IMAGES]
+    with ShardReader(tmp_path / "test_images") as reader:  # the shards hold the images the index points at
+        row = test_index.iloc[1]
+        assert Image.open(io.BytesIO(reader.read(int(row["shard"]), int(row["offset"]), int(row["length"])))).size \
+            == (40, 30)
+    train_stats = json.loads((tmp_path / "images" / layout.STATS).read_text())
+    test_stats = json.loads((tmp_path / "test_images" / layout.STATS).read_text())
+    assert list(train_stats["splits"]) == ["train"] and train_stats["images"] == 3
+    assert list(test_stats["splits"]) == ["test"] and test_stats["images"] == 2
+    assert test_stats["rejects"] == {"duplicate_key": 1} and test_stats["shards"] == 1
+    assert stats["images"] == 5 and stats["rejected"] == 2 and stats["shards"] == 2
+
+
+def test_a_failed_test_split_leaves_neither_folder(tmp_path: Path) -> None:
+    raw = make_raw(tmp_path, good_lines("a", 3), [b"t0\tnot base64!"] * 3)
+    with pytest.raises(DecodeError, match="test_images.tsv: 3 of 3 lines rejected"):
+        decode_dataset(raw, tmp_path / "images", {**PARAMS, "max_reject_fraction": 0.5},
+                       test_dir=tmp_path / "test_images")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]

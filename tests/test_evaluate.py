@@ -15,6 +15,7 @@ from conftest import tiny_image
 from PIL import Image
 
 from stages import evaluate
+from stages import galleries as stage_galleries
 from stages.lib import galleries, layout, reports
 from stages.lib.metrics import mean_class_accuracy, per_class_scores, summarize, topk_accuracy
 from stages.lib.models import build_model
@@ -95,7 +96,8 @@ def _write_model(path: Path, embedding_dim: int = 0, seed: int = 0) -> None:
 def tree(tmp_path: Path) -> Path:
     train = [(f"k{c}_{i}", "train", c) for c in range(3) for i in range(4)] + [("d0", "train", 0), ("d1", "train", 2)]
     test = [(f"t{c}_{i}", "test", c) for c in range(4) for i in range(2)]
-    _write_images(tmp_path / "data/images", train + test)
+    _write_images(tmp_path / "data/images", train)  # decode's two outputs
+    _write_images(tmp_path / "data/test_images", test)
     raw = tmp_path / "data/raw"
     _tsv(raw / layout.TEST_LABELS, [(k, BREEDS[c]) for k, _, c in test] + [("never_decoded", "red dog")], None)
     _tsv(raw / layout.TRUTH, [(k, BREEDS[c]) for k, _, c in train], None)
@@ -128,20 +130,32 @@ def tree(tmp_path: Path) -> Path:
     _write_model(tmp_path / "models/references/raw/model.pt", seed=2)
     _write_model(tmp_path / "models/references/truth/model.pt", seed=2)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(
-        {"evaluate": {"device": "cpu", "batch_size": 16, "gallery_per_reason": 2}, "cache": {"max_mb": 64}}))
+        {"evaluate": {"device": "cpu", "batch_size": 16}, "galleries": {"per_reason": 2}, "cache": {"max_mb": 64}}))
     return tmp_path
 
 
 def _run(tree: Path) -> Path:
     d = tree / "data"
-    evaluate.main([str(d / "raw"), str(d / "images"), str(d / "filtered"), str(d / "pairs"),
+    evaluate.main([str(d / "raw"), str(d / "test_images"), str(d / "filtered"), str(d / "pairs"),
                    str(tree / "models/naive"), str(tree / "models/siamese"), str(tree / "models/references"),
                    str(tree / "reports"),
                    "--params", str(tree / "params.yaml")])
     return tree / "reports"
 
 
+def _galleries(tree: Path) -> Path:
+    d = tree / "data"
+    stage_galleries.main([str(d / "raw"), str(d / "filtered"), str(d / "pairs"), str(d / "images"),
+                          str(tree / "reports/galleries"), "--params", str(tree / "params.yaml")])
+    return tree / "reports/galleries"
+
+
 def test_evaluate_end_to_end(tree: Path):
+    # evaluate reads what dvc.yaml declares it reads, and nothing of the training set: re-validating a run
+    # pulls no training image (the galleries, which show training images, are a stage of their own)
+    for path in ("data/images", "data/filtered/labels.tsv", "data/filtered/dropped.tsv", "data/pairs/clean.tsv",
+                 "data/pairs/scores.tsv", "data/raw/truth.tsv"):
+        shutil.rmtree(tree / path) if (tree / path).is_dir() else (tree / path).unlink()
     out = _run(tree)
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics) == {"naive", "siamese", "raw", "truth", "comparison", "data"}
@@ -182,8 +196,7 @@ def test_evaluate_end_to_end(tree: Path):
     assert table["breed"].tolist() == BREEDS[:3] and table["support"].tolist() == [2, 2, 2]
     pngs = sorted(p.name for p in (out / "figures").iterdir())
     assert pngs == ["confusion_naive.png", "confusion_raw.png", "confusion_siamese.png", "confusion_truth.png",
-                    "gallery_click_filter.png",
-                    "gallery_prob_filter.png", "per_class_accuracy.png"]
+                    "per_class_accuracy.png"]
     for png in pngs:
         with Image.open(out / "figures" / png) as img:
             assert img.format == "PNG" and img.size[0] > 100
@@ -217,7 +230,20 @@ def test_evaluate_without_truth(tree: Path):
     assert "truth" not in metrics and metrics["comparison"]["gap_recovery"]["top1"] is None
     data = metrics["data"]
     assert data["click_filter"] == {"images": 12}
-    assert (out / "figures" / "gallery_click_filter.png").is_file()
+    assert sorted(p.name for p in _galleries(tree).iterdir()) == ["gallery_click_filter.png",
+                                                                  "gallery_prob_filter.png"]
+
+
+def test_the_galleries_stage_draws_both_filters(tree: Path):
+    out = _galleries(tree)
+    assert sorted(p.name for p in out.iterdir()) == ["gallery_click_filter.png", "gallery_prob_filter.png"]
+    for png in out.iterdir():
+        with Image.open(png) as img:
+            assert img.format == "PNG" and img.size[0] > 100
+    params = yaml.safe_load((tree / "params.yaml").read_text())
+    params["galleries"]["per_reason"] = 0
+    (tree / "params.yaml").write_text(yaml.safe_dump(params))
+    assert list(_galleries(tree).iterdir()) == []  # none asked for: the old ones are gone too
 
 
 def test_gallery_sample_does_not_depend_on_chunking(tree: Path, monkeypatch):

@@ -114,6 +114,7 @@ def test_a_sigterm_stops_a_real_stage_cleanly(tmp_path: Path) -> None:
 @pytest.mark.parametrize("stage, argv", [
     ("decode", ["data/raw", "data/raw"]),
     ("decode", ["data/raw", "data"]),
+    ("decode", ["data/raw", "data/images", "data/raw/test"]),  # the test images' folder, too
     ("filter_clicks", ["data/raw", "data/images", "data/raw/filtered"]),
     ("train_naive", ["data/filtered", "data/images", "data/filtered"]),
     ("train_references", ["data/raw", "data/filtered", "data/images", "data"]),
@@ -121,6 +122,7 @@ def test_a_sigterm_stops_a_real_stage_cleanly(tmp_path: Path) -> None:
     ("train_siamese", ["data/pairs", "data/images", "models/naive", "models/naive"]),
     ("evaluate", ["data/raw", "data/images", "data/filtered", "data/pairs", "models/naive", "models/siamese",
                   "models/references", "data/images"]),
+    ("galleries", ["data/raw", "data/filtered", "data/pairs", "data/images", "data/raw/galleries"]),
 ])
 def test_a_stage_refuses_an_output_that_is_or_holds_an_input(tmp_path: Path, monkeypatch, stage: str,
                                                               argv: list[str]) -> None:

@@ -14,6 +14,7 @@ from stages.evaluate import EvaluateConfig
 from stages.filter_clicks import FilterConfig
 from stages.lib.classifier import ModelConfig, TrainConfig
 from stages.lib.decoding import DecodeConfig, DecodeError
+from stages.lib.galleries import GalleriesConfig
 from stages.lib.imagecache import CacheConfig
 from stages.lib.metriccheck import CheckConfig
 from stages.lib.pairs import PairsConfig
@@ -24,7 +25,7 @@ from stages.train_references import ReferenceConfig
 ROOT = Path(__file__).resolve().parents[1]
 DECLARED = {"data": DataConfig, "decode": DecodeConfig, "filter": FilterConfig, "model": ModelConfig,
             "train": TrainConfig, "pairs": PairsConfig, "siamese": SiameseConfig, "reference": ReferenceConfig,
-            "evaluate": EvaluateConfig, "cache": CacheConfig, "check": CheckConfig}
+            "evaluate": EvaluateConfig, "galleries": GalleriesConfig, "cache": CacheConfig, "check": CheckConfig}
 
 
 def committed() -> dict:

@@ -59,7 +59,7 @@ def small_params(files: dict[str, dict[str, str]]) -> dict:
     # seconds of training learn little: a lenient label filter, so that the run is about the layout
     params["pairs"].update(scorer="early", filter="threshold", min_prob=0.02, min_images_per_class=5)
     params["siamese"].update(epochs=2, batch_size=32)
-    params["evaluate"]["gallery_per_reason"] = 2
+    params["galleries"]["per_reason"] = 2
     return params
 
 
@@ -128,6 +128,9 @@ def test_the_run_revalidates_from_the_remote_in_a_fresh_clone(release_run: tuple
     fresh = json.loads((clone / "reports/metrics.json").read_text())
     committed = json.loads((repo / "reports/metrics.json").read_text())
     assert fresh["siamese"] == committed["siamese"]
+    # what CI pulled: the test images, the test labels and the models, no training image
+    assert (clone / "data/test_images" / layout.INDEX).is_file() and (clone / "data/raw" / layout.TEST_LABELS).is_file()
+    assert not (clone / "data/images").exists() and not (clone / "data/raw" / layout.TRAIN_IMAGES).exists()
 
 
 def test_without_click_log_or_breed_column_the_filter_names_both(tmp_path: Path) -> None:

@@ -184,3 +184,38 @@ def test_a_base_that_cannot_be_read_fails(repo: Path, tmp_path: Path, args: tupl
     proc = revalidate(repo, tmp_path / "work", *args)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "revalidate: FAILED" in proc.stdout
+
+
+PREPARE = """import pathlib
+for d in ("data/raw", "data/images", "data/test_images"):
+    pathlib.Path(d).mkdir(parents=True, exist_ok=True)
+pathlib.Path("data/raw/test_labels.tsv").write_text("t0\\tpug\\n")
+pathlib.Path("data/raw/train_images.tsv").write_bytes(b"x" * 100_000)   # the raw training set
+pathlib.Path("data/images/shard-00000.bin").write_bytes(b"y" * 100_000)  # the decoded training set
+pathlib.Path("data/test_images/shard-00000.bin").write_bytes(b"z" * 1_000)
+"""
+
+
+@pytest.mark.parametrize("repo", ["local"], indirect=True)
+def test_revalidation_pulls_only_what_evaluate_reads(repo: Path, tmp_path: Path) -> None:
+    """evaluate depends on one file of a cached folder (data/raw/test_labels.tsv) and on the test images, a
+    cached folder of their own: the re-validation pulls those and the model, never the training set (today
+    evaluate depended on all of data/raw and data/images, and CI pulled every training shard of a real run)."""
+    (repo / "prepare.py").write_text(PREPARE)
+    spec = yaml.safe_load((repo / "dvc.yaml").read_text())
+    spec["stages"] = {"prepare": {"cmd": "python prepare.py", "deps": ["prepare.py"],
+                                  "outs": ["data/raw", "data/images", "data/test_images"]},
+                      **spec["stages"]}
+    spec["stages"]["evaluate"]["deps"] += ["data/raw/test_labels.tsv", "data/test_images"]
+    (repo / "dvc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    commit_run(repo, 0.80, "baseline run")
+    commit_run(repo, 0.81, "next run")
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = revalidate(repo, work)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "the remote holds every cached input of evaluate (3 outputs" in proc.stdout
+    clone = work / "clone-0"
+    assert (clone / "data/raw/test_labels.tsv").read_text() == "t0\tpug\n"
+    assert (clone / "data/test_images/shard-00000.bin").stat().st_size == 1_000
+    assert not (clone / "data/raw/train_images.tsv").exists() and not (clone / "data/images").exists()

@@ -479,13 +479,13 @@ def _clean_key(key: str) -> str:
 class OutputWriter:
     """Everything the main process writes: shards, index, rejects, counts."""
 
-    def __init__(self, out_dir: Path, cfg: DecodeConfig) -> None:
+    def __init__(self, out_dir: Path, cfg: DecodeConfig, seen: KeySet | None = None) -> None:
         self.shards = ShardWriter(out_dir, int(cfg.shard_mb * (1 << 20)))
         self.index = IndexWriter(out_dir / layout.INDEX, breeds=cfg.keeps_breeds)
         self.rejects: TextIO = open(out_dir / layout.REJECTS, "w", encoding="utf-8", newline="\n")
         self.rejects.write("file\tline\tkey\treason\n")
-        # Keys are unique across splits: later stages look images up by key.
-        self.seen = KeySet()
+        # Keys are unique across splits (a writer per split shares one set): later stages look images up by key.
+        self.seen = KeySet() if seen is None else seen
         self.reasons: collections.Counter[str] = collections.Counter()
         self.how: collections.Counter[str] = collections.Counter()
 
@@ -550,15 +550,20 @@ def check_rejects(split_stats: dict[str, Any], cfg: DecodeConfig, out: OutputWri
             f"{list(cfg.columns)}, header: {str(cfg.header).lower()}).")
 
 
-def decode_dataset(raw_dir: str | Path, out_dir: str | Path,
-                   params: dict[str, Any] | DecodeConfig) -> dict[str, Any]:
-    """Run the stage: decode both image TSVs of ``raw_dir`` into ``out_dir``.
+def decode_dataset(raw_dir: str | Path, out_dir: str | Path, params: dict[str, Any] | DecodeConfig,
+                   test_dir: str | Path | None = None) -> dict[str, Any]:
+    """Run the stage: decode both image TSVs of ``raw_dir`` into ``out_dir``,
+    or, with ``test_dir``, the training images into ``out_dir`` and the test
+    images into ``test_dir`` (each folder its own shards, index, rejects and
+    stats: evaluate then depends on the test images alone, and re-validating a
+    run does not pull the training set).
 
-    Returns the stats also written to stats.json. Raises :class:`DecodeError`
-    (leaving ``out_dir`` untouched) when the stage must fail.
+    Returns the stats of both splits (each folder's stats.json has its own).
+    Raises :class:`DecodeError` (leaving both folders untouched) when the stage must fail.
     """
     cfg = params if isinstance(params, DecodeConfig) else DecodeConfig.from_params(params)
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
+    folders = {"train": out_dir, "test": Path(test_dir) if test_dir is not None else out_dir}
     for _, name in SPLITS:
         if not (raw_dir / name).is_file():
             raise DecodeError(f"missing input {raw_dir / name}")
@@ -575,33 +580,46 @@ def decode_dataset(raw_dir: str | Path, out_dir: str | Path,
             # the first task forks every worker, before tqdm starts its monitor thread (fork after threads
             # is unsafe) and before the executor's own thread
             pool.submit(int).result()
-        tmp = stack.enter_context(atomic_dir(out_dir))
-        out = OutputWriter(tmp, cfg)
+        seen = KeySet()
+        writers: dict[Path, tuple[Path, OutputWriter, list[str]]] = {}
+        for split, folder in folders.items():  # one atomic folder and writer per distinct output folder
+            if folder not in writers:
+                tmp = stack.enter_context(atomic_dir(folder))
+                writers[folder] = (tmp, OutputWriter(tmp, cfg, seen), [])
+            writers[folder][2].append(split)
         try:
             for split, name in SPLITS:
                 file_cfg = cfg.for_file(name.removesuffix(".tsv"))  # this file's columns and header
+                out = writers[folders[split]][1]
                 stats["splits"][split] = decode_split(raw_dir / name, split, file_cfg, out, pool, workers)
                 check_rejects(stats["splits"][split], file_cfg, out)
         finally:
-            out.close()
+            for _, out, _ in writers.values():
+                out.close()
         seconds = time.perf_counter() - start
-        images = sum(s["images"] for s in stats["splits"].values())
-        bytes_in = sum(s["bytes"] for s in stats["splits"].values())
-        stats.update(
-            lines=sum(s["lines"] for s in stats["splits"].values()),
-            images=images,
-            rejected=sum(s["rejected"] for s in stats["splits"].values()),
-            rejects=dict(sorted(out.reasons.items())),
-            how=dict(sorted(out.how.items())),
-            shards=out.shards.n_shards, bytes_in=bytes_in, bytes_out=out.shards.bytes_written,
-        )  # no timings here: stats.json is part of an output that later stages depend on
-        speed = {"seconds": round(seconds, 3), "images_per_s": round(images / max(seconds, 1e-9), 1),
-                 "mb_per_s": round(bytes_in / 1e6 / max(seconds, 1e-9), 2)}
-        write_json(tmp / layout.STATS, stats)
+        for tmp, out, splits in writers.values():
+            # no timings in stats.json: it is part of an output that later stages depend on
+            write_json(tmp / layout.STATS, output_stats({s: stats["splits"][s] for s in splits}, out))
+        stats = output_stats(stats["splits"], *(out for _, out, _ in writers.values()))
+        speed = {"seconds": round(seconds, 3), "images_per_s": round(stats["images"] / max(seconds, 1e-9), 1),
+                 "mb_per_s": round(stats["bytes_in"] / 1e6 / max(seconds, 1e-9), 2)}
     log.info("%d images in %d shards, %d rejected %s; %.1f s, %.0f images/s, %.1f MB/s (%d workers)",
-             images, stats["shards"], stats["rejected"], stats["rejects"], seconds,
+             stats["images"], stats["shards"], stats["rejected"], stats["rejects"], seconds,
              speed["images_per_s"], speed["mb_per_s"], workers)
     return {**stats, **speed}
+
+
+def output_stats(splits: dict[str, dict[str, Any]], *outs: OutputWriter) -> dict[str, Any]:
+    """Counts of ``splits`` (each :func:`decode_split`'s) written by ``outs``: lines, images, rejects
+    by reason, how images were stored, shards and bytes."""
+    reasons: collections.Counter[str] = sum((o.reasons for o in outs), collections.Counter())
+    how: collections.Counter[str] = sum((o.how for o in outs), collections.Counter())
+    return {"splits": splits,
+            **{k: sum(s[k] for s in splits.values()) for k in ("lines", "images", "rejected")},
+            "rejects": dict(sorted(reasons.items())), "how": dict(sorted(how.items())),
+            "shards": sum(o.shards.n_shards for o in outs),
+            "bytes_in": sum(s["bytes"] for s in splits.values()),
+            "bytes_out": sum(o.shards.bytes_written for o in outs)}
 
 
 def _pool_init(max_pixels: int) -> None:

@@ -1,4 +1,4 @@
-"""The filter galleries of the evaluate stage: a sample of what each filter
+"""The filter galleries (the galleries stage): a sample of what each filter
 kept and dropped, as thumbnails captioned with the click evidence (and, where
 truth.tsv exists, the true breed: a red caption is a wrong label). Tables are
 streamed in chunks, so the real data's label tables need not fit in memory."""
@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,8 @@ import numpy as np
 import pandas as pd
 
 from stages.lib import figures, layout
+from stages.lib.atomic import atomic_dir
+from stages.lib.params import Section
 from stages.lib.shards import ShardReader
 from stages.lib.tables import read_table
 
@@ -21,6 +24,17 @@ log = logging.getLogger("galleries")
 CHUNK_ROWS = 200_000     # label tables are streamed in chunks of this many rows
 THUMB_PX = 128           # gallery thumbnails are at most this size
 HASH_KEY = "clickdog-gallery"  # 16 characters, as pandas' row hash wants
+
+
+@dataclass(frozen=True)
+class GalleriesConfig(Section):
+    """params.yaml ``galleries``."""
+
+    per_reason: int  # thumbnails per group (kept, and each reason a filter dropped an image for); 0: none
+
+    def __post_init__(self) -> None:
+        if self.per_reason < 0:
+            raise ValueError(f"per_reason must be >= 0, got {self.per_reason}")
 
 
 def read_tsv_chunks(path: Path, **kwargs: Any) -> Iterable[pd.DataFrame]:
@@ -131,3 +145,26 @@ def prob_gallery(filtered_dir: Path, pairs_dir: Path, pairs_report: dict[str, An
             for g in ("kept", dropped_name)]
     figures.gallery_figure(rows, "probability filter: what it kept and dropped (p = out-of-sample p(label))",
                            path, n)
+
+
+def write_galleries(out: Path, *, raw_dir: Path, filtered_dir: Path, pairs_dir: Path, images_dir: Path,
+                    index: pd.DataFrame, pairs_report: dict[str, Any], n: int) -> None:
+    """``out``/gallery_click_filter.png and gallery_prob_filter.png (``out``
+    replaced as a whole; empty when ``n`` is 0): ``n`` images per group of
+    what filter_clicks (``filtered_dir``) and the label filter (``pairs_dir``:
+    clean.tsv, scores.tsv) kept and dropped, read from the decoded training
+    images; captions in red where ``raw_dir``/truth.tsv says the label is wrong."""
+    truth_path = raw_dir / layout.TRUTH
+
+    def truth(keys: set[str]) -> dict[str, str] | None:
+        return lookup(truth_path, keys, "breed", ["key", "breed"]) if truth_path.is_file() and keys else None
+
+    with atomic_dir(out) as tmp:
+        if n <= 0:
+            log.info("galleries.per_reason is 0: no galleries")
+            return
+        locations = index.drop_duplicates("key").set_index("key")
+        with ShardReader(images_dir) as reader:
+            click_gallery(filtered_dir, reader, locations, truth, n, tmp / "gallery_click_filter.png")
+            prob_gallery(filtered_dir, pairs_dir, pairs_report, reader, locations, truth, n,
+                         tmp / "gallery_prob_filter.png")

@@ -16,10 +16,8 @@ import pandas as pd
 
 from stages.lib import figures, layout
 from stages.lib.atomic import atomic_dir, atomic_file
-from stages.lib.galleries import click_gallery, lookup, prob_gallery
 from stages.lib.metrics import SUMMARY_METRICS
 from stages.lib.params import Section
-from stages.lib.shards import ShardReader
 from stages.lib.testset import ModelResult
 
 log = logging.getLogger("evaluate")
@@ -155,30 +153,19 @@ def ablation_markdown(metrics: dict[str, Any], results: list[ModelResult], filte
     return "\n".join(lines)
 
 
-def write_figures(out: Path, dirs: dict[str, Path], results: list[ModelResult], table: pd.DataFrame,
-                  index: pd.DataFrame, pairs_report: dict[str, Any], gallery_n: int) -> None:
-    """All PNGs, into ``figures/`` (replaced as a whole). The training curves
-    are DVC plots of the training stages' dvclive logs (``dvc plots show``,
-    ``make plots``), not PNGs here: reading them would make evaluate depend
-    on both plots folders, which ``dvc exp show`` lists as hash columns."""
-    truth_path = dirs["raw"] / layout.TRUTH
-
-    def truth(keys: set[str]) -> dict[str, str] | None:
-        return lookup(truth_path, keys, "breed", ["key", "breed"]) if truth_path.is_file() and keys else None
-
+def write_figures(out: Path, results: list[ModelResult], table: pd.DataFrame) -> None:
+    """The test-set PNGs, into ``figures/`` (replaced as a whole): each model's
+    confusion matrix and the per-class accuracy. The training curves are DVC
+    plots of the training stages' dvclive logs (``dvc plots show``, ``make
+    plots``), not PNGs here: reading them would make evaluate depend on both
+    plots folders, which ``dvc exp show`` lists as hash columns. The filter
+    galleries show training images and are make_pairs' (stages.lib.galleries):
+    here they would make evaluate depend on the decoded training set."""
     with atomic_dir(out / "figures") as tmp:
         for r in results:
             figures.confusion_figure(r.actual, r.predicted, r.classes, f"{r.name}: confusion on the test set",
                                      tmp / f"confusion_{r.name}.png")
         figures.per_class_accuracy_figure(table, [r.name for r in results], tmp / "per_class_accuracy.png")
-        if gallery_n <= 0:
-            log.info("evaluate.gallery_per_reason is 0: no galleries")
-            return
-        locations = index.drop_duplicates("key").set_index("key")
-        with ShardReader(dirs["images"]) as reader:
-            click_gallery(dirs["filtered"], reader, locations, truth, gallery_n, tmp / "gallery_click_filter.png")
-            prob_gallery(dirs["filtered"], dirs["pairs"], pairs_report, reader, locations, truth, gallery_n,
-                         tmp / "gallery_prob_filter.png")
 
 
 def write_tables(out: Path, table: pd.DataFrame) -> None:
@@ -216,4 +203,3 @@ class EvaluateConfig(Section):
 
     device: Literal["auto", "cpu", "cuda"]
     batch_size: int
-    gallery_per_reason: int

@@ -11,7 +11,7 @@ Reads params ``evaluate.*``; ``raw/test_labels.tsv`` (key, breed); the
 decoded test images (decode's second output: its ``split == "test"`` rows are
 the test images); each model's ``model.pt``; the filters' ``report.json``.
 Nothing of the training images: re-validating a run pulls the test set and
-the models, not the training set (the filter galleries are make_pairs').
+the models, not the training set (the filter galleries are the galleries stage's).
 
 Test breeds map to a model's classes by name; a test image whose breed is not
 a class of the model is counted (``n_not_scored``), not scored. Writes to the

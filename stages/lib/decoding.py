@@ -480,6 +480,7 @@ class OutputWriter:
     """Everything the main process writes: shards, index, rejects, counts."""
 
     def __init__(self, out_dir: Path, cfg: DecodeConfig, seen: KeySet | None = None) -> None:
+        self.dir = out_dir
         self.shards = ShardWriter(out_dir, int(cfg.shard_mb * (1 << 20)))
         self.index = IndexWriter(out_dir / layout.INDEX, breeds=cfg.keeps_breeds)
         self.rejects: TextIO = open(out_dir / layout.REJECTS, "w", encoding="utf-8", newline="\n")
@@ -581,26 +582,24 @@ def decode_dataset(raw_dir: str | Path, out_dir: str | Path, params: dict[str, A
             # is unsafe) and before the executor's own thread
             pool.submit(int).result()
         seen = KeySet()
-        writers: dict[Path, tuple[Path, OutputWriter, list[str]]] = {}
-        for split, folder in folders.items():  # one atomic folder and writer per distinct output folder
-            if folder not in writers:
-                tmp = stack.enter_context(atomic_dir(folder))
-                writers[folder] = (tmp, OutputWriter(tmp, cfg, seen), [])
-            writers[folder][2].append(split)
+        writers: dict[Path, OutputWriter] = {}  # one atomic folder and writer per distinct output folder
+        for folder in dict.fromkeys(folders.values()):
+            writers[folder] = OutputWriter(stack.enter_context(atomic_dir(folder)), cfg, seen)
         try:
             for split, name in SPLITS:
                 file_cfg = cfg.for_file(name.removesuffix(".tsv"))  # this file's columns and header
-                out = writers[folders[split]][1]
+                out = writers[folders[split]]
                 stats["splits"][split] = decode_split(raw_dir / name, split, file_cfg, out, pool, workers)
                 check_rejects(stats["splits"][split], file_cfg, out)
         finally:
-            for _, out, _ in writers.values():
+            for out in writers.values():
                 out.close()
         seconds = time.perf_counter() - start
-        for tmp, out, splits in writers.values():
+        for folder, out in writers.items():
             # no timings in stats.json: it is part of an output that later stages depend on
-            write_json(tmp / layout.STATS, output_stats({s: stats["splits"][s] for s in splits}, out))
-        stats = output_stats(stats["splits"], *(out for _, out, _ in writers.values()))
+            write_json(out.dir / layout.STATS,
+                       output_stats({s: v for s, v in stats["splits"].items() if folders[s] == folder}, out))
+        stats = output_stats(stats["splits"], *writers.values())
         speed = {"seconds": round(seconds, 3), "images_per_s": round(stats["images"] / max(seconds, 1e-9), 1),
                  "mb_per_s": round(stats["bytes_in"] / 1e6 / max(seconds, 1e-9), 2)}
     log.info("%d images in %d shards, %d rejected %s; %.1f s, %.0f images/s, %.1f MB/s (%d workers)",

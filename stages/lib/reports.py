@@ -159,8 +159,9 @@ def write_figures(out: Path, results: list[ModelResult], table: pd.DataFrame) ->
     plots of the training stages' dvclive logs (``dvc plots show``, ``make
     plots``), not PNGs here: reading them would make evaluate depend on both
     plots folders, which ``dvc exp show`` lists as hash columns. The filter
-    galleries show training images and are make_pairs' (stages.lib.galleries):
-    here they would make evaluate depend on the decoded training set."""
+    galleries show training images and are the galleries stage's
+    (stages.lib.galleries): here they would make evaluate depend on the
+    decoded training set."""
     with atomic_dir(out / "figures") as tmp:
         for r in results:
             figures.confusion_figure(r.actual, r.predicted, r.classes, f"{r.name}: confusion on the test set",

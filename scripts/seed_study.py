@@ -23,6 +23,8 @@ seed. Configurations:
   naive_ema  naive with train.ema_half_life --ema-half-life: an average of the weights
   cleanlab_ema  cleanlab whose fine-tune has siamese.ema_half_life --ema-half-life (the
              same naive model and scorer as cleanlab: the difference is the average's)
+  cleanlab_batch  cleanlab whose fine-tune has siamese.contrastive batch (pairs inside P breeds
+             x K images batches); cleanlab_batch_ce the same with contrastive_weight 0
   paper      the paper's recipe end to end: click-count filter min_clicks 2, min_share 0.7
              (the pipeline's defaults before this study), naive on those labels, the
              threshold filter, the siamese fine-tuning
@@ -66,9 +68,9 @@ from stages.lib.testset import evaluate_model, read_test_set
 from stages.lib.tracking import save_model
 from stages.lib.weaklabels import find_weak_labels
 
-CONFIGS = ("truth", "raw", "naive", "naive_ema", "cleanlab", "cleanlab_ce", "cleanlab_ema", "relabel", "relabel_ce",
-           "threshold", "threshold_ce", "paper")
-VARIANTS = ("_ce", "_ema")  # <filter><variant>: the same filter, another fine-tune
+CONFIGS = ("truth", "raw", "naive", "naive_ema", "cleanlab", "cleanlab_ce", "cleanlab_ema", "cleanlab_batch",
+           "cleanlab_batch_ce", "relabel", "relabel_ce", "threshold", "threshold_ce", "paper")
+VARIANTS = ("_ce", "_ema", "_batch")  # <filter><variant>: the same filter, another fine-tune (_batch_ce: both)
 REFERENCES = {"truth": "truth", "raw": "raw"}  # config -> label set
 DEFAULT_CONFIGS = ("truth", "raw", "naive", "cleanlab", "relabel", "relabel_ce", "paper")
 # the label filter of each fine-tuned configuration on the pipeline's click labels
@@ -86,8 +88,10 @@ DIFFERENCES = (("cleanlab", "raw"), ("cleanlab", "naive"), ("relabel", "raw"), (
                ("paper", "raw"), ("threshold", "raw"), ("cleanlab", "relabel"), ("cleanlab", "paper"),
                ("relabel", "paper"), ("cleanlab", "cleanlab_ce"), ("relabel", "relabel_ce"),
                ("threshold", "threshold_ce"), ("cleanlab_ema", "cleanlab"), ("naive_ema", "naive"),
-               ("cleanlab_ema", "raw"), ("naive", "raw"), ("truth", "raw"))
-GAP_CONFIGS = ("cleanlab", "cleanlab_ema", "relabel", "paper", "threshold")  # gap recovery (x - raw) / (truth - raw)
+               ("cleanlab_ema", "raw"), ("cleanlab_batch", "cleanlab"), ("cleanlab_batch", "cleanlab_batch_ce"),
+               ("cleanlab_batch_ce", "cleanlab_ce"), ("naive", "raw"), ("truth", "raw"))
+# gap recovery (x - raw) / (truth - raw)
+GAP_CONFIGS = ("cleanlab", "cleanlab_ema", "cleanlab_batch", "relabel", "paper", "threshold")
 log = logging.getLogger("seed_study")
 
 
@@ -201,6 +205,8 @@ def naive_and_fine_tuned(naive_name: str, labels: pd.DataFrame, seed: int, fine:
             cfg = cfg.replace(contrastive_weight=0.0)
         if name.endswith("_ema"):
             cfg = cfg.replace(ema_half_life=study.ema_half_life)
+        if "_batch" in name:
+            cfg = cfg.replace(contrastive="batch")
         model, meta = siamese_from_naive(naive_path, cfg)
         fit_siamese(model, meta, clean, pairs, plan.val, images_dir=study.images, index=study.index, cfg=cfg)
         path = study.tmp / f"{name}-{seed}.pt"

@@ -6,7 +6,9 @@
 Two weight-sharing branches (one network run on both images of each pair)
 start from the naive model. Loss = CE(a) + CE(b) + ``contrastive_weight`` x
 contrastive(d(emb_a, emb_b), same) with the margin loss of Hadsell, Chopra &
-LeCun (2006). The training loop is the naive stage's (``stages.lib.engine``);
+LeCun (2006); with ``siamese.contrastive: batch`` the pairs are every two
+images of P breeds x K images batches of the clean set instead
+(``stages.lib.siamese.batch_loss``). The training loop is the naive stage's (``stages.lib.engine``);
 validation is on the naive run's validation split, so the two are compared on
 the same images. Output layout as the naive stage: ``model.pt``, ``live/``,
 ``checkpoints/last.pt`` (persisted, resumable).

@@ -14,7 +14,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from conftest import gradient_image
 
-from stages.lib.data import ShardDataset, split_train_val
+from stages.lib.data import BreedBatchSampler, ShardDataset, split_train_val
 from stages.lib.models import IMAGENET_MEAN, IMAGENET_STD, build_model
 from stages.lib.presets import EvalTransform, TrainTransform, build_transform
 from stages.lib.shards import INDEX, IndexWriter, ShardWriter
@@ -133,3 +133,62 @@ def test_validation_split_is_seeded_and_disjoint() -> None:
     again, _ = split_train_val(df, 0.1, seed=0)
     assert len(val) == 20 and not set(train["key"]) & set(val["key"])
     assert train["key"].tolist() == again["key"].tolist()
+
+
+def _breed_batches(sampler: BreedBatchSampler, epoch: int) -> list[list[tuple[int, int]]]:
+    sampler.set_epoch(epoch)
+    return list(sampler)
+
+
+def test_breed_batches_hold_k_images_of_p_breeds_and_are_seeded_per_epoch() -> None:
+    labels = np.repeat(np.arange(6), [40, 30, 20, 10, 5, 3])
+    sampler = BreedBatchSampler(labels, batch_images=16, per_breed=4, batches=20, seed=3)
+    batches = _breed_batches(sampler, 0)
+    assert len(batches) == len(sampler) == 20
+    for batch in batches:
+        breeds = labels[[i for i, _ in batch]]
+        assert len(batch) == 16 and sorted(np.unique(breeds, return_counts=True)[1]) == [4, 4, 4, 4]
+    draws = [d for batch in batches for _, d in batch]
+    assert len(set(draws)) == len(draws)  # every draw its own augmentation seed
+    assert batches == _breed_batches(sampler, 0)  # the same epoch draws the same batches (a resumed run)
+    assert batches != _breed_batches(sampler, 1)
+    later = {d for batch in _breed_batches(sampler, 1) for _, d in batch}
+    assert not later & set(draws)  # and other epochs other seeds
+
+
+def test_breed_batches_cycle_through_each_breeds_images() -> None:
+    """Each breed's images come from a shuffled queue: within a breed, no image is drawn a second
+    time before every image of it was drawn once."""
+    labels = np.repeat(np.arange(4), 12)
+    sampler = BreedBatchSampler(labels, batch_images=8, per_breed=4, batches=30, seed=0)
+    seen: dict[int, list[int]] = {b: [] for b in range(4)}
+    for batch in _breed_batches(sampler, 0):
+        for i, _ in batch:
+            seen[int(labels[i])].append(i)
+    for breed, drawn in seen.items():
+        for start in range(0, len(drawn) - 11, 12):
+            assert len(set(drawn[start:start + 12])) == 12, breed
+
+
+def test_breed_batches_are_shared_between_ranks_and_keep_to_their_indices() -> None:
+    labels = np.repeat(np.arange(5), 20)
+    indices = np.flatnonzero(np.arange(100) % 10 != 0)  # the validation split stays out
+    one = BreedBatchSampler(labels, batch_images=8, per_breed=2, batches=11, seed=1, indices=indices)
+    ranks = [BreedBatchSampler(labels, batch_images=8, per_breed=2, batches=11, seed=1, indices=indices,
+                               num_replicas=2, rank=r) for r in (0, 1)]
+    assert len(one) == 11 and [len(r) for r in ranks] == [5, 5]  # a batch no rank can pair is left out
+    single = _breed_batches(BreedBatchSampler(labels, batch_images=8, per_breed=2, batches=10, seed=1,
+                                              indices=indices), 2)
+    shared = [_breed_batches(r, 2) for r in ranks]
+    assert shared[0] == single[0::2] and shared[1] == single[1::2]
+    assert {i for batch in _breed_batches(one, 0) for i, _ in batch} <= set(indices.tolist())
+
+
+def test_breed_batches_refuse_settings_that_cannot_fill_a_batch() -> None:
+    labels = np.repeat(np.arange(3), 10)
+    with pytest.raises(ValueError, match="needs 4 breeds; the images have 3"):
+        BreedBatchSampler(labels, batch_images=16, per_breed=4, batches=5, seed=0)
+    with pytest.raises(ValueError, match="divide"):
+        BreedBatchSampler(labels, batch_images=16, per_breed=3, batches=5, seed=0)
+    with pytest.raises(ValueError, match="shared by 2 ranks"):
+        BreedBatchSampler(labels, batch_images=8, per_breed=4, batches=1, seed=0, num_replicas=2)

@@ -13,7 +13,7 @@ import yaml
 from stages import make_pairs as make_pairs_stage
 from stages import train_naive, train_siamese
 from stages.lib import engine
-from stages.lib.losses import ContrastiveLoss
+from stages.lib.losses import ContrastiveLoss, InBatchContrastiveLoss
 from stages.lib.models import load_model_file
 from stages.lib.pairs import HARD_NEGATIVE, NEGATIVE, POSITIVE, confusable_classes, confusion_counts, make_pairs
 
@@ -50,6 +50,85 @@ def test_contrastive_loss_and_its_parts_match_brute_force(margin: float, reducti
     assert terms["positive"].item() == pytest.approx(pos, rel=1e-5)
     assert terms["negative"].item() == pytest.approx(neg, rel=1e-5)
     assert terms["active_negatives"].item() == pytest.approx(active)
+
+
+def brute_force_in_batch(emb: torch.Tensor, labels: torch.Tensor, neg_margin: float) -> tuple[float, float]:
+    """(positive term, negative term) over every ordered pair i != j of the batch, each averaged
+    over its pairs with a non-zero loss."""
+    unit = [np.asarray(e, dtype=np.float64) / np.linalg.norm(np.asarray(e, dtype=np.float64)) for e in emb.tolist()]
+    pos, neg = [], []
+    for i in range(len(unit)):
+        for j in range(len(unit)):
+            if i == j:
+                continue
+            s = float(unit[i] @ unit[j])
+            if labels[i] == labels[j]:
+                pos.append(1 - s)
+            else:
+                neg.append(max(0.0, s - neg_margin))
+    def mean_nonzero(values: list[float]) -> float:
+        active = [v for v in values if v > 1e-12]
+        return sum(active) / len(active) if active else 0.0
+    return mean_nonzero(pos), mean_nonzero(neg)
+
+
+@pytest.mark.parametrize("neg_margin", [0.0, 0.4, 0.9])
+def test_in_batch_contrastive_parts_match_brute_force_and_the_library(neg_margin: float) -> None:
+    from pytorch_metric_learning.distances import CosineSimilarity
+    from pytorch_metric_learning.losses import ContrastiveLoss as PML
+
+    g = torch.Generator().manual_seed(0)
+    emb = torch.randn(12, 6, generator=g)
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3])
+    terms = InBatchContrastiveLoss(neg_margin).terms(emb, labels)
+    pos, neg = brute_force_in_batch(emb, labels, neg_margin)
+    assert terms["positive"].item() == pytest.approx(pos, rel=1e-5)
+    assert terms["negative"].item() == pytest.approx(neg, rel=1e-5)
+    library = PML(pos_margin=1.0, neg_margin=neg_margin, distance=CosineSimilarity())(emb, labels)
+    assert terms["loss"].item() == pytest.approx(library.item(), rel=1e-6)  # the parts add up to its forward
+
+
+def test_in_batch_contrastive_without_positives_and_bad_margins() -> None:
+    emb = torch.randn(4, 3, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    terms = InBatchContrastiveLoss(0.4).terms(emb, torch.arange(4))  # one image per breed: no positive pair
+    assert terms["positive"].item() == 0.0 and torch.isfinite(terms["loss"])
+    terms["loss"].backward()
+    for bad in (1.0, -1.0, 2.0):
+        with pytest.raises(ValueError, match="cosine similarity"):
+            InBatchContrastiveLoss(bad)
+
+
+def test_batch_mode_ce_has_the_scale_of_pairs_mode() -> None:
+    """With the contrastive weight at 0 the two modes' losses are the same on the same images:
+    batch mode's CE over 2n images / n equals pairs mode's CE(a) + CE(b) over n pairs."""
+    from stages.lib.models import build_model
+    from stages.lib.siamese import batch_loss, siamese_loss
+
+    torch.manual_seed(0)
+    model = build_model("resnet18", 3, embedding_dim=8, normalize=True).eval()
+    g = torch.Generator().manual_seed(2)
+    xa, xb = (torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=g) for _ in range(2))
+    ya, yb = torch.randint(0, 3, (4,), generator=g), torch.randint(0, 3, (4,), generator=g)
+    ctx = engine.RunContext(device=torch.device("cpu"), amp_dtype=None)
+    pairs_loss, _, n_pairs = siamese_loss(contrastive_weight=0.0, margin=1.0, label_smoothing=0.1)(
+        model, (xa, xb, ya, yb, (ya == yb).long()), ctx)
+    batch, logs, n_batch = batch_loss(contrastive_weight=0.0, neg_margin=0.4, label_smoothing=0.1)(
+        model, (torch.cat([xa, xb]), torch.cat([ya, yb])), ctx)
+    assert batch.item() == pytest.approx(pairs_loss.item(), rel=1e-5) and n_batch == n_pairs == 4
+    assert {"ce", "contrastive", "contrastive_pos", "contrastive_neg", "acc"} <= set(logs)
+
+
+def test_siamese_config_refuses_batch_settings_that_cannot_work() -> None:
+    from stages.lib.params import ConfigError, load_params
+    from stages.lib.siamese import SiameseConfig
+
+    base = load_params("siamese")
+    assert SiameseConfig.from_params(base, "siamese").contrastive == "pairs"
+    for change, message in (({"images_per_breed": 5}, "images_per_breed"),
+                            ({"images_per_breed": 1}, "images_per_breed"), ({"neg_margin": 1.0}, "neg_margin"),
+                            ({"contrastive": "triplet"}, "siamese.contrastive")):
+        with pytest.raises(ConfigError, match=message):
+            SiameseConfig.from_params({**base, **change}, "siamese")
 
 
 def test_active_reduction_keeps_the_negative_gradient_when_most_negatives_are_out() -> None:
@@ -122,7 +201,8 @@ def test_hard_negatives_fall_back_to_uniform_without_confusion() -> None:
     assert set(pairs["kind"]) == {POSITIVE, NEGATIVE}
 
 
-def test_tiny_siamese_run_lowers_the_contrastive_loss(tiny_pipeline: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("contrastive", ["pairs", "batch"])
+def test_tiny_siamese_run_lowers_the_contrastive_loss(tiny_pipeline: Path, monkeypatch, contrastive: str) -> None:
     params = yaml.safe_load((tiny_pipeline / "params.yaml").read_text())
     params["train"]["epochs"] = 3
     params["pairs"] = {"scorer": "early", "folds": 2, "crossfit_epochs": 1, "probe": {"C": 1.0, "max_iter": 100},
@@ -133,7 +213,8 @@ def test_tiny_siamese_run_lowers_the_contrastive_loss(tiny_pipeline: Path, monke
     naive_only = ("val_fraction", "early_epoch", "parallel_runs", "head_init", "probe")
     params["siamese"] = {**{k: v for k, v in params["train"].items() if k not in naive_only},
                          "epochs": 4, "lr": 0.02, "warmup_epochs": 0, "batch_size": 16,
-                         "contrastive_weight": 1.0, "margin": 1.0, "reduction": "active", "embedding_dim": 16,
+                         "contrastive": contrastive, "contrastive_weight": 1.0, "margin": 1.0,
+                         "reduction": "active", "images_per_breed": 16, "neg_margin": 0.4, "embedding_dim": 16,
                          "normalize": True}
     (tiny_pipeline / "params.yaml").write_text(yaml.safe_dump(params))
     raw = tiny_pipeline / "data" / "raw"

@@ -1,4 +1,4 @@
-"""Torch datasets over the decode stage's shards, the epoch sampler, label tables and splits
+"""Torch datasets over the decode stage's shards, the epoch and breed-batch samplers, label tables and splits
 (the transforms are in ``presets``).
 
 Augmentation is seeded per (seed, epoch, sample), not by the worker processes'
@@ -66,6 +66,67 @@ class EpochSampler(DistributedSampler):
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         return ((i, self.epoch) for i in super().__iter__())
+
+
+class BreedBatchSampler:
+    """Batches of P breeds x K images (``per_breed`` = K, P = ``batch_images`` / K),
+    for a loss that forms its pairs inside the batch: every batch holds K
+    images of each of its breeds, so each image has K - 1 positives there.
+
+    A batch's breeds are drawn without replacement with probability
+    proportional to their images (batches see the breeds as the data does);
+    each breed's images come from its own shuffled queue, refilled when it
+    runs out, so an epoch draws every image about equally often. ``batches``
+    counts the batches of an epoch over all ranks (each rank takes every
+    ``num_replicas``-th). Seeded per (seed, epoch) like :class:`EpochSampler`,
+    and yields ``(index, draw)`` items so that each draw's augmentation is
+    seeded too (a resumed run sees the batches of an uninterrupted one).
+
+    Not pytorch-metric-learning's ``MPerClassSampler``: it draws from the
+    global NumPy RNG and has neither ``set_epoch`` nor rank sharding.
+    """
+
+    def __init__(self, labels: Sequence[int], *, batch_images: int, per_breed: int, batches: int, seed: int,
+                 indices: Sequence[int] | None = None, num_replicas: int = 1, rank: int = 0) -> None:
+        labels = np.asarray(labels, dtype=np.int64)
+        indices = np.arange(len(labels)) if indices is None else np.asarray(indices, dtype=np.int64)
+        if per_breed < 2 or batch_images % per_breed:
+            raise ValueError(f"images per breed must be >= 2 and divide the {batch_images} images of a batch, "
+                             f"got {per_breed}")
+        self.breeds, counts = np.unique(labels[indices], return_counts=True)
+        self.per_batch = batch_images // per_breed
+        if self.per_batch > len(self.breeds):
+            raise ValueError(f"a batch of {batch_images} images at {per_breed} per breed needs {self.per_batch} "
+                             f"breeds; the images have {len(self.breeds)}: raise the images per breed")
+        if batches < num_replicas:
+            raise ValueError(f"{batches} batches per epoch cannot be shared by {num_replicas} ranks")
+        self.members = {int(b): indices[labels[indices] == b] for b in self.breeds}
+        self.weights = counts / counts.sum()
+        self.per_breed, self.batch_images, self.seed = per_breed, batch_images, seed
+        self.rank, self.num_replicas = rank, num_replicas
+        self.batches = batches // num_replicas * num_replicas
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.batches // self.num_replicas
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        queues: dict[int, list[int]] = {b: [] for b in self.members}
+        for n in range(self.batches):  # every rank draws every batch, so all agree on them
+            breeds = rng.choice(self.breeds, size=self.per_batch, replace=False, p=self.weights)
+            batch = []
+            for b in breeds.tolist():
+                for _ in range(self.per_breed):
+                    if not queues[b]:
+                        queues[b] = rng.permutation(self.members[b]).tolist()
+                    batch.append(queues[b].pop())
+            if n % self.num_replicas == self.rank:
+                first = (self.epoch * self.batches + n) * self.batch_images  # a distinct draw per image
+                yield [(i, first + j) for j, i in enumerate(batch)]
 
 
 def load_labels(path: str | Path) -> pd.DataFrame:

@@ -232,8 +232,10 @@ def evaluate(model: nn.Module, loader: DataLoader, ctx: RunContext) -> dict[str,
 
 # ---------------------------------------------------------------- data loaders
 def make_loader(dataset: Dataset, *, batch_size: int, train: bool, seed: int, workers: int,
-                device: torch.device, pin_memory: bool | None = None) -> DataLoader:
-    """Training loaders shard across DDP ranks through ``EpochSampler``;
+                device: torch.device, pin_memory: bool | None = None, batch_sampler: Any = None) -> DataLoader:
+    """Training loaders shard across DDP ranks through ``EpochSampler``, or
+    draw their batches from ``batch_sampler`` (one with ``set_epoch`` that
+    shards itself, e.g. ``BreedBatchSampler``; ``batch_size`` then unused);
     evaluation loaders see everything on every rank (small, and simpler than
     gathering)."""
     pin = device.type == "cuda" if pin_memory is None else pin_memory  # None: pinned for CUDA
@@ -244,6 +246,9 @@ def make_loader(dataset: Dataset, *, batch_size: int, train: bool, seed: int, wo
                                   generator=torch.Generator().manual_seed(seed))
     if workers > 0:
         kwargs["prefetch_factor"] = 4
+    if batch_sampler is not None:
+        del kwargs["batch_size"]
+        return DataLoader(dataset, batch_sampler=batch_sampler, **kwargs)
     if train:
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         sampler = EpochSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
@@ -355,7 +360,9 @@ def fit(model: nn.Module, loss_fn: LossFn, train_loader: DataLoader, val_loader:
     scored = ema.module if ema is not None else model  # the weights validation and on_epoch see
     stop_after = int(os.environ.get(STOP_ENV, "0"))
     for epoch in range(start_epoch, cfg.epochs):
-        train_loader.sampler.set_epoch(epoch)
+        # the sampler seeds each epoch's order (and, with a batch sampler, its batches)
+        (train_loader.batch_sampler if hasattr(train_loader.batch_sampler, "set_epoch")
+         else train_loader.sampler).set_epoch(epoch)
         start = time.time()
         metrics = {f"train_{k}": v for k, v in train_one_epoch(
             train_model, loss_fn, train_loader, optimizer, scheduler, scaler, ctx, epoch, ema=ema).items()}

@@ -1,10 +1,13 @@
-"""The contrastive loss of Hadsell, Chopra & LeCun (2006), "Dimensionality
-Reduction by Learning an Invariant Mapping", reporting its parts."""
+"""Contrastive losses, reporting their parts: the pair loss of Hadsell, Chopra
+& LeCun (2006), "Dimensionality Reduction by Learning an Invariant Mapping",
+on make_pairs' pairs, and pytorch-metric-learning's on the pairs inside a batch."""
 from __future__ import annotations
 
 from typing import Literal, get_args
 
 import torch
+from pytorch_metric_learning.distances import CosineSimilarity
+from pytorch_metric_learning.losses import ContrastiveLoss as PMLContrastiveLoss
 from torch import nn
 
 Reduction = Literal["active", "all"]  # declared once: SiameseConfig.reduction takes this type
@@ -73,3 +76,37 @@ class ContrastiveLoss(nn.Module):
 
     def forward(self, emb_a: torch.Tensor, emb_b: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
         return self.terms(emb_a, emb_b, same)["loss"]
+
+
+class InBatchContrastiveLoss(nn.Module):
+    """Every two images of a batch are a pair: same breed positive, different
+    breed negative (so a P breeds x K images batch gives each image K - 1
+    positives). pytorch-metric-learning's ``ContrastiveLoss`` on cosine
+    similarity ``s``: a positive pair costs ``1 - s``, a negative pair
+    ``max(0, s - neg_margin)`` (different breeds are pushed apart only while
+    more similar than ``neg_margin``). How it averages: each term over its
+    pairs with a non-zero loss (``AvgNonZeroReducer``, as ``active`` above),
+    and the loss is their sum.
+    """
+
+    def __init__(self, neg_margin: float) -> None:
+        super().__init__()
+        if not -1 < neg_margin < 1:
+            raise ValueError(f"neg_margin is a cosine similarity in (-1, 1), got {neg_margin}")
+        self.loss = PMLContrastiveLoss(pos_margin=1.0, neg_margin=neg_margin, distance=CosineSimilarity())
+
+    def terms(self, emb: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``loss`` and its ``positive`` and ``negative`` terms (each reduced by
+        the loss's own reducer, as its forward would)."""
+        if emb.ndim != 2 or labels.shape != emb.shape[:1]:
+            raise ValueError(f"need (N, D), (N,); got {tuple(emb.shape)}, {tuple(labels.shape)}")
+        emb = emb.to(torch.promote_types(emb.dtype, torch.float32))
+        # ref = the batch itself (the same objects: pml then leaves out each image paired with itself)
+        parts = self.loss.compute_loss(emb, labels, None, emb, labels)
+        reducers = self.loss.reducer.reducers
+        positive = reducers["pos_loss"]({"pos_loss": parts["pos_loss"]}, emb, labels)
+        negative = reducers["neg_loss"]({"neg_loss": parts["neg_loss"]}, emb, labels)
+        return {"loss": positive + negative, "positive": positive.detach(), "negative": negative.detach()}
+
+    def forward(self, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.terms(emb, labels)["loss"]

@@ -1,26 +1,29 @@
 """The siamese fine-tuning of the naive model (the counterpart of
 ``classifier.py``): two weight-sharing branches see a pair of images; the loss
 is softmax cross-entropy on both plus ``contrastive_weight`` x the contrastive
-loss (Hadsell, Chopra & LeCun 2006) on their embeddings. Used by the
+loss (Hadsell, Chopra & LeCun 2006) on their embeddings. With ``contrastive:
+batch`` the pairs are formed inside P breeds x K images batches instead
+(pytorch-metric-learning's contrastive loss on cosine similarity). Used by the
 train_siamese stage and the seed study."""
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset
 
 from stages.lib import engine, runtime
 from stages.lib.classifier import OptimConfig, eval_loader, run_context
-from stages.lib.data import ShardDataset
+from stages.lib.data import BreedBatchSampler, ShardDataset
 from stages.lib.imagecache import DecodedImages
-from stages.lib.losses import ContrastiveLoss, Reduction
+from stages.lib.losses import ContrastiveLoss, InBatchContrastiveLoss, Reduction
 from stages.lib.models import Classifier, build_model, load_model_file
 from stages.lib.presets import augment_on_device, build_transform
 
@@ -80,14 +83,44 @@ def siamese_loss(*, contrastive_weight: float, margin: float, label_smoothing: f
     return loss_fn
 
 
+def batch_loss(*, contrastive_weight: float, neg_margin: float, label_smoothing: float) -> engine.LossFn:
+    """``contrastive: batch``: CE summed over the batch's images / half of them
+    (the scale of pairs mode's CE(a) + CE(b) at the same images per step) +
+    weight x :class:`InBatchContrastiveLoss` over every pair in the batch.
+    Logs ``ce`` (the mean per image), ``contrastive`` and its two parts."""
+    ce = nn.CrossEntropyLoss(label_smoothing=label_smoothing, reduction="sum")
+    contrastive = InBatchContrastiveLoss(neg_margin)
+
+    def loss_fn(model, batch, ctx: engine.RunContext):
+        images, labels = batch
+        logits, emb = model(engine.to_device(images, ctx), with_embedding=True)
+        labels = labels.to(ctx.device, non_blocking=True)
+        n = len(labels)
+        ce_sum = ce(logits.float(), labels)
+        terms = contrastive.terms(emb, labels)
+        loss = ce_sum / (n / 2) + contrastive_weight * terms["loss"]
+        acc = (logits.argmax(1) == labels).float().mean()
+        logs = {"loss": loss, "ce": ce_sum / n, "contrastive": terms["loss"],
+                "contrastive_pos": terms["positive"], "contrastive_neg": terms["negative"], "acc": acc}
+        return loss, {k: v.detach() for k, v in logs.items()}, n // 2
+
+    return loss_fn
+
+
 @dataclass(frozen=True)
 class SiameseConfig(OptimConfig):
     """params.yaml ``siamese``: the training loop's settings plus the
-    contrastive term and the embedding it acts on."""
+    contrastive term and the embedding it acts on. ``contrastive``: pairs
+    (make_pairs' pairs, ``margin`` and ``reduction``) or batch (every pair
+    inside P breeds x ``images_per_breed`` batches of ``2 x batch_size``
+    images, ``neg_margin``; as many batches per epoch as pairs mode has)."""
 
+    contrastive: Literal["pairs", "batch"]
     contrastive_weight: float
     margin: float
     reduction: Reduction
+    images_per_breed: int
+    neg_margin: float
     embedding_dim: int
     normalize: bool
 
@@ -95,6 +128,11 @@ class SiameseConfig(OptimConfig):
         super().__post_init__()
         if self.contrastive_weight < 0 or self.margin <= 0 or self.embedding_dim < 0:
             raise ValueError("contrastive_weight and embedding_dim must be >= 0, margin > 0")
+        if self.images_per_breed < 2 or (2 * self.batch_size) % self.images_per_breed:
+            raise ValueError(f"images_per_breed must be >= 2 and divide the 2 x batch_size = {2 * self.batch_size} "
+                             f"images of a batch, got {self.images_per_breed}")
+        if not -1 < self.neg_margin < 1:
+            raise ValueError(f"neg_margin is a cosine similarity in (-1, 1), got {self.neg_margin}")
 
 
 def siamese_from_naive(naive_path: Path, cfg: SiameseConfig) -> tuple[Classifier, dict[str, Any]]:
@@ -122,16 +160,43 @@ def fit_siamese(model: Classifier, meta: dict[str, Any], clean: pd.DataFrame, pa
                           build_transform(size, train=True, augment=cfg.augment,
                                           on_device=augment_on_device(cfg.augment.where, ctx.device)),
                           seed=cfg.seed, index=index, cache=cache)
-    train_loader = engine.make_loader(PairDataset(images, pairs), batch_size=cfg.batch_size, train=True,
-                                      seed=cfg.seed, workers=cfg.workers, device=ctx.device)
-    if len(train_loader) == 0:  # no stage trains on nothing and exits 0
+    if len(pairs) < cfg.batch_size:  # no stage trains on nothing and exits 0
         raise ValueError(f"train_siamese: {len(pairs)} pairs give no full batch of siamese.batch_size "
                          f"{cfg.batch_size}: nothing to fine-tune on (see make_pairs' report.json)")
+    if cfg.contrastive == "pairs":
+        train_loader = engine.make_loader(PairDataset(images, pairs), batch_size=cfg.batch_size, train=True,
+                                          seed=cfg.seed, workers=cfg.workers, device=ctx.device)
+        loss_fn = siamese_loss(contrastive_weight=cfg.contrastive_weight, margin=cfg.margin,
+                               label_smoothing=cfg.label_smoothing, reduction=cfg.reduction)
+    else:
+        train_loader = engine.make_loader(images, batch_size=cfg.batch_size, train=True, seed=cfg.seed,
+                                          workers=cfg.workers, device=ctx.device,
+                                          batch_sampler=breed_batches(clean, val, pairs, cfg))
+        loss_fn = batch_loss(contrastive_weight=cfg.contrastive_weight, neg_margin=cfg.neg_margin,
+                             label_smoothing=cfg.label_smoothing)
+    if len(train_loader) == 0:
+        raise ValueError(f"train_siamese: {len(pairs)} pairs give no batch of siamese.batch_size {cfg.batch_size} "
+                         f"on each of {dist.get_world_size() if dist.is_initialized() else 1} processes")
     val_loader = eval_loader(images_dir, val, image_size=size, batch_size=2 * cfg.batch_size, workers=0,
                              device=ctx.device, index=index, cache=cache)
-    log.info("%d clean images, %d pairs %s, %d validation images", len(clean), len(pairs),
-             pairs["kind"].value_counts().to_dict(), len(val))
-    loss_fn = siamese_loss(contrastive_weight=cfg.contrastive_weight, margin=cfg.margin,
-                           label_smoothing=cfg.label_smoothing, reduction=cfg.reduction)
+    log.info("%d clean images, %d pairs %s, %d validation images; contrastive: %s", len(clean), len(pairs),
+             pairs["kind"].value_counts().to_dict(), len(val), cfg.contrastive)
     return engine.fit(model, loss_fn, train_loader, val_loader, cfg, ctx, checkpoint=checkpoint, args=args,
                       on_epoch=on_epoch)
+
+
+def breed_batches(clean: pd.DataFrame, val: pd.DataFrame, pairs: pd.DataFrame, cfg: SiameseConfig
+                  ) -> BreedBatchSampler:
+    """``contrastive: batch``'s sampler over the clean images outside the
+    validation split (those make_pairs pairs), with pairs mode's batches per
+    epoch: the two modes differ in how a step's images are grouped, not in
+    how many steps or images."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    outside_val = np.flatnonzero(~clean["key"].isin(set(val["key"])).to_numpy())
+    try:
+        return BreedBatchSampler(clean["label"].to_numpy(), batch_images=2 * cfg.batch_size,
+                                 per_breed=cfg.images_per_breed, batches=len(pairs) // cfg.batch_size,
+                                 seed=cfg.seed, indices=outside_val, num_replicas=world, rank=rank)
+    except ValueError as err:
+        raise ValueError(f"siamese.contrastive batch (siamese.images_per_breed {cfg.images_per_breed}, "
+                         f"siamese.batch_size {cfg.batch_size}): {err}") from err

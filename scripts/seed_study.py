@@ -16,6 +16,7 @@ seed. Configurations:
   naive      the naive recipe on the click-filtered labels (train_naive)
   cleanlab   make_pairs + train_siamese with pairs.filter: cleanlab (the default):
              naive, fine-tuned on the pairs of the images confident learning keeps
+             (siamese.contrastive: pairs, whatever params.yaml says: the paper's form)
   relabel    the same with pairs.filter: relabel
   threshold  the same with pairs.filter: threshold (the paper's p(label) >= min_prob)
   <filter>_ce  the same as <filter> with siamese.contrastive_weight 0: <filter> -
@@ -24,11 +25,13 @@ seed. Configurations:
   cleanlab_ema  cleanlab whose fine-tune has siamese.ema_half_life --ema-half-life (the
              same naive model and scorer as cleanlab: the difference is the average's)
   cleanlab_batch  cleanlab whose fine-tune has siamese.contrastive batch (pairs inside P breeds
-             x K images batches); cleanlab_batch_ce the same with contrastive_weight 0
+             x K images batches: params.yaml's default since 2026-12-04, so the pipeline's
+             final model); cleanlab_batch_ce the same with contrastive_weight 0
   paper      the paper's recipe end to end: click-count filter min_clicks 2, min_share 0.7
              (the pipeline's defaults before this study), naive on those labels, the
              threshold filter, the siamese fine-tuning
-The pipeline's final model is the configuration of params.yaml's pairs.filter.
+The pipeline's final model is the configuration of params.yaml's pairs.filter, with _batch when
+params.yaml's siamese.contrastive is batch.
 
 Every naive-recipe model trains for the optimizer steps of train.epochs epochs
 over the raw click-labelled split (stages.lib.classifier.budgeted). Writes
@@ -205,8 +208,8 @@ def naive_and_fine_tuned(naive_name: str, labels: pd.DataFrame, seed: int, fine:
             cfg = cfg.replace(contrastive_weight=0.0)
         if name.endswith("_ema"):
             cfg = cfg.replace(ema_half_life=study.ema_half_life)
-        if "_batch" in name:
-            cfg = cfg.replace(contrastive="batch")
+        # each configuration names its fine-tune's pairs, whatever params.yaml's default
+        cfg = cfg.replace(contrastive="batch" if "_batch" in name else "pairs")
         model, meta = siamese_from_naive(naive_path, cfg)
         fit_siamese(model, meta, clean, pairs, plan.val, images_dir=study.images, index=study.index, cfg=cfg)
         path = study.tmp / f"{name}-{seed}.pt"

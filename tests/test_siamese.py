@@ -123,7 +123,7 @@ def test_siamese_config_refuses_batch_settings_that_cannot_work() -> None:
     from stages.lib.siamese import SiameseConfig
 
     base = load_params("siamese")
-    assert SiameseConfig.from_params(base, "siamese").contrastive == "pairs"
+    assert SiameseConfig.from_params(base, "siamese").contrastive == base["contrastive"] == "batch"
     for change, message in (({"images_per_breed": 5}, "images_per_breed"),
                             ({"images_per_breed": 1}, "images_per_breed"), ({"neg_margin": 1.0}, "neg_margin"),
                             ({"contrastive": "triplet"}, "siamese.contrastive")):

@@ -36,7 +36,7 @@ from stages.lib import batchaug
 from stages.lib.atomic import atomic_file, remove_stale_temporaries
 from stages.lib.cli import StageFailure
 from stages.lib.data import EpochSampler
-from stages.lib.runtime import is_main_process
+from stages.lib.runtime import is_main_process, rank_and_world
 
 log = logging.getLogger("engine")
 
@@ -250,7 +250,7 @@ def make_loader(dataset: Dataset, *, batch_size: int, train: bool, seed: int, wo
         del kwargs["batch_size"]
         return DataLoader(dataset, batch_sampler=batch_sampler, **kwargs)
     if train:
-        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        rank, world = rank_and_world()
         sampler = EpochSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
         return DataLoader(dataset, sampler=sampler, drop_last=True, **kwargs)
     return DataLoader(dataset, shuffle=False, **kwargs)

@@ -26,6 +26,11 @@ def init_distributed(device: str = "auto") -> tuple[int, int]:
         # waiting in a collective for the backends' defaults (30 min for gloo); torchrun then stops every
         # rank with a non-zero exit. CLICKDOG_DDP_TIMEOUT_S: longer for slow first epochs on big data
         dist.init_process_group(backend, timeout=timedelta(seconds=float(os.environ.get(DDP_TIMEOUT_ENV, 600))))
+    return rank_and_world()
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world_size) of this process: (0, 1) without a process group."""
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 

@@ -15,7 +15,6 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -176,7 +175,7 @@ def fit_siamese(model: Classifier, meta: dict[str, Any], clean: pd.DataFrame, pa
                              label_smoothing=cfg.label_smoothing)
     if len(train_loader) == 0:
         raise ValueError(f"train_siamese: {len(pairs)} pairs give no batch of siamese.batch_size {cfg.batch_size} "
-                         f"on each of {dist.get_world_size() if dist.is_initialized() else 1} processes")
+                         f"on each of {runtime.rank_and_world()[1]} processes")
     val_loader = eval_loader(images_dir, val, image_size=size, batch_size=2 * cfg.batch_size, workers=0,
                              device=ctx.device, index=index, cache=cache)
     log.info("%d clean images, %d pairs %s, %d validation images; contrastive: %s", len(clean), len(pairs),
@@ -191,7 +190,7 @@ def breed_batches(clean: pd.DataFrame, val: pd.DataFrame, pairs: pd.DataFrame, c
     validation split (those make_pairs pairs), with pairs mode's batches per
     epoch: the two modes differ in how a step's images are grouped, not in
     how many steps or images."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rank, world = runtime.rank_and_world()
     outside_val = np.flatnonzero(~clean["key"].isin(set(val["key"])).to_numpy())
     try:
         return BreedBatchSampler(clean["label"].to_numpy(), batch_images=2 * cfg.batch_size,

@@ -13,10 +13,12 @@ For each seed S:
 3. ``final``: ``dvc repro train_naive``, then ``dvc repro make_pairs`` (timed alone: the scorer's wall
    time), then ``dvc repro``: every model of metrics.json (truth, raw, probe_truth, probe_raw, naive,
    siamese = the final model) and its data block (label precision / recall);
-4. ``contrastive``: the other contrastive weight (0 where the profile has one, else 1: the profile has
-   0 since the first study), ``dvc repro`` (the fine-tune and evaluate only);
-5. ``crossfit``: the profile's contrastive weight back, ``pairs.scorer: crossfit`` with ``pairs.crossfit_epochs``
-   = ``train.epochs``, ``dvc repro make_pairs`` timed, then ``dvc repro``.
+Then each of ``--variants`` (default all), on top of the final run's params (put back after it):
+
+4. ``contrastive``: the other contrastive weight (0 where the profile has one, else 1);
+5. ``crossfit``: ``pairs.scorer: crossfit`` with ``pairs.crossfit_epochs`` = ``train.epochs``.
+
+Each variant runs ``dvc repro make_pairs`` (timed alone), then ``dvc repro`` (only what its params reach).
 
 Every run is appended to OUT/photo_study.json as it ends (a killed study keeps what it measured; a seed
 already there is skipped), and OUT/photo_study.md is regenerated from it. The photos never enter the
@@ -95,7 +97,21 @@ def _measure(tree: Path, variant: str, seed: int, **extra: Any) -> dict[str, Any
             "contrastive_weight": float(siamese["contrastive_weight"])}
 
 
-def run_seed(seed: int, photos: Path, sets: list[str], log: Path) -> list[dict[str, Any]]:
+VARIANTS = ("contrastive", "crossfit")
+
+
+def _variant(name: str, params: dict) -> dict:
+    """The params a variant changes, against the final run's ``params``: ``contrastive`` the other
+    contrastive weight (0 where the profile has one, else 1); ``crossfit`` the crossfit scorer with folds of
+    ``train.epochs`` epochs."""
+    if name == "contrastive":
+        return {"siamese": {"contrastive_weight": 0.0 if params["siamese"]["contrastive_weight"] else 1.0}}
+    if name == "crossfit":
+        return {"pairs": {"scorer": "crossfit", "crossfit_epochs": params["train"]["epochs"]}}
+    raise ValueError(f"unknown variant {name!r}: one of {VARIANTS}")
+
+
+def run_seed(seed: int, photos: Path, sets: list[str], variants: list[str], log: Path) -> list[dict[str, Any]]:
     release, tree = Path(f"/tmp/photo_release_{seed}"), Path(f"/tmp/photo_study_{seed}")
     if not release.exists():
         _run([sys.executable, "scripts/make_release.py", str(photos), str(release), "--seed", str(seed)], ROOT, log)
@@ -115,14 +131,13 @@ def run_seed(seed: int, photos: Path, sets: list[str], log: Path) -> list[dict[s
         pairs_s = _run(["dvc", "repro", "make_pairs"], tree, log)
         total = _run(["dvc", "repro"], tree, log)
         runs.append(_measure(tree, "final", seed, make_pairs_s=pairs_s, seconds=total))
-        weight = params["siamese"]["contrastive_weight"]
-        _apply(tree, {"siamese": {"contrastive_weight": 0.0 if weight else 1.0}}, log)
-        runs.append(_measure(tree, "contrastive", seed, seconds=_run(["dvc", "repro"], tree, log)))
-        _apply(tree, {"siamese": {"contrastive_weight": weight},
-                      "pairs": {"scorer": "crossfit", "crossfit_epochs": params["train"]["epochs"]}}, log)
-        pairs_s = _run(["dvc", "repro", "make_pairs"], tree, log)
-        runs.append(_measure(tree, "crossfit", seed, make_pairs_s=pairs_s,
-                             seconds=_run(["dvc", "repro"], tree, log)))
+        for variant in variants:  # each on top of the final run's params, which are put back after it
+            change = _variant(variant, params)
+            _apply(tree, change, log)
+            pairs_s = _run(["dvc", "repro", "make_pairs"], tree, log)
+            runs.append(_measure(tree, variant, seed, make_pairs_s=pairs_s,
+                                 seconds=pairs_s + _run(["dvc", "repro"], tree, log)))
+            _apply(tree, {section: {k: params[section][k] for k in keys} for section, keys in change.items()}, log)
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tree, capture_output=True, text=True,
                                 check=True).stdout.strip()
         for r in runs:
@@ -237,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--photos", type=Path, help="a breed-per-folder tree of photos (../shared/dog_photos)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser.add_argument("--variants", nargs="*", choices=VARIANTS, default=list(VARIANTS),
+                        help="runs besides the final one, each a paired comparison (default: all)")
     parser.add_argument("--out", type=Path, default=ROOT / "reports")
     parser.add_argument("--report", action="store_true", help="only rewrite the .md from the .json")
     args = parser.parse_args(argv)
@@ -253,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
             if any(r["seed"] == seed for r in runs):
                 print(f"seed {seed}: already in {path}, skipped")
                 continue
-            runs += run_seed(seed, args.photos.resolve(), args.sets, log)
+            runs += run_seed(seed, args.photos.resolve(), args.sets, args.variants, log)
             path.write_text(json.dumps(runs, indent=1) + "\n")
             print(f"seed {seed}: done ({log})", flush=True)
     (args.out / "photo_study.md").write_text(report(runs, pilot))

@@ -94,7 +94,7 @@ def _measure(tree: Path, variant: str, seed: int, **extra: Any) -> dict[str, Any
             "label_filter": {k: data["prob_filter"][k] for k in ("images", "precision", "recall")},
             "raw_clicks": {k: data["raw_clicks"][k] for k in ("images", "precision", "recall")},
             "scorer": pairs["scorer"], "scorer_cost_s": pairs["cost_s"], "test_images": data["test"]["labelled"],
-            "contrastive_weight": float(siamese["contrastive_weight"])}
+            "contrastive": siamese["contrastive"], "contrastive_weight": float(siamese["contrastive_weight"])}
 
 
 VARIANTS = ("contrastive", "crossfit")
@@ -216,6 +216,8 @@ def report(runs: list[dict], pilot: list[dict]) -> str:
                 add(f"{m}: this recipe − the pilot's lpft recipe", final[s]["top1"][m] - lpft[s][m])
     n_test = sorted({final[s]["test_images"] for s in seeds})
     weights = ", ".join(f"{w:g}" for w in sorted({final[s]["contrastive_weight"] for s in seeds}))
+    # runs before siamese.contrastive existed (e4c109e) fine-tuned on make_pairs' pairs
+    modes = ", ".join(sorted({final[s].get("contrastive", "pairs") for s in seeds}))
     lines = ["| paired over seeds " + ", ".join(map(str, seeds)) + " | mean ± s.e. | per seed |", "|---|---|---|"]
     levels = ("gap recovery", "label precision (features)", "label recall (features)",
               "make_pairs time, features / crossfit")  # not differences: no sign
@@ -235,8 +237,8 @@ def report(runs: list[dict], pilot: list[dict]) -> str:
         "the weights were trained on: read differences, not absolute accuracy.",
         "",
         "`final` is the siamese fine-tune (pairs.filter cleanlab on the features scorer's out-of-fold "
-        f"probabilities; siamese.contrastive_weight {weights}); `other contrastive weight` the same fine-tune "
-        "with the other `siamese.contrastive_weight` (1 where the profile has 0, else 0); `crossfit "
+        f"probabilities; siamese.contrastive {modes}, contrastive_weight {weights}); `other contrastive weight` "
+        "the same fine-tune with the other `siamese.contrastive_weight` (1 where the profile has 0, else 0); `crossfit "
         "scorer` the final pipeline with `pairs.scorer: crossfit` (3 fine-tuned folds of `train.epochs` epochs). "
         "`make_pairs s` is the stage's wall time alone on 2 CPU cores. Gap recovery: (final − raw) / (truth − raw).",
         "",

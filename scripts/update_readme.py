@@ -76,7 +76,11 @@ def results_block(reports: Path) -> str:
         parts += ["#### Photo study: the pretrained regime on real dog photos (paired over release seeds)", "",
                   "From `python scripts/photo_study.py --photos ../shared/dog_photos`: EfficientNet-Lite0 with "
                   "ImageNet weights, `profiles/photos-cpu.yaml`; every run and the per-seed table in "
-                  "[reports/photo_study.md](reports/photo_study.md).", "", photo_differences(photo), ""]
+                  "[reports/photo_study.md](reports/photo_study.md). Earlier studies of the profile, on releases "
+                  "0-2 (the crossfit scorer's comparison among them): "
+                  "[reports/photo_study_pairs.md](reports/photo_study_pairs.md), "
+                  "[reports/photo_study_8epochs.md](reports/photo_study_8epochs.md).", "",
+                  photo_differences(photo), ""]
     sweep = reports / "sweep" / "filter_sweep.png"
     figures = [(path, alt) for path, alt in FIGURES if (reports / path).is_file()]
     if sweep.is_file():

@@ -91,7 +91,8 @@ DIFFERENCES = (("cleanlab", "raw"), ("cleanlab", "naive"), ("relabel", "raw"), (
                ("paper", "raw"), ("threshold", "raw"), ("cleanlab", "relabel"), ("cleanlab", "paper"),
                ("relabel", "paper"), ("cleanlab", "cleanlab_ce"), ("relabel", "relabel_ce"),
                ("threshold", "threshold_ce"), ("cleanlab_ema", "cleanlab"), ("naive_ema", "naive"),
-               ("cleanlab_ema", "raw"), ("cleanlab_batch", "cleanlab"), ("cleanlab_batch", "cleanlab_batch_ce"),
+               ("cleanlab_ema", "raw"), ("cleanlab_batch", "raw"), ("cleanlab_batch", "naive"),
+               ("cleanlab_batch", "cleanlab"), ("cleanlab_batch", "cleanlab_batch_ce"),
                ("cleanlab_batch_ce", "cleanlab_ce"), ("naive", "raw"), ("truth", "raw"))
 # gap recovery (x - raw) / (truth - raw)
 GAP_CONFIGS = ("cleanlab", "cleanlab_ema", "cleanlab_batch", "relabel", "paper", "threshold")

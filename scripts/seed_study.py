@@ -25,13 +25,17 @@ seed. Configurations:
   cleanlab_ema  cleanlab whose fine-tune has siamese.ema_half_life --ema-half-life (the
              same naive model and scorer as cleanlab: the difference is the average's)
   cleanlab_batch  cleanlab whose fine-tune has siamese.contrastive batch (pairs inside P breeds
-             x K images batches: params.yaml's default since 2026-12-04, so the pipeline's
-             final model); cleanlab_batch_ce the same with contrastive_weight 0
+             x K images batches: params.yaml's default since 2026-12-04); cleanlab_batch_ce the
+             same with contrastive_weight 0
+  cleanlab_batch_nobreed  cleanlab_batch whose filter also drops the images whose top breed
+             has p < --min-top-prob (pairs.min_top_prob: likely non-dogs; params.yaml's default
+             since 2026-12-04, so the pipeline's final model)
   paper      the paper's recipe end to end: click-count filter min_clicks 2, min_share 0.7
              (the pipeline's defaults before this study), naive on those labels, the
              threshold filter, the siamese fine-tuning
 The pipeline's final model is the configuration of params.yaml's pairs.filter, with _batch when
-params.yaml's siamese.contrastive is batch.
+params.yaml's siamese.contrastive is batch and _nobreed when its pairs.min_top_prob is above 0
+(every other configuration filters with min_top_prob 0, whatever params.yaml says).
 
 Every naive-recipe model trains for the optimizer steps of train.epochs epochs
 over the raw click-labelled split (stages.lib.classifier.budgeted). Writes
@@ -72,8 +76,9 @@ from stages.lib.tracking import save_model
 from stages.lib.weaklabels import find_weak_labels
 
 CONFIGS = ("truth", "raw", "naive", "naive_ema", "cleanlab", "cleanlab_ce", "cleanlab_ema", "cleanlab_batch",
-           "cleanlab_batch_ce", "relabel", "relabel_ce", "threshold", "threshold_ce", "paper")
-VARIANTS = ("_ce", "_ema", "_batch")  # <filter><variant>: the same filter, another fine-tune (_batch_ce: both)
+           "cleanlab_batch_ce", "cleanlab_batch_nobreed", "relabel", "relabel_ce", "threshold", "threshold_ce", "paper")
+# <filter><variant>: the same filter, another fine-tune (_batch_ce: both); _nobreed: pairs.min_top_prob
+VARIANTS = ("_ce", "_ema", "_nobreed", "_batch")
 REFERENCES = {"truth": "truth", "raw": "raw"}  # config -> label set
 DEFAULT_CONFIGS = ("truth", "raw", "naive", "cleanlab", "relabel", "relabel_ce", "paper")
 # the label filter of each fine-tuned configuration on the pipeline's click labels
@@ -93,18 +98,23 @@ DIFFERENCES = (("cleanlab", "raw"), ("cleanlab", "naive"), ("relabel", "raw"), (
                ("threshold", "threshold_ce"), ("cleanlab_ema", "cleanlab"), ("naive_ema", "naive"),
                ("cleanlab_ema", "raw"), ("cleanlab_batch", "raw"), ("cleanlab_batch", "naive"),
                ("cleanlab_batch", "cleanlab"), ("cleanlab_batch", "cleanlab_batch_ce"),
-               ("cleanlab_batch_ce", "cleanlab_ce"), ("naive", "raw"), ("truth", "raw"))
+               ("cleanlab_batch_ce", "cleanlab_ce"), ("cleanlab_batch_nobreed", "cleanlab_batch"),
+               ("cleanlab_batch_nobreed", "raw"), ("cleanlab_batch_nobreed", "naive"), ("naive", "raw"),
+               ("truth", "raw"))
 # gap recovery (x - raw) / (truth - raw)
-GAP_CONFIGS = ("cleanlab", "cleanlab_ema", "cleanlab_batch", "relabel", "paper", "threshold")
+GAP_CONFIGS = ("cleanlab", "cleanlab_ema", "cleanlab_batch", "cleanlab_batch_nobreed", "relabel", "paper",
+               "threshold")
 log = logging.getLogger("seed_study")
 
 
 class Study:
     """The pipeline's inputs and params, shared by every seed."""
 
-    def __init__(self, data: Path, params: dict[str, Any], tmp: Path, ema_half_life: float) -> None:
+    def __init__(self, data: Path, params: dict[str, Any], tmp: Path, ema_half_life: float,
+                 min_top_prob: float) -> None:
         self.data, self.params, self.tmp = data, params, tmp
         self.ema_half_life = ema_half_life  # of the *_ema configurations
+        self.min_top_prob = min_top_prob  # of the *_nobreed configurations
         self.images = data / "images"
         self.index = read_index(self.images)
         self.keys = train_keys(self.index)
@@ -200,7 +210,9 @@ def naive_and_fine_tuned(naive_name: str, labels: pd.DataFrame, seed: int, fine:
     raw = load_labels(study.data / "filtered" / layout.RAW_LABELS)
     for name, method in fine.items():
         start = time.time() - crossfit_s / len(fine)  # each fine-tuned model carries its share of the scoring
-        clean, _ = filtered_table(labels, probs, study.classes, **p.noise_settings(method))
+        # each configuration names its filter's min_top_prob, whatever params.yaml's default
+        pc = p.replace(min_top_prob=study.min_top_prob if "_nobreed" in name else 0.0)
+        clean, _ = filtered_table(labels, probs, study.classes, **pc.noise_settings(method))
         quality = table_quality(clean, raw, study.truth) if study.truth is not None else {}
         train_clean = clean[~clean["key"].isin(set(plan.val["key"]))].reset_index(drop=True)
         pairs, _, _ = build_pairs(train_clean, val_pred, len(study.classes), p)
@@ -278,6 +290,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("reports"))
     p.add_argument("--ema-half-life", type=float, default=1.0,
                    help="train/siamese.ema_half_life (epochs) of the *_ema configurations")
+    p.add_argument("--min-top-prob", type=float, default=0.2,
+                   help="pairs.min_top_prob of the *_nobreed configurations")
     p.add_argument("--summarize", action="store_true", help="only rewrite seed_study.md from seed_study.json")
     args = p.parse_args()
     if args.summarize:
@@ -289,7 +303,7 @@ def main() -> None:
     params = load_sections(model=ModelConfig, train=TrainConfig, pairs=PairsConfig, siamese=SiameseConfig)
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        study = Study(args.data, params, Path(tmp), args.ema_half_life)
+        study = Study(args.data, params, Path(tmp), args.ema_half_life, args.min_top_prob)
         for seed in args.seeds:
             runs += run_seed(study, seed, args.configs)
             args.out.mkdir(parents=True, exist_ok=True)  # after every seed: a long study can be read early

@@ -10,6 +10,7 @@ from stages.lib.noise import (
     KEPT,
     LABEL_ISSUE,
     LOW_PROBABILITY,
+    NO_BREED,
     RELABELLED,
     check_enough_left,
     clean_labels,
@@ -60,6 +61,28 @@ def test_cleanlab_and_relabel_clean_one_sided_noise() -> None:
     assert changed.any() and (new[changed] == true[changed]).mean() > 0.8
     assert np.isin(st_r, (KEPT, RELABELLED)).sum() > (st_c == KEPT).sum()
     assert precision(true, new, st_r) > raw + 0.05
+
+
+@pytest.mark.parametrize("method", ["threshold", "cleanlab", "relabel"])
+def test_min_top_prob_drops_the_images_no_breed_claims(method: str) -> None:
+    """pairs.min_top_prob: whatever the filter, an image whose top breed has p below it is dropped as
+    no_breed (non-dogs spread their probability); an image the filter dropped keeps its reason; 0 is off."""
+    true, given, probs = one_sided_noise()
+    flat = np.arange(0, len(given), 10)  # every tenth image: no breed stands out
+    probs = probs.copy()
+    probs[flat] = [0.36, 0.33, 0.31]
+    off_new, off = clean_labels(given, probs, **cfg(method))
+    new, status = clean_labels(given, probs, **cfg(method, min_top_prob=0.4))
+    assert (new == off_new).all()
+    was_kept = np.isin(off, (KEPT, RELABELLED))
+    assert (status[flat][was_kept[flat]] == NO_BREED).all() and was_kept[flat].any()
+    assert (status[flat][~was_kept[flat]] == off[flat][~was_kept[flat]]).all()  # the filter's own reason stays
+    others = np.setdiff1d(np.arange(len(given)), flat)
+    confident = others[probs[others].max(1) >= 0.4]
+    assert (status[confident] == off[confident]).all()
+    assert not (off == NO_BREED).any()
+    with pytest.raises(ValueError, match="pairs.min_top_prob"):
+        clean_labels(given, probs, **cfg(method, min_top_prob=1.5))
 
 
 def test_cleanlab_runs_in_this_process(monkeypatch) -> None:

@@ -193,8 +193,8 @@ def test_probe_references_with_pretrained_weights_are_models_evaluate_scores(tin
 
 def _pairs_params(scorer: str) -> dict:
     return {"scorer": scorer, "folds": 3, "crossfit_epochs": 1, "probe": PROBE, "filter": "threshold",
-            "min_prob": 0.05, "filter_by": "prune_by_class", "relabel_min_prob": 0.6, "min_images_per_class": 5,
-            "min_kept_share": 0.3, "per_image": 2, "pos_fraction": 0.5, "hard_fraction": 0.5,
+            "min_prob": 0.05, "filter_by": "prune_by_class", "relabel_min_prob": 0.6, "min_top_prob": 0.0,
+            "min_images_per_class": 5, "min_kept_share": 0.3, "per_image": 2, "pos_fraction": 0.5, "hard_fraction": 0.5,
             "confusable_breeds": 1, "seed": 0}
 
 

@@ -207,8 +207,9 @@ def test_tiny_siamese_run_lowers_the_contrastive_loss(tiny_pipeline: Path, monke
     params["train"]["epochs"] = 3
     params["pairs"] = {"scorer": "early", "folds": 2, "crossfit_epochs": 1, "probe": {"C": 1.0, "max_iter": 100},
                        "filter": "threshold", "min_prob": 0.05,
-                       "filter_by": "prune_by_class", "relabel_min_prob": 0.6, "min_images_per_class": 5,
-                       "min_kept_share": 0.3, "per_image": 4, "pos_fraction": 0.5, "hard_fraction": 0.5,
+                       "filter_by": "prune_by_class", "relabel_min_prob": 0.6, "min_top_prob": 0.0,
+                       "min_images_per_class": 5, "min_kept_share": 0.3, "per_image": 4, "pos_fraction": 0.5,
+                       "hard_fraction": 0.5,
                        "confusable_breeds": 1, "seed": 0}
     naive_only = ("val_fraction", "early_epoch", "parallel_runs", "head_init", "probe")
     params["siamese"] = {**{k: v for k, v in params["train"].items() if k not in naive_only},

@@ -17,6 +17,12 @@ scoring its own training images has memorised their labels. Three methods:
   dropped (or kept with a contradicted label): a look-alike clicked under the
   wrong name is still a good example of its own breed.
 
+With ``min_top_prob`` > 0, any of them also drops an image whose top breed
+has p < ``min_top_prob`` (``no_breed``): the max-softmax out-of-distribution
+baseline (Hendrycks & Gimpel 2017). A non-dog clicked under a random breed
+looks like no breed the scorer knows and spreads its probability; a dog,
+even a mislabelled one, puts it on its own breed or its look-alike.
+
 Returns a table the stage writes as it is: the label kept, whether it was
 changed, and a reason for every image dropped.
 """
@@ -33,6 +39,7 @@ CleanlabFilter = Literal["prune_by_class", "prune_by_noise_rate", "both", "confi
 METHODS: tuple[str, ...] = get_args(FilterMethod)
 CLEANLAB_FILTERS: tuple[str, ...] = get_args(CleanlabFilter)
 KEPT, RELABELLED, LOW_PROBABILITY, LABEL_ISSUE = "kept", "relabelled", "low_probability", "label_issue"
+NO_BREED = "no_breed"  # the scorer's top breed is below min_top_prob: likely no dog of any class
 
 
 def assert_valid_inputs(labels: np.ndarray, probs: np.ndarray) -> None:
@@ -46,12 +53,24 @@ def assert_valid_inputs(labels: np.ndarray, probs: np.ndarray) -> None:
 
 
 def clean_labels(labels: np.ndarray, probs: np.ndarray, *, method: str, min_prob: float, filter_by: str,
-                 relabel_min_prob: float) -> tuple[np.ndarray, np.ndarray]:
+                 relabel_min_prob: float, min_top_prob: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """(new label per image, status per image): status is ``kept``,
     ``relabelled`` or the reason it was dropped (``low_probability``,
-    ``label_issue``); dropped images keep their old label in the first array.
-    The settings are params ``pairs.filter``, ``pairs.min_prob``,
-    ``pairs.filter_by`` and ``pairs.relabel_min_prob``."""
+    ``label_issue``, ``no_breed``); dropped images keep their old label in the
+    first array. The settings are params ``pairs.filter``, ``pairs.min_prob``,
+    ``pairs.filter_by``, ``pairs.relabel_min_prob`` and ``pairs.min_top_prob``."""
+    new, status = _filter_labels(labels, probs, method=method, min_prob=min_prob, filter_by=filter_by,
+                                 relabel_min_prob=relabel_min_prob)
+    if not 0 <= min_top_prob <= 1:
+        raise ValueError(f"pairs.min_top_prob must be in [0, 1], got {min_top_prob}")
+    # an image the filter already dropped keeps that reason
+    status[np.isin(status, (KEPT, RELABELLED)) & (np.asarray(probs).max(1) < min_top_prob)] = NO_BREED
+    return new, status
+
+
+def _filter_labels(labels: np.ndarray, probs: np.ndarray, *, method: str, min_prob: float, filter_by: str,
+                   relabel_min_prob: float) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`clean_labels` without ``min_top_prob``: the filter ``method`` alone."""
     if method not in METHODS:
         raise ValueError(f"pairs.filter must be one of {METHODS}, got {method!r}")
     if filter_by not in CLEANLAB_FILTERS:

@@ -97,6 +97,7 @@ class PairsConfig(Section):
     min_prob: float
     filter_by: CleanlabFilter
     relabel_min_prob: float
+    min_top_prob: float  # 0: off; else drop an image whose scorer's top breed has a smaller p (noise.NO_BREED)
     min_images_per_class: int
     min_kept_share: float
     per_image: int
@@ -110,14 +111,15 @@ class PairsConfig(Section):
             raise ValueError("folds must be >= 2, crossfit_epochs and per_image >= 1, confusable_breeds >= 0")
         if self.min_images_per_class < 1:
             raise ValueError(f"min_images_per_class must be >= 1, got {self.min_images_per_class}")
-        for name in ("min_prob", "relabel_min_prob", "min_kept_share", "pos_fraction", "hard_fraction"):
+        for name in ("min_prob", "relabel_min_prob", "min_top_prob", "min_kept_share", "pos_fraction",
+                     "hard_fraction"):
             in_range(name, getattr(self, name), 0, 1)
 
     def noise_settings(self, method: str | None = None) -> dict[str, object]:
         """The keyword arguments of ``noise.clean_labels`` (``method``
         overrides ``filter``: the seed study compares the filters)."""
         return {"method": method or self.filter, "min_prob": self.min_prob, "filter_by": self.filter_by,
-                "relabel_min_prob": self.relabel_min_prob}
+                "relabel_min_prob": self.relabel_min_prob, "min_top_prob": self.min_top_prob}
 
 
 def build_pairs(clean: pd.DataFrame, val_pred: pd.DataFrame, num_classes: int, p: PairsConfig):

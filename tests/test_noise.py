@@ -34,7 +34,8 @@ def one_sided_noise(n_per_class: int = 200, seed: int = 0):
 
 
 def cfg(method: str, **kw) -> dict:
-    return {"method": method, "min_prob": 0.2, "filter_by": "prune_by_class", "relabel_min_prob": 0.6, **kw}
+    return {"method": method, "min_prob": 0.2, "filter_by": "prune_by_class", "relabel_min_prob": 0.6,
+            "min_top_prob": 0.0, **kw}
 
 
 def precision(true, labels, status) -> float:

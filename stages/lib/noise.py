@@ -53,16 +53,16 @@ def assert_valid_inputs(labels: np.ndarray, probs: np.ndarray) -> None:
 
 
 def clean_labels(labels: np.ndarray, probs: np.ndarray, *, method: str, min_prob: float, filter_by: str,
-                 relabel_min_prob: float, min_top_prob: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+                 relabel_min_prob: float, min_top_prob: float) -> tuple[np.ndarray, np.ndarray]:
     """(new label per image, status per image): status is ``kept``,
     ``relabelled`` or the reason it was dropped (``low_probability``,
     ``label_issue``, ``no_breed``); dropped images keep their old label in the
     first array. The settings are params ``pairs.filter``, ``pairs.min_prob``,
     ``pairs.filter_by``, ``pairs.relabel_min_prob`` and ``pairs.min_top_prob``."""
+    if not 0 <= min_top_prob <= 1:  # before the filter's work, not after it
+        raise ValueError(f"pairs.min_top_prob must be in [0, 1], got {min_top_prob}")
     new, status = _filter_labels(labels, probs, method=method, min_prob=min_prob, filter_by=filter_by,
                                  relabel_min_prob=relabel_min_prob)
-    if not 0 <= min_top_prob <= 1:
-        raise ValueError(f"pairs.min_top_prob must be in [0, 1], got {min_top_prob}")
     # an image the filter already dropped keeps that reason
     status[np.isin(status, (KEPT, RELABELLED)) & (np.asarray(probs).max(1) < min_top_prob)] = NO_BREED
     return new, status

@@ -59,25 +59,26 @@ def clean_labels(labels: np.ndarray, probs: np.ndarray, *, method: str, min_prob
     ``label_issue``, ``no_breed``); dropped images keep their old label in the
     first array. The settings are params ``pairs.filter``, ``pairs.min_prob``,
     ``pairs.filter_by``, ``pairs.relabel_min_prob`` and ``pairs.min_top_prob``."""
-    if not 0 <= min_top_prob <= 1:  # before the filter's work, not after it
+    # every setting and input checked, and converted, once on entry: before the filter's work
+    if method not in METHODS:
+        raise ValueError(f"pairs.filter must be one of {METHODS}, got {method!r}")
+    if filter_by not in CLEANLAB_FILTERS:
+        raise ValueError(f"pairs.filter_by must be one of {CLEANLAB_FILTERS}, got {filter_by!r}")
+    if not 0 <= min_top_prob <= 1:
         raise ValueError(f"pairs.min_top_prob must be in [0, 1], got {min_top_prob}")
+    labels = np.asarray(labels, dtype=np.int64)
+    probs = np.asarray(probs, dtype=np.float64)
+    assert_valid_inputs(labels, probs)
     new, status = _filter_labels(labels, probs, method=method, min_prob=min_prob, filter_by=filter_by,
                                  relabel_min_prob=relabel_min_prob)
     # an image the filter already dropped keeps that reason
-    status[np.isin(status, (KEPT, RELABELLED)) & (np.asarray(probs).max(1) < min_top_prob)] = NO_BREED
+    status[np.isin(status, (KEPT, RELABELLED)) & (probs.max(1) < min_top_prob)] = NO_BREED
     return new, status
 
 
 def _filter_labels(labels: np.ndarray, probs: np.ndarray, *, method: str, min_prob: float, filter_by: str,
                    relabel_min_prob: float) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`clean_labels` without ``min_top_prob``: the filter ``method`` alone."""
-    if method not in METHODS:
-        raise ValueError(f"pairs.filter must be one of {METHODS}, got {method!r}")
-    if filter_by not in CLEANLAB_FILTERS:
-        raise ValueError(f"pairs.filter_by must be one of {CLEANLAB_FILTERS}, got {filter_by!r}")
-    labels = np.asarray(labels, dtype=np.int64)
-    probs = np.asarray(probs, dtype=np.float64)
-    assert_valid_inputs(labels, probs)
+    """:func:`clean_labels` without ``min_top_prob``, on its checked arrays: the filter ``method`` alone."""
     status = np.full(len(labels), KEPT, dtype=object)
     new = labels.copy()
     if method == "threshold":

@@ -11,8 +11,10 @@ For each seed S:
 2. a fresh ``git worktree`` of HEAD in /tmp/photo_study_S; ``scripts/apply_profile.py`` applies
    profiles/photos-cpu.yaml, the release's data block and the ``--set`` overrides to its params.yaml;
 3. ``final``: ``dvc repro train_naive``, then ``dvc repro make_pairs`` (timed alone: the scorer's wall
-   time), then ``dvc repro``: every model of metrics.json (truth, raw, probe_truth, probe_raw, naive,
-   siamese = the final model) and its data block (label precision / recall);
+   time), then ``dvc repro``: every model of metrics.json (truth, raw, probe_truth, probe_raw, probe_naive,
+   naive, siamese = the final model) and its data block (label precision / recall); and ``probe_kept``, a
+   linear probe (``reference.probe``, as the pipeline's probes) on the label filter's kept set
+   (``data/pairs/clean.tsv``), the labels the final model fine-tunes on: its own floor;
 Then each of ``--variants`` (default all), on top of the final run's params (put back after it):
 
 4. ``contrastive``: the other contrastive weight (0 where the profile has one, else 1);
@@ -38,11 +40,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import yaml
+
+from stages.lib import layout
+from stages.lib.classifier import ModelConfig, TrainConfig
+from stages.lib.labelsets import ReferenceConfig, train_probes
+from stages.lib.params import load_sections
+from stages.lib.shards import read_index
+from stages.lib.testset import evaluate_model, read_test_set
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILE = ROOT / "profiles/photos-cpu.yaml"
-MODELS = ("truth", "raw", "probe_truth", "probe_raw", "naive", "siamese")
+MODELS = ("truth", "raw", "probe_truth", "probe_raw", "probe_naive", "naive", "siamese")
 
 
 def _env() -> dict[str, str]:
@@ -84,13 +94,31 @@ def _overrides(sets: list[str]) -> dict:
     return out
 
 
+def probe_kept(tree: Path) -> float:
+    """Test top-1 of a linear probe on the label filter's kept set in ``tree`` (a finished run): the
+    pipeline's own probe code (``labelsets.train_probes``: reference.probe, the naive split) and evaluate's
+    scoring; the probe is not kept."""
+    params = load_sections(tree / "params.yaml", model=ModelConfig, train=TrainConfig, reference=ReferenceConfig)
+    classes = json.loads((tree / "data/filtered" / layout.CLASSES).read_text())
+    images = tree / "data/images"
+    index = read_index(images)
+    kept = pd.read_csv(tree / "data/pairs" / layout.CLEAN, sep="\t")[["key", "label"]]
+    test, _ = read_test_set(tree / "data/raw", index)
+    with tempfile.TemporaryDirectory() as tmp:
+        train_probes({"probe_kept": kept}, Path(tmp), images, classes, params["model"], params["train"],
+                     params["reference"].probe, index, None)
+        result = evaluate_model("probe_kept", Path(tmp) / "probe_kept" / layout.MODEL, test, images, index,
+                                device="cpu", batch_size=256)
+    return float(result.block["top1"])
+
+
 def _measure(tree: Path, variant: str, seed: int, **extra: Any) -> dict[str, Any]:
     metrics = json.loads((tree / "reports/metrics.json").read_text())
     pairs = json.loads((tree / "data/pairs/report.json").read_text())
     siamese = yaml.safe_load((tree / "params.yaml").read_text())["siamese"]
     data = metrics["data"]
-    return {"seed": seed, "variant": variant, **extra,
-            "top1": {m: metrics[m]["top1"] for m in MODELS if isinstance(metrics.get(m), dict)},
+    top1 = {m: metrics[m]["top1"] for m in MODELS if isinstance(metrics.get(m), dict)}
+    return {"seed": seed, "variant": variant, **extra, "top1": {**top1, "probe_kept": probe_kept(tree)},
             "label_filter": {k: data["prob_filter"][k] for k in ("images", "precision", "recall")},
             "raw_clicks": {k: data["raw_clicks"][k] for k in ("images", "precision", "recall")},
             "scorer": pairs["scorer"], "scorer_cost_s": pairs["cost_s"], "test_images": data["test"]["labelled"],
@@ -169,10 +197,9 @@ def report(runs: list[dict], pilot: list[dict]) -> str:
     # the final fine-tune with the other contrastive weight ("contrastive0" in the first study's runs)
     other = _by(runs, "contrastive") | _by(runs, "contrastive0")
     seeds = sorted(final)
-    rows = ["| seed | truth | raw | naive | final | probe_truth | probe_raw | final, other contrastive weight | "
-            "final, crossfit "
-            "scorer | gap recovery | label filter P / R (features) | P / R (crossfit) | make_pairs s (features / "
-            "crossfit) |", "|" + "---|" * 13]
+    rows = ["| seed | truth | raw | naive | final | probe_truth | probe_raw | probe_naive | probe_kept | "
+            "final, other contrastive weight | final, crossfit scorer | gap recovery | label filter P / R (features) "
+            "| P / R (crossfit) | make_pairs s (features / crossfit) |", "|" + "---|" * 15]
     diffs: dict[str, list[float]] = {}
 
     def add(name: str, value: float) -> None:
@@ -182,7 +209,9 @@ def report(runs: list[dict], pilot: list[dict]) -> str:
         t = final[s]["top1"]
         gap = (t["siamese"] - t["raw"]) / (t["truth"] - t["raw"]) if t["truth"] != t["raw"] else float("nan")
         lf, lc = final[s]["label_filter"], cf[s]["label_filter"] if s in cf else None
-        cells = [str(s), *(f"{t[m]:.3f}" for m in ("truth", "raw", "naive", "siamese", "probe_truth", "probe_raw")),
+        cells = [str(s), *(f"{t[m]:.3f}" if m in t else "n/a"  # probe_naive, probe_kept: since 2026-12-05
+                           for m in ("truth", "raw", "naive", "siamese", "probe_truth", "probe_raw", "probe_naive",
+                                     "probe_kept")),
                  f"{other[s]['top1']['siamese']:.3f} (weight {other[s]['contrastive_weight']:g})"
                  if s in other else "n/a",
                  f"{cf[s]['top1']['siamese']:.3f}" if s in cf else "n/a", f"{gap:.2f}",
@@ -195,7 +224,11 @@ def report(runs: list[dict], pilot: list[dict]) -> str:
         add("naive − raw", t["naive"] - t["raw"])
         add("truth − probe_truth", t["truth"] - t["probe_truth"])
         add("raw − probe_raw", t["raw"] - t["probe_raw"])
+        if "probe_naive" in t:  # the probe on the naive model's own labels (and, LP-FT, its start)
+            add("naive − probe_naive", t["naive"] - t["probe_naive"])
         add("naive − probe_raw", t["naive"] - t["probe_raw"])
+        if "probe_kept" in t:  # the probe on the final model's own labels
+            add("final − probe_kept", t["siamese"] - t["probe_kept"])
         add("final − probe_raw", t["siamese"] - t["probe_raw"])
         add("gap recovery", gap)
         add("label precision (features)", lf["precision"])
@@ -240,7 +273,11 @@ def report(runs: list[dict], pilot: list[dict]) -> str:
         f"probabilities; siamese.contrastive {modes}, contrastive_weight {weights}); `other contrastive weight` "
         "the same fine-tune with the other `siamese.contrastive_weight` (1 where the profile has 0, else 0); `crossfit "
         "scorer` the final pipeline with `pairs.scorer: crossfit` (3 fine-tuned folds of `train.epochs` epochs). "
-        "`make_pairs s` is the stage's wall time alone on 2 CPU cores. Gap recovery: (final − raw) / (truth − raw).",
+        "`make_pairs s` is the stage's wall time alone on 2 CPU cores. Gap recovery: (final − raw) / (truth − raw). "
+        "The probes are logistic regressions on the frozen ImageNet features (`reference.probe`), each on one "
+        "label set: `probe_raw` the raw clicks, `probe_naive` the click filter's labels (the naive model's, and "
+        "its LP-FT start), `probe_kept` the label filter's kept set (the final model's), `probe_truth` the true "
+        "breeds: each fine-tuned model's floor is the probe on its own labels.",
         "",
         *rows,
         "",

@@ -10,11 +10,14 @@ reference is absent and logged as such. Every reference gets the step budget
 of ``train.epochs`` epochs over the raw click-labelled split, as the naive
 model does, so the three differ only in their labels.
 
-``probe_raw`` and ``probe_truth`` are linear probes: a logistic regression
-(``reference.probe``, ``stages.lib.probe``) on the frozen features of the
-initial trunk, fitted on the same training split of the raw click labels and
-of the true breeds. In the pretrained regime they are the floor: a fine-tuned
-model below them has destroyed what it started from. Each is saved as an
+``probe_raw``, ``probe_naive`` and ``probe_truth`` are linear probes: a
+logistic regression (``reference.probe``, ``stages.lib.probe``) on the frozen
+features of the initial trunk, fitted on the same training split of the raw
+click labels, of the click filter's labels (the naive model's) and of the
+true breeds. In the pretrained regime they are the floor: a fine-tuned model
+below the probe of its own labels has destroyed what it started from (with
+``train.head_init: probe`` and ``train.probe`` as ``reference.probe``,
+``probe_naive`` is the naive model's starting point). Each is saved as an
 ordinary model file (the initial trunk, the regression as its head), so
 ``evaluate`` scores it like the others. With ``model.weights: none`` the
 frozen features are random and mean nothing: the probes are skipped, with a
@@ -38,32 +41,22 @@ import pandas as pd
 from stages.lib import layout
 from stages.lib.atomic import atomic_dir, exit_on_sigterm, refuse_overlapping_args, write_json
 from stages.lib.classifier import (
-    ModelAtChanceError,
     ModelConfig,
     TrainConfig,
-    chance_check,
     check_head_init,
-    extract_features,
-    initial_model,
     plan_run,
     reference_size,
-    run_context,
     train_on_labels,
 )
 from stages.lib.cli import run_stage
-from stages.lib.data import split_train_val
 from stages.lib.imagecache import CacheConfig, DecodedImages, hold_decoded
-from stages.lib.labelsets import ReferenceConfig, label_set, train_keys
+from stages.lib.labelsets import PROBE, ReferenceConfig, label_set, train_keys, train_probes
 from stages.lib.parallel import map_runs
 from stages.lib.params import load_sections
-from stages.lib.probe import ProbeConfig, fit_probe
 from stages.lib.shards import read_index
 from stages.lib.tracking import save_model
 
 log = logging.getLogger("train_references")
-
-
-PROBE = "probe_"  # probe_<label set>: a linear probe on that label set
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,50 +126,6 @@ def train_reference(name: str, labels: pd.DataFrame, reference_train: int, path:
     save_model(path, model, backbone=model_cfg.backbone, image_size=model_cfg.image_size, classes=classes,
                labels=name, **info)
     return {**info, "seconds": round(time.time() - start, 1)}
-
-
-def train_probes(probes: dict[str, pd.DataFrame], out_dir: Path, images_dir: Path, classes: list[str],
-                 model_cfg: ModelConfig, train_cfg: TrainConfig, probe_cfg: ProbeConfig, index: pd.DataFrame,
-                 cache: DecodedImages | None) -> dict[str, dict[str, Any]]:
-    """Fit a linear probe on each label set of ``probes`` (name -> key, label)
-    and save it to ``out_dir/<name>/model.pt``; their report entries.
-
-    One feature pass of the initial trunk over every image of the sets; each
-    probe is fitted on the training split that the naive references train on
-    (``train.val_fraction``, ``train.seed``) and checked above chance on its
-    validation split, as they are."""
-    start = time.time()
-    model = initial_model(model_cfg, len(classes))
-    keys = pd.DataFrame({"key": list(dict.fromkeys(k for labels in probes.values() for k in labels["key"]))})
-    features = extract_features(model, keys, images_dir, image_size=model_cfg.image_size,
-                                batch_size=train_cfg.batch_size, device=train_cfg.device, workers=train_cfg.workers,
-                                index=index, cache=cache)
-    features_s = round(time.time() - start, 1)
-    row = pd.Series(range(len(keys)), index=keys["key"])
-    device = run_context(train_cfg.device, "fp32").device.type
-    out = {}
-    for name, labels in probes.items():
-        start = time.time()
-        train, val = split_train_val(labels, train_cfg.val_fraction, train_cfg.seed)
-        probe = fit_probe(features[row[train["key"]].to_numpy()], train["label"], len(classes), probe_cfg)
-        val_pred = probe.probs(features[row[val["key"]].to_numpy()]).argmax(1)
-        val_acc = float((val_pred == val["label"].to_numpy()).mean()) if len(val) else float("nan")
-        above, bar = chance_check(val_acc, len(val), len(classes))
-        if not above:
-            raise ModelAtChanceError(
-                f"reference {name}: validation top-1 {val_acc:.3f} on {len(val)} images is at chance (1/"
-                f"{len(classes)} classes; above chance needs > {bar:.3f}): the frozen features of model.weights "
-                f"{model_cfg.weights!r} do not tell the breeds apart. Check that the weights fit model.backbone "
-                f"({model_cfg.backbone}) and model.image_size ({model_cfg.image_size}), or change reference.probe.C "
-                f"({probe_cfg.C}).")
-        info = {"images": len(train) + len(val), "train_images": len(train), "val_images": len(val),
-                "val_acc": round(val_acc, 4), "above_chance": above, "device": device, "precision": "fp32",
-                "C": probe_cfg.C, "lbfgs_iterations": probe.n_iter, "converged": probe.converged}
-        save_model(out_dir / name / layout.MODEL, probe.into(model), backbone=model_cfg.backbone,
-                   image_size=model_cfg.image_size, classes=classes, labels=name.removeprefix(PROBE),
-                   kind="linear_probe", **info)
-        out[name] = {**info, "features_s": features_s, "seconds": round(time.time() - start, 1)}
-    return out
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Frozen features and linear probes: the probe saved as a plain model file
 gives the regression's probabilities, the probe references of
-train_references (skipped without pretrained weights), and the ``features``
+train_references (skipped without pretrained weights; probe_naive is the
+naive model's LP-FT start), and the ``features``
 label scorer of make_pairs (out of fold by construction)."""
 from __future__ import annotations
 
@@ -189,6 +190,42 @@ def test_probe_references_with_pretrained_weights_are_models_evaluate_scores(tin
         result = evaluate_model(name, path, test, tiny_pipeline / "data/images", index, device="cpu", batch_size=16)
         assert result.block["n_test"] == 15 and result.block["top1"] > 0.9
         assert result.block["trained_precision"] == "fp32"
+
+
+def test_probe_naive_is_the_probe_of_the_click_filters_labels_and_the_naive_models_lp_ft_start(
+        tiny_pipeline: Path, monkeypatch) -> None:
+    """probe_naive fits the click filter's labels (labels.tsv), not the raw clicks; with head_init: probe
+    and train.probe as reference.probe it is the very head the naive model's fine-tuning starts from, so
+    naive - probe_naive is what the fine-tuning did."""
+    weights = _donor_weights(tiny_pipeline)
+    _set_params(tiny_pipeline, model={"weights": weights}, train={"head_init": "probe", "probe": PROBE},
+                reference={"labels": ["probe_raw", "probe_naive"], "probe": PROBE})
+    filtered = tiny_pipeline / "data/filtered"
+    labels = pd.read_csv(filtered / layout.LABELS, sep="\t")
+    kept = labels.groupby("label").tail(16)  # the click filter dropped 4 images of each breed
+    kept.to_csv(filtered / layout.LABELS, sep="\t", index=False)
+    report = _train_references(tiny_pipeline, monkeypatch)
+    assert report["probe_raw"]["images"] == len(labels) == 60
+    assert report["probe_naive"]["images"] == len(kept) == 48
+    probe_naive, meta = load_model_file(tiny_pipeline / "models/references/probe_naive" / layout.MODEL)
+    assert meta["labels"] == "naive" and meta["kind"] == "linear_probe"
+
+    class Started(Exception):
+        pass
+
+    started = []
+    monkeypatch.setattr(engine, "fit", lambda model, *a, **k: started.append(copy.deepcopy(model)) or _raise(Started))
+    with pytest.raises(Started):
+        run_train_naive(tiny_pipeline)
+    start, = started
+    assert torch.allclose(start.head.weight, probe_naive.head.weight, atol=1e-4)
+    assert torch.allclose(start.head.bias, probe_naive.head.bias, atol=1e-4)
+    probe_raw, _ = load_model_file(tiny_pipeline / "models/references/probe_raw" / layout.MODEL)
+    assert not torch.allclose(start.head.weight, probe_raw.head.weight, atol=1e-4)
+
+
+def _raise(error: type[Exception]) -> None:
+    raise error
 
 
 def _pairs_params(scorer: str) -> dict:

@@ -29,8 +29,9 @@ REPORT = "report.json"
 
 # models/references/<name>/ (train_references; evaluate scores each whose model file exists): the naive recipe
 # on the raw clicks (the paper's baseline) and the true breeds (the ceiling, where truth.tsv exists), and the
-# linear probes on the frozen features of a pretrained trunk (the pretrained regime's floor)
-ReferenceName = Literal["raw", "truth", "probe_raw", "probe_truth"]
+# linear probes on the frozen features of a pretrained trunk (the pretrained regime's floor; probe_naive: on the
+# click filter's labels, the naive model's own labels and, with train.head_init: probe, its starting head)
+ReferenceName = Literal["raw", "truth", "probe_raw", "probe_naive", "probe_truth"]
 REFERENCES: tuple[str, ...] = get_args(ReferenceName)
 
 # model.weights as a file: it must lie here, a dependency (dvc.yaml) of every stage that reads the model params

@@ -103,12 +103,16 @@ def probe_kept(tree: Path) -> float:
     images = tree / "data/images"
     index = read_index(images)
     kept = pd.read_csv(tree / "data/pairs" / layout.CLEAN, sep="\t")[["key", "label"]]
-    test, _ = read_test_set(tree / "data/raw", index)
+    test_images = tree / "data/test_images"  # decode writes the test images apart (evaluate reads them there)
+    test_index = read_index(test_images)
+    test, _ = read_test_set(tree / "data/raw", test_index)
     with tempfile.TemporaryDirectory() as tmp:
         train_probes({"probe_kept": kept}, Path(tmp), images, classes, params["model"], params["train"],
                      params["reference"].probe, index, None)
-        result = evaluate_model("probe_kept", Path(tmp) / "probe_kept" / layout.MODEL, test, images, index,
-                                device="cpu", batch_size=256)
+        result = evaluate_model("probe_kept", Path(tmp) / "probe_kept" / layout.MODEL, test, test_images,
+                                test_index, device="cpu", batch_size=256)
+    if result.block["top1"] is None:
+        raise SystemExit(f"photo_study: probe_kept scored no test image in {test_images}")
     return float(result.block["top1"])
 
 

@@ -18,7 +18,9 @@ For each seed S:
 Then each of ``--variants`` (default all), on top of the final run's params (put back after it):
 
 4. ``contrastive``: the other contrastive weight (0 where the profile has one, else 1);
-5. ``crossfit``: ``pairs.scorer: crossfit`` with ``pairs.crossfit_epochs`` = ``train.epochs``.
+5. ``crossfit``: ``pairs.scorer: crossfit`` with ``pairs.crossfit_epochs`` = ``train.epochs``;
+6. ``start``: the other ``siamese.start`` (probe: LP-FT on the kept labels from the initial trunk, where
+   the profile fine-tunes the naive model).
 
 Each variant runs ``dvc repro make_pairs`` (timed alone), then ``dvc repro`` (only what its params reach).
 
@@ -126,18 +128,21 @@ def _measure(tree: Path, variant: str, seed: int, **extra: Any) -> dict[str, Any
             "label_filter": {k: data["prob_filter"][k] for k in ("images", "precision", "recall")},
             "raw_clicks": {k: data["raw_clicks"][k] for k in ("images", "precision", "recall")},
             "scorer": pairs["scorer"], "scorer_cost_s": pairs["cost_s"], "test_images": data["test"]["labelled"],
-            "contrastive": siamese["contrastive"], "contrastive_weight": float(siamese["contrastive_weight"])}
+            "contrastive": siamese["contrastive"], "contrastive_weight": float(siamese["contrastive_weight"]),
+            "start": siamese["start"]}
 
 
-VARIANTS = ("contrastive", "crossfit")
+VARIANTS = ("contrastive", "crossfit", "start")
 
 
 def _variant(name: str, params: dict) -> dict:
     """The params a variant changes, against the final run's ``params``: ``contrastive`` the other
     contrastive weight (0 where the profile has one, else 1); ``crossfit`` the crossfit scorer with folds of
-    ``train.epochs`` epochs."""
+    ``train.epochs`` epochs; ``start`` the other ``siamese.start`` (probe where the profile has naive)."""
     if name == "contrastive":
         return {"siamese": {"contrastive_weight": 0.0 if params["siamese"]["contrastive_weight"] else 1.0}}
+    if name == "start":
+        return {"siamese": {"start": "naive" if params["siamese"]["start"] == "probe" else "probe"}}
     if name == "crossfit":
         return {"pairs": {"scorer": "crossfit", "crossfit_epochs": params["train"]["epochs"]}}
     raise ValueError(f"unknown variant {name!r}: one of {VARIANTS}")
@@ -197,13 +202,14 @@ def report(runs: list[dict], pilot: list[dict]) -> str:
     """reports/photo_study.md from the runs, and the pilot's ``lpft`` rows (reports/photo_pilot.json: the
     same releases, a random head, lr 0.01 with the trunk at 0.1x, BatchNorm frozen) for the recipe's
     paired difference."""
-    final, cf = _by(runs, "final"), _by(runs, "crossfit")
+    final, cf, st = _by(runs, "final"), _by(runs, "crossfit"), _by(runs, "start")
     # the final fine-tune with the other contrastive weight ("contrastive0" in the first study's runs)
     other = _by(runs, "contrastive") | _by(runs, "contrastive0")
     seeds = sorted(final)
     rows = ["| seed | truth | raw | naive | final | probe_truth | probe_raw | probe_naive | probe_kept | "
-            "final, other contrastive weight | final, crossfit scorer | gap recovery | label filter P / R (features) "
-            "| P / R (crossfit) | make_pairs s (features / crossfit) |", "|" + "---|" * 15]
+            "final, other contrastive weight | final, other siamese.start | final, crossfit scorer | gap recovery | "
+            "label filter P / R (features) | P / R (crossfit) | make_pairs s (features / crossfit) |",
+            "|" + "---|" * 16]
     diffs: dict[str, list[float]] = {}
 
     def add(name: str, value: float) -> None:
@@ -218,6 +224,7 @@ def report(runs: list[dict], pilot: list[dict]) -> str:
                                      "probe_kept")),
                  f"{other[s]['top1']['siamese']:.3f} (weight {other[s]['contrastive_weight']:g})"
                  if s in other else "n/a",
+                 f"{st[s]['top1']['siamese']:.3f} (start {st[s]['start']})" if s in st else "n/a",
                  f"{cf[s]['top1']['siamese']:.3f}" if s in cf else "n/a", f"{gap:.2f}",
                  f"{lf['precision']:.3f} / {lf['recall']:.3f}",
                  f"{lc['precision']:.3f} / {lc['recall']:.3f}" if lc else "n/a",
@@ -241,6 +248,10 @@ def report(runs: list[dict], pilot: list[dict]) -> str:
             with_term, without = ((final[s], other[s]) if final[s]["contrastive_weight"] else (other[s], final[s]))
             add(f"contrastive weight {with_term['contrastive_weight']:g} − 0",
                 with_term["top1"]["siamese"] - without["top1"]["siamese"])
+        if s in st:  # LP-FT on the kept labels (start probe) minus the naive model's fine-tune (start naive)
+            probe_start, naive_start = ((st[s], final[s]) if st[s]["start"] == "probe" else (final[s], st[s]))
+            add("siamese.start probe − naive", probe_start["top1"]["siamese"] - naive_start["top1"]["siamese"])
+            add("final with start probe − probe_kept", probe_start["top1"]["siamese"] - t["probe_kept"])
         if s in cf:
             add("final − final with the crossfit scorer", t["siamese"] - cf[s]["top1"]["siamese"])
             add("label precision, features − crossfit", lf["precision"] - lc["precision"])

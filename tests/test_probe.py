@@ -224,6 +224,59 @@ def test_probe_naive_is_the_probe_of_the_click_filters_labels_and_the_naive_mode
     assert not torch.allclose(start.head.weight, probe_raw.head.weight, atol=1e-4)
 
 
+def _siamese_params(tiny: Path, start: str) -> dict:
+    params = yaml.safe_load((tiny / "params.yaml").read_text())
+    naive_only = ("val_fraction", "early_epoch", "parallel_runs", "head_init", "probe")
+    return {**{k: v for k, v in params["train"].items() if k not in naive_only}, "start": start,
+            "contrastive": "batch", "contrastive_weight": 0.0, "margin": 1.0, "reduction": "active",
+            "images_per_breed": 4, "neg_margin": 0.4, "embedding_dim": 8, "normalize": True}
+
+
+def test_siamese_start_probe_is_the_initial_trunk_with_the_probe_of_the_clean_labels(tiny_pipeline: Path,
+                                                                                    monkeypatch) -> None:
+    """LP-FT on the kept labels: the naive model's fine-tuned trunk is not used, only its classes and
+    preprocessing; the head is the probe (train.probe) of the clean set on the initial trunk's features."""
+    from stages.lib.classifier import ModelConfig, TrainConfig
+    from stages.lib.siamese import SiameseConfig, siamese_from_probe
+
+    weights = _donor_weights(tiny_pipeline)
+    _set_params(tiny_pipeline, model={"weights": weights})
+    run_train_naive(tiny_pipeline)
+    params = yaml.safe_load((tiny_pipeline / "params.yaml").read_text())
+    cfg = SiameseConfig.from_params(_siamese_params(tiny_pipeline, "probe"), "siamese")
+    model_cfg = ModelConfig.from_params(params["model"], "model")
+    train_cfg = TrainConfig.from_params(params["train"], "train")
+    labels = pd.read_csv(tiny_pipeline / "data/filtered" / layout.LABELS, sep="\t")
+    clean = labels.groupby("label").head(12)[["key", "label"]].reset_index(drop=True)  # the filter's kept set
+    images = tiny_pipeline / "data/images"
+    monkeypatch.chdir(tiny_pipeline)
+    model, meta = siamese_from_probe(tiny_pipeline / "models/naive" / layout.MODEL, clean, cfg, model_cfg=model_cfg,
+                                     train_cfg=train_cfg, images_dir=images, index=read_index(images))
+    assert meta["classes"] == CLASSES and model.projection is not None
+    start = create_model("resnet18", 3, str(tiny_pipeline / weights))
+    assert all(torch.equal(v, model.trunk.state_dict()[k]) for k, v in start.trunk.state_dict().items())
+    naive, _ = load_model_file(tiny_pipeline / "models/naive" / layout.MODEL)  # fine-tuned: a different trunk
+    assert not all(torch.equal(v, model.trunk.state_dict()[k]) for k, v in naive.trunk.state_dict().items())
+    feats = extract_features(start, clean, images, image_size=32, batch_size=16, device="cpu",
+                             index=read_index(images))
+    want = fit_probe(feats, clean["label"], 3, train_cfg.probe)
+    assert torch.allclose(model.head.weight.double(), torch.from_numpy(want.weight), atol=1e-6)
+    assert torch.allclose(model.head.bias.double(), torch.from_numpy(want.bias), atol=1e-6)
+
+
+def test_siamese_start_probe_without_pretrained_weights_is_refused_before_any_work(tiny_pipeline: Path,
+                                                                                   monkeypatch) -> None:
+    from stages import train_siamese
+
+    params = yaml.safe_load((tiny_pipeline / "params.yaml").read_text())
+    params["siamese"] = _siamese_params(tiny_pipeline, "probe")
+    (tiny_pipeline / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tiny_pipeline)  # no pairs, no naive model: the refusal comes first
+    with pytest.raises(ConfigError, match=r"siamese\.start: probe .* model\.weights: none"):
+        train_siamese.main(["data/pairs", "data/images", "models/naive", "models/siamese"])
+    assert not (tiny_pipeline / "models/siamese").exists()
+
+
 def _raise(error: type[Exception]) -> None:
     raise error
 

@@ -214,7 +214,7 @@ def test_tiny_siamese_run_lowers_the_contrastive_loss(tiny_pipeline: Path, monke
     naive_only = ("val_fraction", "early_epoch", "parallel_runs", "head_init", "probe")
     params["siamese"] = {**{k: v for k, v in params["train"].items() if k not in naive_only},
                          "epochs": 4, "lr": 0.02, "warmup_epochs": 0, "batch_size": 16,
-                         "contrastive": contrastive, "contrastive_weight": 1.0, "margin": 1.0,
+                         "start": "naive", "contrastive": contrastive, "contrastive_weight": 1.0, "margin": 1.0,
                          "reduction": "active", "images_per_breed": 16, "neg_margin": 0.4, "embedding_dim": 16,
                          "normalize": True}
     (tiny_pipeline / "params.yaml").write_text(yaml.safe_dump(params))

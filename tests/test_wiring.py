@@ -68,6 +68,6 @@ def test_every_stage_that_reads_the_model_params_depends_on_the_weights_folder()
     from stages.lib.layout import WEIGHTS_DIR
 
     readers = sorted(n for n, s in STAGES.items() if "model" in s.get("params", []))
-    assert readers == ["make_pairs", "train_naive", "train_references"]
+    assert readers == ["make_pairs", "train_naive", "train_references", "train_siamese"]  # siamese.start: probe
     assert [n for n in readers if WEIGHTS_DIR not in STAGES[n]["deps"]] == []
     assert (ROOT / WEIGHTS_DIR).is_dir()  # in git (its README): the dependency exists on a fresh clone

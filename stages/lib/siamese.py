@@ -19,11 +19,20 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from stages.lib import engine, runtime
-from stages.lib.classifier import OptimConfig, eval_loader, run_context
+from stages.lib.classifier import (
+    ModelConfig,
+    OptimConfig,
+    TrainConfig,
+    eval_loader,
+    initial_model,
+    probe_head,
+    run_context,
+)
 from stages.lib.data import BreedBatchSampler, ShardDataset
 from stages.lib.imagecache import DecodedImages
 from stages.lib.losses import ContrastiveLoss, InBatchContrastiveLoss, Reduction
 from stages.lib.models import Classifier, build_model, load_model_file
+from stages.lib.params import ConfigError
 from stages.lib.presets import augment_on_device, build_transform
 
 log = logging.getLogger("siamese")
@@ -112,8 +121,11 @@ class SiameseConfig(OptimConfig):
     contrastive term and the embedding it acts on. ``contrastive``: pairs
     (make_pairs' pairs, ``margin`` and ``reduction``) or batch (every pair
     inside P breeds x ``images_per_breed`` batches of ``2 x batch_size``
-    images, ``neg_margin``; as many batches per epoch as pairs mode has)."""
+    images, ``neg_margin``; as many batches per epoch as pairs mode has).
+    ``start``: naive (the naive model, the paper) or probe (the pretrained
+    trunk, its head a linear probe of the clean labels: :func:`siamese_from_probe`)."""
 
+    start: Literal["naive", "probe"]
     contrastive: Literal["pairs", "batch"]
     contrastive_weight: float
     margin: float
@@ -143,6 +155,41 @@ def siamese_from_naive(naive_path: Path, cfg: SiameseConfig) -> tuple[Classifier
     missing, unexpected = model.load_state_dict(naive.state_dict(), strict=False)
     if unexpected or any(not k.startswith("projection.") for k in missing):
         raise ValueError(f"{naive_path} does not fit: missing {missing}, unexpected {unexpected}")
+    return model, meta
+
+
+def check_start(cfg: SiameseConfig, model_cfg: ModelConfig) -> None:
+    """``siamese.start: probe`` needs pretrained weights: refused on entry, before any work, with
+    ``model.weights: none`` (a probe of random features is no head to start from)."""
+    if cfg.start == "probe" and not model_cfg.pretrained:
+        raise ConfigError("siamese.start: probe fits the head on the frozen features of the initial trunk, which "
+                          "are random with model.weights: none: use siamese.start: naive, or pretrained weights")
+
+
+def siamese_from_probe(naive_path: Path, clean: pd.DataFrame, cfg: SiameseConfig, *, model_cfg: ModelConfig,
+                       train_cfg: TrainConfig, images_dir: Path, index: pd.DataFrame | None = None,
+                       cache: DecodedImages | None = None) -> tuple[Classifier, dict[str, Any]]:
+    """``siamese.start: probe``: the initial trunk (``model.weights``), its head a linear probe
+    (``train.probe``) of ``clean``'s labels on that trunk's frozen features, plus a new projection
+    head if asked: LP-FT on the label filter's kept set. With pretrained weights the naive model is a
+    fine-tune on the noisy click labels, and what it learnt of their noise is where this fine-tune
+    would otherwise start; the naive model's file still gives the classes and preprocessing (the
+    trunk is ``model.backbone``, so both must name the same one)."""
+    check_start(cfg, model_cfg)
+    _, meta = load_model_file(naive_path)
+    if meta["backbone"] != model_cfg.backbone:
+        raise ConfigError(f"siamese.start: probe starts from model.backbone {model_cfg.backbone!r}, but the naive "
+                          f"model {naive_path} is a {meta['backbone']!r}: re-run train_naive")
+    start = probe_head(initial_model(model_cfg, len(meta["classes"])), clean, images_dir,
+                       num_classes=len(meta["classes"]), model_cfg=model_cfg, train_cfg=train_cfg, index=index,
+                       cache=cache)
+    runtime.seed_everything(cfg.seed)  # the projection head's initial weights, as siamese_from_naive's
+    model = build_model(meta["backbone"], len(meta["classes"]), embedding_dim=cfg.embedding_dim,
+                        normalize=cfg.normalize, mean=meta["mean"], std=meta["std"])
+    missing, unexpected = model.load_state_dict(start.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("projection.") for k in missing):
+        raise ValueError(f"model.weights {model_cfg.weights!r} does not fit the naive model's architecture: "
+                         f"missing {missing}, unexpected {unexpected}")
     return model, meta
 
 

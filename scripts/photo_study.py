@@ -31,6 +31,7 @@ project: the releases and worktrees live under /tmp and are removed (worktrees) 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -118,13 +119,18 @@ def probe_kept(tree: Path) -> float:
     return float(result.block["top1"])
 
 
-def _measure(tree: Path, variant: str, seed: int, **extra: Any) -> dict[str, Any]:
+def _measure(tree: Path, variant: str, seed: int, kept_top1: dict[str, float], **extra: Any) -> dict[str, Any]:
+    """One run's record; ``kept_top1`` (clean.tsv's digest -> probe_kept's top-1) fits probe_kept once per
+    kept set: only the variants that re-run the label filter's scorer change it."""
+    digest = hashlib.sha256((tree / "data/pairs" / layout.CLEAN).read_bytes()).hexdigest()
+    if digest not in kept_top1:
+        kept_top1[digest] = probe_kept(tree)
     metrics = json.loads((tree / "reports/metrics.json").read_text())
     pairs = json.loads((tree / "data/pairs/report.json").read_text())
     siamese = yaml.safe_load((tree / "params.yaml").read_text())["siamese"]
     data = metrics["data"]
     top1 = {m: metrics[m]["top1"] for m in MODELS if isinstance(metrics.get(m), dict)}
-    return {"seed": seed, "variant": variant, **extra, "top1": {**top1, "probe_kept": probe_kept(tree)},
+    return {"seed": seed, "variant": variant, **extra, "top1": {**top1, "probe_kept": kept_top1[digest]},
             "label_filter": {k: data["prob_filter"][k] for k in ("images", "precision", "recall")},
             "raw_clicks": {k: data["raw_clicks"][k] for k in ("images", "precision", "recall")},
             "scorer": pairs["scorer"], "scorer_cost_s": pairs["cost_s"], "test_images": data["test"]["labelled"],
@@ -167,12 +173,13 @@ def run_seed(seed: int, photos: Path, sets: list[str], variants: list[str], log:
         _run(["dvc", "repro", "train_naive"], tree, log)
         pairs_s = _run(["dvc", "repro", "make_pairs"], tree, log)
         total = _run(["dvc", "repro"], tree, log)
-        runs.append(_measure(tree, "final", seed, make_pairs_s=pairs_s, seconds=total))
+        kept_top1: dict[str, float] = {}
+        runs.append(_measure(tree, "final", seed, kept_top1, make_pairs_s=pairs_s, seconds=total))
         for variant in variants:  # each on top of the final run's params, which are put back after it
             change = _variant(variant, params)
             _apply(tree, change, log)
             pairs_s = _run(["dvc", "repro", "make_pairs"], tree, log)
-            runs.append(_measure(tree, variant, seed, make_pairs_s=pairs_s,
+            runs.append(_measure(tree, variant, seed, kept_top1, make_pairs_s=pairs_s,
                                  seconds=pairs_s + _run(["dvc", "repro"], tree, log)))
             _apply(tree, {section: {k: params[section][k] for k in keys} for section, keys in change.items()}, log)
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tree, capture_output=True, text=True,

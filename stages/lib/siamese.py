@@ -148,14 +148,21 @@ class SiameseConfig(OptimConfig):
 
 def siamese_from_naive(naive_path: Path, cfg: SiameseConfig) -> tuple[Classifier, dict[str, Any]]:
     """The naive model's trunk and head, plus a new projection head if asked."""
-    runtime.seed_everything(cfg.seed)  # the projection head's initial weights
+    runtime.seed_everything(cfg.seed)  # the projection head's initial weights (drawn after loading the model)
     naive, meta = load_model_file(naive_path)
+    return _with_projection(naive, meta, cfg, f"{naive_path}"), meta
+
+
+def _with_projection(start: Classifier, meta: dict[str, Any], cfg: SiameseConfig, source: str) -> Classifier:
+    """``start``'s trunk and head in the siamese architecture (``meta``'s backbone, classes and
+    preprocessing), plus a new projection head if ``embedding_dim`` asks (its initial weights: the
+    caller seeds the generator)."""
     model = build_model(meta["backbone"], len(meta["classes"]), embedding_dim=cfg.embedding_dim,
                         normalize=cfg.normalize, mean=meta["mean"], std=meta["std"])
-    missing, unexpected = model.load_state_dict(naive.state_dict(), strict=False)
+    missing, unexpected = model.load_state_dict(start.state_dict(), strict=False)
     if unexpected or any(not k.startswith("projection.") for k in missing):
-        raise ValueError(f"{naive_path} does not fit: missing {missing}, unexpected {unexpected}")
-    return model, meta
+        raise ValueError(f"{source} does not fit: missing {missing}, unexpected {unexpected}")
+    return model
 
 
 def check_start(cfg: SiameseConfig, model_cfg: ModelConfig) -> None:
@@ -183,14 +190,8 @@ def siamese_from_probe(naive_path: Path, clean: pd.DataFrame, cfg: SiameseConfig
     start = probe_head(initial_model(model_cfg, len(meta["classes"])), clean, images_dir,
                        num_classes=len(meta["classes"]), model_cfg=model_cfg, train_cfg=train_cfg, index=index,
                        cache=cache)
-    runtime.seed_everything(cfg.seed)  # the projection head's initial weights, as siamese_from_naive's
-    model = build_model(meta["backbone"], len(meta["classes"]), embedding_dim=cfg.embedding_dim,
-                        normalize=cfg.normalize, mean=meta["mean"], std=meta["std"])
-    missing, unexpected = model.load_state_dict(start.state_dict(), strict=False)
-    if unexpected or any(not k.startswith("projection.") for k in missing):
-        raise ValueError(f"model.weights {model_cfg.weights!r} does not fit the naive model's architecture: "
-                         f"missing {missing}, unexpected {unexpected}")
-    return model, meta
+    runtime.seed_everything(cfg.seed)  # the projection head's initial weights
+    return _with_projection(start, meta, cfg, f"model.weights {model_cfg.weights!r}"), meta
 
 
 def fit_siamese(model: Classifier, meta: dict[str, Any], clean: pd.DataFrame, pairs: pd.DataFrame,

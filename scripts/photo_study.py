@@ -20,7 +20,10 @@ Then each of ``--variants`` (default all), on top of the final run's params (put
 4. ``contrastive``: the other contrastive weight (0 where the profile has one, else 1);
 5. ``crossfit``: ``pairs.scorer: crossfit`` with ``pairs.crossfit_epochs`` = ``train.epochs``;
 6. ``start``: the other ``siamese.start`` (probe: LP-FT on the kept labels from the initial trunk, where
-   the profile fine-tunes the naive model).
+   the profile fine-tunes the naive model);
+7. ``filter``: cleanlab's other filter of the same scores: ``pairs.filter_by: predicted_neq_given`` (an
+   image is kept where the scorer's top breed is its click label) where the profile has another, else
+   ``prune_by_class``.
 
 Each variant runs ``dvc repro make_pairs`` (timed alone), then ``dvc repro`` (only what its params reach).
 
@@ -127,7 +130,8 @@ def _measure(tree: Path, variant: str, seed: int, kept_top1: dict[str, float], *
         kept_top1[digest] = probe_kept(tree)
     metrics = json.loads((tree / "reports/metrics.json").read_text())
     pairs = json.loads((tree / "data/pairs/report.json").read_text())
-    siamese = yaml.safe_load((tree / "params.yaml").read_text())["siamese"]
+    params = yaml.safe_load((tree / "params.yaml").read_text())
+    siamese = params["siamese"]
     data = metrics["data"]
     top1 = {m: metrics[m]["top1"] for m in MODELS if isinstance(metrics.get(m), dict)}
     return {"seed": seed, "variant": variant, **extra, "top1": {**top1, "probe_kept": kept_top1[digest]},
@@ -135,20 +139,24 @@ def _measure(tree: Path, variant: str, seed: int, kept_top1: dict[str, float], *
             "raw_clicks": {k: data["raw_clicks"][k] for k in ("images", "precision", "recall")},
             "scorer": pairs["scorer"], "scorer_cost_s": pairs["cost_s"], "test_images": data["test"]["labelled"],
             "contrastive": siamese["contrastive"], "contrastive_weight": float(siamese["contrastive_weight"]),
-            "start": siamese["start"]}
+            "start": siamese["start"], "filter_by": params["pairs"]["filter_by"]}
 
 
-VARIANTS = ("contrastive", "crossfit", "start")
+VARIANTS = ("contrastive", "crossfit", "start", "filter")
 
 
 def _variant(name: str, params: dict) -> dict:
     """The params a variant changes, against the final run's ``params``: ``contrastive`` the other
     contrastive weight (0 where the profile has one, else 1); ``crossfit`` the crossfit scorer with folds of
-    ``train.epochs`` epochs; ``start`` the other ``siamese.start`` (probe where the profile has naive)."""
+    ``train.epochs`` epochs; ``start`` the other ``siamese.start`` (probe where the profile has naive);
+    ``filter`` the other of cleanlab's prune_by_class and predicted_neq_given."""
     if name == "contrastive":
         return {"siamese": {"contrastive_weight": 0.0 if params["siamese"]["contrastive_weight"] else 1.0}}
     if name == "start":
         return {"siamese": {"start": "naive" if params["siamese"]["start"] == "probe" else "probe"}}
+    if name == "filter":
+        other = "prune_by_class" if params["pairs"]["filter_by"] == "predicted_neq_given" else "predicted_neq_given"
+        return {"pairs": {"filter_by": other}}
     if name == "crossfit":
         return {"pairs": {"scorer": "crossfit", "crossfit_epochs": params["train"]["epochs"]}}
     raise ValueError(f"unknown variant {name!r}: one of {VARIANTS}")
@@ -209,14 +217,15 @@ def report(runs: list[dict], pilot: list[dict]) -> str:
     """reports/photo_study.md from the runs, and the pilot's ``lpft`` rows (reports/photo_pilot.json: the
     same releases, a random head, lr 0.01 with the trunk at 0.1x, BatchNorm frozen) for the recipe's
     paired difference."""
-    final, cf, st = _by(runs, "final"), _by(runs, "crossfit"), _by(runs, "start")
+    final, cf, st, fb = _by(runs, "final"), _by(runs, "crossfit"), _by(runs, "start"), _by(runs, "filter")
     # the final fine-tune with the other contrastive weight ("contrastive0" in the first study's runs)
     other = _by(runs, "contrastive") | _by(runs, "contrastive0")
     seeds = sorted(final)
     rows = ["| seed | truth | raw | naive | final | probe_truth | probe_raw | probe_naive | probe_kept | "
-            "final, other contrastive weight | final, other siamese.start | final, crossfit scorer | gap recovery | "
-            "label filter P / R (features) | P / R (crossfit) | make_pairs s (features / crossfit) |",
-            "|" + "---|" * 16]
+            "final, other contrastive weight | final, other siamese.start | final, crossfit scorer | "
+            "final, other filter_by (its P / R) | gap recovery | label filter P / R (features) | P / R (crossfit) | "
+            "make_pairs s (features / crossfit) |",
+            "|" + "---|" * 17]
     diffs: dict[str, list[float]] = {}
 
     def add(name: str, value: float) -> None:
@@ -232,7 +241,9 @@ def report(runs: list[dict], pilot: list[dict]) -> str:
                  f"{other[s]['top1']['siamese']:.3f} (weight {other[s]['contrastive_weight']:g})"
                  if s in other else "n/a",
                  f"{st[s]['top1']['siamese']:.3f} (start {st[s]['start']})" if s in st else "n/a",
-                 f"{cf[s]['top1']['siamese']:.3f}" if s in cf else "n/a", f"{gap:.2f}",
+                 f"{cf[s]['top1']['siamese']:.3f}" if s in cf else "n/a",
+                 f"{fb[s]['top1']['siamese']:.3f} ({fb[s]['filter_by']}: {fb[s]['label_filter']['precision']:.3f} / "
+                 f"{fb[s]['label_filter']['recall']:.3f})" if s in fb else "n/a", f"{gap:.2f}",
                  f"{lf['precision']:.3f} / {lf['recall']:.3f}",
                  f"{lc['precision']:.3f} / {lc['recall']:.3f}" if lc else "n/a",
                  f"{final[s]['make_pairs_s']:.0f} / " + (f"{cf[s]['make_pairs_s']:.0f}" if s in cf else "n/a")]
@@ -259,6 +270,14 @@ def report(runs: list[dict], pilot: list[dict]) -> str:
             probe_start, naive_start = ((st[s], final[s]) if st[s]["start"] == "probe" else (final[s], st[s]))
             add("siamese.start probe − naive", probe_start["top1"]["siamese"] - naive_start["top1"]["siamese"])
             add("final with start probe − probe_kept", probe_start["top1"]["siamese"] - t["probe_kept"])
+        if s in fb:  # predicted_neq_given minus prune_by_class, whichever the profile has
+            argmax, by_class = ((fb[s], final[s]) if fb[s]["filter_by"] == "predicted_neq_given" else (final[s], fb[s]))
+            add("filter_by predicted_neq_given − prune_by_class",
+                argmax["top1"]["siamese"] - by_class["top1"]["siamese"])
+            add("label precision, predicted_neq_given − prune_by_class",
+                argmax["label_filter"]["precision"] - by_class["label_filter"]["precision"])
+            add("label recall, predicted_neq_given − prune_by_class",
+                argmax["label_filter"]["recall"] - by_class["label_filter"]["recall"])
         if s in cf:
             add("final − final with the crossfit scorer", t["siamese"] - cf[s]["top1"]["siamese"])
             add("label precision, features − crossfit", lf["precision"] - lc["precision"])
@@ -294,7 +313,9 @@ def report(runs: list[dict], pilot: list[dict]) -> str:
         "`final` is the siamese fine-tune (pairs.filter cleanlab on the features scorer's out-of-fold "
         f"probabilities; siamese.contrastive {modes}, contrastive_weight {weights}); `other contrastive weight` "
         "the same fine-tune with the other `siamese.contrastive_weight` (1 where the profile has 0, else 0); `crossfit "
-        "scorer` the final pipeline with `pairs.scorer: crossfit` (3 fine-tuned folds of `train.epochs` epochs). "
+        "scorer` the final pipeline with `pairs.scorer: crossfit` (3 fine-tuned folds of `train.epochs` epochs); "
+        "`other filter_by` the final pipeline with cleanlab's other filter of the same out-of-fold probabilities "
+        "(`predicted_neq_given`, kept where the top breed is the click label, against `prune_by_class`). "
         "`make_pairs s` is the stage's wall time alone on 2 CPU cores. Gap recovery: (final − raw) / (truth − raw). "
         "The probes are logistic regressions on the frozen ImageNet features (`reference.probe`), each on one "
         "label set: `probe_raw` the raw clicks, `probe_naive` the click filter's labels (the naive model's, and "

@@ -278,6 +278,10 @@ def report(runs: list[dict], pilot: list[dict]) -> str:
                 argmax["label_filter"]["precision"] - by_class["label_filter"]["precision"])
             add("label recall, predicted_neq_given − prune_by_class",
                 argmax["label_filter"]["recall"] - by_class["label_filter"]["recall"])
+            # the other filter's model against the probe of its own kept labels, and its gap recovery
+            other_t = fb[s]["top1"]
+            add(f"final with {fb[s]['filter_by']} − its probe_kept", other_t["siamese"] - other_t["probe_kept"])
+            add(f"gap recovery with {fb[s]['filter_by']}", (other_t["siamese"] - t["raw"]) / (t["truth"] - t["raw"]))
         if s in cf:
             add("final − final with the crossfit scorer", t["siamese"] - cf[s]["top1"]["siamese"])
             add("label precision, features − crossfit", lf["precision"] - lc["precision"])
@@ -294,7 +298,8 @@ def report(runs: list[dict], pilot: list[dict]) -> str:
     modes = ", ".join(sorted({final[s].get("contrastive", "pairs") for s in seeds}))
     lines = ["| paired over seeds " + ", ".join(map(str, seeds)) + " | mean ± s.e. | per seed |", "|---|---|---|"]
     levels = ("gap recovery", "label precision (features)", "label recall (features)",
-              "make_pairs time, features / crossfit")  # not differences: no sign
+              "make_pairs time, features / crossfit", *(f"gap recovery with {fb[s]['filter_by']}" for s in fb))
+    # not differences: no sign
     for k, v in diffs.items():
         signed = k not in levels
         lines.append(f"| {k} | {_mean_se(v, signed)} | {', '.join(f'{x:+.3f}' if signed else f'{x:.3f}' for x in v)} |")

@@ -209,6 +209,11 @@ def _mean_se(x: list[float], signed: bool = True, digits: int = 3) -> str:
     return f"{a.mean():{sign}.{digits}f} ± {a.std(ddof=1) / np.sqrt(len(a)):.{digits}f}"
 
 
+def _gap_recovery(top1: float, t: dict[str, float]) -> float:
+    """(model − raw) / (truth − raw) of one release's top-1s ``t``; nan where truth and raw tie."""
+    return (top1 - t["raw"]) / (t["truth"] - t["raw"]) if t["truth"] != t["raw"] else float("nan")
+
+
 def _by(runs: list[dict], variant: str) -> dict[int, dict]:
     return {r["seed"]: r for r in runs if r["variant"] == variant}
 
@@ -227,13 +232,16 @@ def report(runs: list[dict], pilot: list[dict]) -> str:
             "make_pairs s (features / crossfit) |",
             "|" + "---|" * 17]
     diffs: dict[str, list[float]] = {}
+    levels: set[str] = set()  # rows that are levels, not differences: written without a sign
 
-    def add(name: str, value: float) -> None:
+    def add(name: str, value: float, level: bool = False) -> None:
         diffs.setdefault(name, []).append(value)
+        if level:
+            levels.add(name)
 
     for s in seeds:
         t = final[s]["top1"]
-        gap = (t["siamese"] - t["raw"]) / (t["truth"] - t["raw"]) if t["truth"] != t["raw"] else float("nan")
+        gap = _gap_recovery(t["siamese"], t)
         lf, lc = final[s]["label_filter"], cf[s]["label_filter"] if s in cf else None
         cells = [str(s), *(f"{t[m]:.3f}" if m in t else "n/a"  # probe_naive, probe_kept: since 2026-12-05
                            for m in ("truth", "raw", "naive", "siamese", "probe_truth", "probe_raw", "probe_naive",
@@ -259,9 +267,9 @@ def report(runs: list[dict], pilot: list[dict]) -> str:
         if "probe_kept" in t:  # the probe on the final model's own labels
             add("final − probe_kept", t["siamese"] - t["probe_kept"])
         add("final − probe_raw", t["siamese"] - t["probe_raw"])
-        add("gap recovery", gap)
-        add("label precision (features)", lf["precision"])
-        add("label recall (features)", lf["recall"])
+        add("gap recovery", gap, level=True)
+        add("label precision (features)", lf["precision"], level=True)
+        add("label recall (features)", lf["recall"], level=True)
         if s in other:  # with the term minus without, whichever of the two the profile has
             with_term, without = ((final[s], other[s]) if final[s]["contrastive_weight"] else (other[s], final[s]))
             add(f"contrastive weight {with_term['contrastive_weight']:g} − 0",
@@ -281,12 +289,12 @@ def report(runs: list[dict], pilot: list[dict]) -> str:
             # the other filter's model against the probe of its own kept labels, and its gap recovery
             other_t = fb[s]["top1"]
             add(f"final with {fb[s]['filter_by']} − its probe_kept", other_t["siamese"] - other_t["probe_kept"])
-            add(f"gap recovery with {fb[s]['filter_by']}", (other_t["siamese"] - t["raw"]) / (t["truth"] - t["raw"]))
+            add(f"gap recovery with {fb[s]['filter_by']}", _gap_recovery(other_t["siamese"], t), level=True)
         if s in cf:
             add("final − final with the crossfit scorer", t["siamese"] - cf[s]["top1"]["siamese"])
             add("label precision, features − crossfit", lf["precision"] - lc["precision"])
             add("label recall, features − crossfit", lf["recall"] - lc["recall"])
-            add("make_pairs time, features / crossfit", final[s]["make_pairs_s"] / cf[s]["make_pairs_s"])
+            add("make_pairs time, features / crossfit", final[s]["make_pairs_s"] / cf[s]["make_pairs_s"], level=True)
     lpft = {int(p["seed"]): p["top1"] for p in pilot if p["name"].startswith("lpft") and p.get("top1")}
     for s in seeds:
         if s in lpft:
@@ -297,9 +305,6 @@ def report(runs: list[dict], pilot: list[dict]) -> str:
     # runs before siamese.contrastive existed (e4c109e) fine-tuned on make_pairs' pairs
     modes = ", ".join(sorted({final[s].get("contrastive", "pairs") for s in seeds}))
     lines = ["| paired over seeds " + ", ".join(map(str, seeds)) + " | mean ± s.e. | per seed |", "|---|---|---|"]
-    levels = ("gap recovery", "label precision (features)", "label recall (features)",
-              "make_pairs time, features / crossfit", *(f"gap recovery with {fb[s]['filter_by']}" for s in fb))
-    # not differences: no sign
     for k, v in diffs.items():
         signed = k not in levels
         lines.append(f"| {k} | {_mean_se(v, signed)} | {', '.join(f'{x:+.3f}' if signed else f'{x:.3f}' for x in v)} |")

@@ -30,6 +30,9 @@ seed. Configurations:
   cleanlab_batch_nobreed  cleanlab_batch whose filter also drops the images whose top breed
              has p < --min-top-prob (pairs.min_top_prob: likely non-dogs; params.yaml's default
              since 2026-12-04, so the pipeline's final model)
+  cleanlab_batch_nobreed_clicks  cleanlab_batch_nobreed whose fine-tune draws each breed as often as
+             its click-filtered labels, not its kept images (siamese.breed_share: clicks);
+             _uniform: every breed equally often (breed_share: uniform)
   paper      the paper's recipe end to end: click-count filter min_clicks 2, min_share 0.7
              (the pipeline's defaults before this study), naive on those labels, the
              threshold filter, the siamese fine-tuning
@@ -76,9 +79,10 @@ from stages.lib.tracking import save_model
 from stages.lib.weaklabels import find_weak_labels
 
 CONFIGS = ("truth", "raw", "naive", "naive_ema", "cleanlab", "cleanlab_ce", "cleanlab_ema", "cleanlab_batch",
-           "cleanlab_batch_ce", "cleanlab_batch_nobreed", "relabel", "relabel_ce", "threshold", "threshold_ce", "paper")
+           "cleanlab_batch_ce", "cleanlab_batch_nobreed", "cleanlab_batch_nobreed_clicks",
+           "cleanlab_batch_nobreed_uniform", "relabel", "relabel_ce", "threshold", "threshold_ce", "paper")
 # <filter><variant>: the same filter, another fine-tune (_batch_ce: both); _nobreed: pairs.min_top_prob
-VARIANTS = ("_ce", "_ema", "_nobreed", "_batch")
+VARIANTS = ("_clicks", "_uniform", "_ce", "_ema", "_nobreed", "_batch")
 REFERENCES = {"truth": "truth", "raw": "raw"}  # config -> label set
 DEFAULT_CONFIGS = ("truth", "raw", "naive", "cleanlab", "relabel", "relabel_ce", "paper")
 # the label filter of each fine-tuned configuration on the pipeline's click labels
@@ -99,10 +103,14 @@ DIFFERENCES = (("cleanlab", "raw"), ("cleanlab", "naive"), ("relabel", "raw"), (
                ("cleanlab_ema", "raw"), ("cleanlab_batch", "raw"), ("cleanlab_batch", "naive"),
                ("cleanlab_batch", "cleanlab"), ("cleanlab_batch", "cleanlab_batch_ce"),
                ("cleanlab_batch_ce", "cleanlab_ce"), ("cleanlab_batch_nobreed", "cleanlab_batch"),
-               ("cleanlab_batch_nobreed", "raw"), ("cleanlab_batch_nobreed", "naive"), ("naive", "raw"),
+               ("cleanlab_batch_nobreed", "raw"), ("cleanlab_batch_nobreed", "naive"),
+               ("cleanlab_batch_nobreed_clicks", "cleanlab_batch_nobreed"),
+               ("cleanlab_batch_nobreed_uniform", "cleanlab_batch_nobreed"),
+               ("cleanlab_batch_nobreed_clicks", "raw"), ("cleanlab_batch_nobreed_clicks", "naive"), ("naive", "raw"),
                ("truth", "raw"))
 # gap recovery (x - raw) / (truth - raw)
-GAP_CONFIGS = ("cleanlab", "cleanlab_ema", "cleanlab_batch", "cleanlab_batch_nobreed", "relabel", "paper",
+GAP_CONFIGS = ("cleanlab", "cleanlab_ema", "cleanlab_batch", "cleanlab_batch_nobreed", "cleanlab_batch_nobreed_clicks",
+               "cleanlab_batch_nobreed_uniform", "relabel", "paper",
                "threshold")
 log = logging.getLogger("seed_study")
 
@@ -223,8 +231,12 @@ def naive_and_fine_tuned(naive_name: str, labels: pd.DataFrame, seed: int, fine:
             cfg = cfg.replace(ema_half_life=study.ema_half_life)
         # each configuration names its fine-tune's pairs, whatever params.yaml's default
         cfg = cfg.replace(contrastive="batch" if "_batch" in name else "pairs")
+        # ... and how often its batches draw each breed (_clicks, _uniform; else as kept)
+        share = next((x for x in ("clicks", "uniform") if name.endswith(f"_{x}")), "kept")
+        cfg = cfg.replace(breed_share=share)
         model, meta = siamese_from_naive(naive_path, cfg)
-        fit_siamese(model, meta, clean, pairs, plan.val, images_dir=study.images, index=study.index, cfg=cfg)
+        fit_siamese(model, meta, clean, pairs, plan.val, images_dir=study.images, index=study.index, cfg=cfg,
+                    click_labels=labels.loc[labels["label"] >= 0, "label"])
         path = study.tmp / f"{name}-{seed}.pt"
         save_model(path, model, backbone=meta["backbone"], image_size=meta["image_size"], classes=study.classes)
         rows.append(study.score(name, path, seed, start, filter=method, clean_images=len(clean),

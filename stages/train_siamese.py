@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
 
     clean = load_labels(args.pairs_dir / layout.CLEAN)
     pairs = read_table(args.pairs_dir / layout.PAIRS)
+    # every click-filtered image's label, before the label filter (siamese.breed_share: clicks)
+    click_labels = read_table(args.pairs_dir / layout.SCORES)["label"]
     val = read_table(args.naive_dir / layout.VAL_PREDICTIONS)
     index = read_index(args.images_dir)
     cache = hold_decoded(args.images_dir, index, [*clean["key"], *val["key"]], params["cache"])
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                                data=file_digest(args.pairs_dir / layout.PAIRS, args.naive_dir / layout.MODEL))
     history = fit_siamese(model, meta, clean, pairs, val, images_dir=args.images_dir, index=index, cfg=cfg,
                           cache=cache, checkpoint=out / layout.CHECKPOINTS / layout.LAST_CHECKPOINT, args=run_args,
-                          on_epoch=logger)
+                          on_epoch=logger, click_labels=click_labels)
     if runtime.is_main_process():
         save_model(out / layout.MODEL, model, backbone=meta["backbone"], image_size=meta["image_size"],
                    classes=meta["classes"], epochs=cfg.epochs, **resolved_run(cfg))

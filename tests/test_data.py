@@ -184,6 +184,20 @@ def test_breed_batches_are_shared_between_ranks_and_keep_to_their_indices() -> N
     assert {i for batch in _breed_batches(one, 0) for i, _ in batch} <= set(indices.tolist())
 
 
+def test_breed_batches_draw_breeds_by_their_weights_when_given() -> None:
+    labels = np.array([0] * 90 + [1] * 10)
+    drawn = {}
+    for weights in (None, [1.0, 1.0], [0.5, 4.5]):
+        sampler = BreedBatchSampler(labels, batch_images=2, per_breed=2, batches=2000, seed=0, breed_weights=weights)
+        drawn[str(weights)] = np.mean([labels[i] == 1 for batch in _breed_batches(sampler, 0) for i, _ in batch])
+    assert 0.08 < drawn["None"] < 0.12  # as the images: 10 of 100
+    assert 0.45 < drawn["[1.0, 1.0]"] < 0.55 and 0.87 < drawn["[0.5, 4.5]"] < 0.93
+    with pytest.raises(ValueError, match="must be > 0 for every breed"):
+        BreedBatchSampler(labels, batch_images=2, per_breed=2, batches=5, seed=0, breed_weights=[1.0, 0.0])
+    with pytest.raises(ValueError, match="must be > 0 for every breed"):
+        BreedBatchSampler(labels, batch_images=2, per_breed=2, batches=5, seed=0, breed_weights=[1.0])
+
+
 def test_breed_batches_refuse_settings_that_cannot_fill_a_batch() -> None:
     labels = np.repeat(np.arange(3), 10)
     with pytest.raises(ValueError, match="needs 4 breeds; the images have 3"):

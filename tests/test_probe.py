@@ -229,7 +229,7 @@ def _siamese_params(tiny: Path, start: str) -> dict:
     naive_only = ("val_fraction", "early_epoch", "parallel_runs", "head_init", "probe")
     return {**{k: v for k, v in params["train"].items() if k not in naive_only}, "start": start,
             "contrastive": "batch", "contrastive_weight": 0.0, "margin": 1.0, "reduction": "active",
-            "images_per_breed": 4, "neg_margin": 0.4, "embedding_dim": 8, "normalize": True}
+            "images_per_breed": 4, "neg_margin": 0.4, "embedding_dim": 8, "normalize": True, "breed_share": "kept"}
 
 
 def test_siamese_start_probe_is_the_initial_trunk_with_the_probe_of_the_clean_labels(tiny_pipeline: Path,

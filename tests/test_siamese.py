@@ -126,7 +126,9 @@ def test_siamese_config_refuses_batch_settings_that_cannot_work() -> None:
     assert SiameseConfig.from_params(base, "siamese").contrastive == base["contrastive"] == "batch"
     for change, message in (({"images_per_breed": 5}, "images_per_breed"),
                             ({"images_per_breed": 1}, "images_per_breed"), ({"neg_margin": 1.0}, "neg_margin"),
-                            ({"contrastive": "triplet"}, "siamese.contrastive")):
+                            ({"contrastive": "triplet"}, "siamese.contrastive"),
+                            ({"breed_share": "rare"}, "siamese.breed_share"),
+                            ({"contrastive": "pairs", "breed_share": "clicks"}, "breed_share clicks")):
         with pytest.raises(ConfigError, match=message):
             SiameseConfig.from_params({**base, **change}, "siamese")
 
@@ -216,7 +218,9 @@ def test_tiny_siamese_run_lowers_the_contrastive_loss(tiny_pipeline: Path, monke
                          "epochs": 4, "lr": 0.02, "warmup_epochs": 0, "batch_size": 16,
                          "start": "naive", "contrastive": contrastive, "contrastive_weight": 1.0, "margin": 1.0,
                          "reduction": "active", "images_per_breed": 16, "neg_margin": 0.4, "embedding_dim": 16,
-                         "normalize": True}
+                         "normalize": True,
+                         # batch mode draws breeds as the click-filtered labels (scores.tsv): the stage reads them
+                         "breed_share": "clicks" if contrastive == "batch" else "kept"}
     (tiny_pipeline / "params.yaml").write_text(yaml.safe_dump(params))
     raw = tiny_pipeline / "data" / "raw"
     raw.mkdir()
@@ -271,3 +275,36 @@ def test_a_training_step_reads_no_logged_value_back_to_the_host(monkeypatch) -> 
     logged = {"loss", "ce", "contrastive", "contrastive_pos", "contrastive_neg", "active_negatives", "acc"}
     assert logged <= set(logs) and all(np.isfinite(logs[k]) for k in logged)
     assert len(reads) == len(logged)  # once per value per epoch (before: 7 per step, 35 here)
+
+
+def test_breed_weights_follow_breed_share() -> None:
+    from stages.lib.siamese import breed_weights
+
+    clicks = pd.Series([0, 0, 0, 1, 2, 2])
+    assert breed_weights("kept", clicks, 4) is None  # the sampler then draws as the kept images
+    np.testing.assert_array_equal(breed_weights("uniform", None, 3), [1.0, 1.0, 1.0])
+    np.testing.assert_array_equal(breed_weights("clicks", clicks, 4), [3.0, 1.0, 2.0, 0.0])
+    with pytest.raises(ValueError, match="needs the click-filtered labels"):
+        breed_weights("clicks", None, 3)
+    with pytest.raises(ValueError, match=r"must lie in 0\.\.2"):
+        breed_weights("clicks", pd.Series([0, 3]), 3)
+
+
+def test_breed_share_clicks_restores_the_breeds_share_the_label_filter_took() -> None:
+    """The filter kept 10 of breed 1's 100 click labels and 100 of breed 0's:
+    drawn as kept, breed 1 fills a tenth of the batches; drawn as the clicks,
+    half (each of its images is then seen ten times as often)."""
+    from stages.lib.params import load_params
+    from stages.lib.siamese import SiameseConfig, breed_batches
+
+    cfg = SiameseConfig.from_params({**load_params("siamese"), "batch_size": 2, "images_per_breed": 4}, "siamese")
+    clean = pd.DataFrame({"key": [f"k{i}" for i in range(110)], "label": [0] * 100 + [1] * 10})
+    val = pd.DataFrame({"key": ["k0"]})
+    pairs = pd.DataFrame({"a": range(4000)})  # 2000 batches of one breed x 4 images
+    clicks = pd.Series([0] * 100 + [1] * 100)
+    shares = {}
+    for share in ("kept", "clicks"):
+        sampler = breed_batches(clean, val, pairs, cfg.replace(breed_share=share), 2, clicks)
+        drawn = np.array([clean["label"][i] for batch in sampler for i, _ in batch])
+        shares[share] = (drawn == 1).mean()
+    assert 0.07 < shares["kept"] < 0.13 and 0.45 < shares["clicks"] < 0.55

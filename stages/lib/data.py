@@ -74,7 +74,9 @@ class BreedBatchSampler:
     images of each of its breeds, so each image has K - 1 positives there.
 
     A batch's breeds are drawn without replacement with probability
-    proportional to their images (batches see the breeds as the data does);
+    proportional to their images (batches see the breeds as the data does), or
+    to ``breed_weights`` (one per label value: how often each breed should be
+    seen, whatever its number of images here);
     each breed's images come from its own shuffled queue, refilled when it
     runs out, so an epoch draws every image about equally often. ``batches``
     counts the batches of an epoch over all ranks (each rank takes every
@@ -87,7 +89,8 @@ class BreedBatchSampler:
     """
 
     def __init__(self, labels: Sequence[int], *, batch_images: int, per_breed: int, batches: int, seed: int,
-                 indices: Sequence[int] | None = None, num_replicas: int = 1, rank: int = 0) -> None:
+                 indices: Sequence[int] | None = None, num_replicas: int = 1, rank: int = 0,
+                 breed_weights: Sequence[float] | None = None) -> None:
         labels = np.asarray(labels, dtype=np.int64)
         indices = np.arange(len(labels)) if indices is None else np.asarray(indices, dtype=np.int64)
         if per_breed < 2 or batch_images % per_breed:
@@ -101,6 +104,12 @@ class BreedBatchSampler:
         if batches < num_replicas:
             raise ValueError(f"{batches} batches per epoch cannot be shared by {num_replicas} ranks")
         self.members = {int(b): indices[labels[indices] == b] for b in self.breeds}
+        if breed_weights is not None:
+            breed_weights = np.asarray(breed_weights, dtype=np.float64)
+            if len(breed_weights) <= self.breeds.max() or not (breed_weights[self.breeds] > 0).all():
+                raise ValueError(f"breed weights must be > 0 for every breed of the images (labels "
+                                 f"{self.breeds.tolist()}), got {breed_weights.tolist()}")
+            counts = breed_weights[self.breeds]
         self.weights = counts / counts.sum()
         self.per_breed, self.batch_images, self.seed = per_breed, batch_images, seed
         self.rank, self.num_replicas = rank, num_replicas

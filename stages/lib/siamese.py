@@ -123,7 +123,11 @@ class SiameseConfig(OptimConfig):
     inside P breeds x ``images_per_breed`` batches of ``2 x batch_size``
     images, ``neg_margin``; as many batches per epoch as pairs mode has).
     ``start``: naive (the naive model, the paper) or probe (the pretrained
-    trunk, its head a linear probe of the clean labels: :func:`siamese_from_probe`)."""
+    trunk, its head a linear probe of the clean labels: :func:`siamese_from_probe`).
+    ``breed_share`` (batch only): how often a batch draws each breed: as its
+    kept images, as its click-filtered labels (clicks: the label filter then
+    picks which of a breed's images are seen, not how often the breed is), or
+    uniform (:func:`breed_weights`)."""
 
     start: Literal["naive", "probe"]
     contrastive: Literal["pairs", "batch"]
@@ -131,6 +135,7 @@ class SiameseConfig(OptimConfig):
     margin: float
     reduction: Reduction
     images_per_breed: int
+    breed_share: Literal["kept", "clicks", "uniform"]
     neg_margin: float
     embedding_dim: int
     normalize: bool
@@ -144,6 +149,9 @@ class SiameseConfig(OptimConfig):
                              f"images of a batch, got {self.images_per_breed}")
         if not -1 < self.neg_margin < 1:
             raise ValueError(f"neg_margin is a cosine similarity in (-1, 1), got {self.neg_margin}")
+        if self.breed_share != "kept" and self.contrastive != "batch":
+            raise ValueError(f"breed_share {self.breed_share} sets how often contrastive: batch's batches draw each "
+                             f"breed; contrastive: {self.contrastive} draws make_pairs' pairs: use breed_share: kept")
 
 
 def siamese_from_naive(naive_path: Path, cfg: SiameseConfig) -> tuple[Classifier, dict[str, Any]]:
@@ -197,9 +205,12 @@ def siamese_from_probe(naive_path: Path, clean: pd.DataFrame, cfg: SiameseConfig
 def fit_siamese(model: Classifier, meta: dict[str, Any], clean: pd.DataFrame, pairs: pd.DataFrame,
                 val: pd.DataFrame, *, images_dir: Path, index: pd.DataFrame, cfg: SiameseConfig,
                 cache: DecodedImages | None = None, checkpoint: Path | None = None,
-                args: dict[str, Any] | None = None, on_epoch=None) -> list[dict[str, float]]:
+                args: dict[str, Any] | None = None, on_epoch=None,
+                click_labels: pd.Series | None = None) -> list[dict[str, float]]:
     """Fine-tune ``model`` on ``pairs`` of ``clean`` images, validating on ``val``
-    (images from ``cache`` when given, which must hold both sets' keys)."""
+    (images from ``cache`` when given, which must hold both sets' keys).
+    ``click_labels``: the label of every click-filtered image, before the
+    label filter (``breed_share: clicks`` draws breeds as they are there)."""
     runtime.seed_everything(cfg.seed)
     ctx = run_context(cfg.device, cfg.precision, cfg.clip_grad_norm, cfg.batchnorm)
     size = meta["image_size"]
@@ -218,7 +229,8 @@ def fit_siamese(model: Classifier, meta: dict[str, Any], clean: pd.DataFrame, pa
     else:
         train_loader = engine.make_loader(images, batch_size=cfg.batch_size, train=True, seed=cfg.seed,
                                           workers=cfg.workers, device=ctx.device,
-                                          batch_sampler=breed_batches(clean, val, pairs, cfg))
+                                          batch_sampler=breed_batches(clean, val, pairs, cfg, len(meta["classes"]),
+                                                                     click_labels))
         loss_fn = batch_loss(contrastive_weight=cfg.contrastive_weight, neg_margin=cfg.neg_margin,
                              label_smoothing=cfg.label_smoothing)
     if len(train_loader) == 0:
@@ -232,18 +244,41 @@ def fit_siamese(model: Classifier, meta: dict[str, Any], clean: pd.DataFrame, pa
                       on_epoch=on_epoch)
 
 
-def breed_batches(clean: pd.DataFrame, val: pd.DataFrame, pairs: pd.DataFrame, cfg: SiameseConfig
-                  ) -> BreedBatchSampler:
+def breed_weights(share: str, click_labels: pd.Series | None, num_classes: int) -> np.ndarray | None:
+    """How often ``breed_share`` draws each label value (None: as its kept images).
+
+    Why clicks: the label filter drops each breed's labels at its own rate, and
+    the rates follow the scorer's confusions, not the breeds' frequencies. A
+    scorer trained on one-sided look-alike clicks (a lesser-known breed's
+    photos clicked under the best-known breed's name) flags many right labels
+    of the lesser-known breed: on the sample the filter keeps 112 basset hounds
+    against 255 beagles, and a fine-tune drawing breeds as kept learns that
+    prior (basset recall 0.51 -> 0.26; docs/method.md)."""
+    if share == "kept":
+        return None
+    if share == "uniform":
+        return np.ones(num_classes)
+    if click_labels is None:
+        raise ValueError("siamese.breed_share: clicks needs the click-filtered labels (make_pairs' scores.tsv)")
+    labels = click_labels.to_numpy(dtype=np.int64)
+    if labels.min(initial=0) < 0 or labels.max(initial=0) >= num_classes:
+        raise ValueError(f"click-filtered labels must lie in 0..{num_classes - 1}")
+    return np.bincount(labels, minlength=num_classes).astype(np.float64)
+
+
+def breed_batches(clean: pd.DataFrame, val: pd.DataFrame, pairs: pd.DataFrame, cfg: SiameseConfig,
+                  num_classes: int, click_labels: pd.Series | None = None) -> BreedBatchSampler:
     """``contrastive: batch``'s sampler over the clean images outside the
     validation split (those make_pairs pairs), with pairs mode's batches per
     epoch: the two modes differ in how a step's images are grouped, not in
-    how many steps or images."""
+    how many steps or images. Breeds are drawn as ``cfg.breed_share`` says."""
     rank, world = runtime.rank_and_world()
     outside_val = np.flatnonzero(~clean["key"].isin(set(val["key"])).to_numpy())
     try:
         return BreedBatchSampler(clean["label"].to_numpy(), batch_images=2 * cfg.batch_size,
                                  per_breed=cfg.images_per_breed, batches=len(pairs) // cfg.batch_size,
-                                 seed=cfg.seed, indices=outside_val, num_replicas=world, rank=rank)
+                                 seed=cfg.seed, indices=outside_val, num_replicas=world, rank=rank,
+                                 breed_weights=breed_weights(cfg.breed_share, click_labels, num_classes))
     except ValueError as err:
         raise ValueError(f"siamese.contrastive batch (siamese.images_per_breed {cfg.images_per_breed}, "
                          f"siamese.batch_size {cfg.batch_size}): {err}") from err

@@ -65,10 +65,15 @@ def results_block(reports: Path) -> str:
     study = reports / "seed_study.md"
     if study.is_file():
         parts += ["#### Seed study (test set, mean ± standard error over seeds)", "",
-                  "From `python scripts/seed_study.py` (`reports/seed_study.json` has every run, each with its "
-                  "date and commit). The truth and raw rows are the 2026-11-27 runs: their training code has not "
-                  "changed since (raw at seed 0, re-run on 2026-12-04, gave the same top-1 and top-5); the earlier "
-                  "study's relabel and paper configurations are in "
+                  "From `python scripts/seed_study.py` on the final code (`reports/seed_study.json` has every "
+                  "run, each with its date, commit and machine): every run of one study on one machine, so that "
+                  "they pair (one run moves by 2-3 points between machines). Its truth and raw references ran "
+                  "for seed 0 only, so its gap recovery is one seed ([docs/method.md]"
+                  "(docs/method.md#how-often-the-fine-tune-sees-each-breed-2026-12-05) gives seeds 1 and 2 against "
+                  "the earlier study's references). The earlier studies, on another "
+                  "machine, hold the configurations this one did not repeat (the contrastive term's share, the "
+                  "weight average, the relabel filter, the paper's recipe): "
+                  "[reports/seed_study_2026-12-04.md](reports/seed_study_2026-12-04.md), "
                   "[reports/seed_study_2026-11-27.md](reports/seed_study_2026-11-27.md).", "",
                   study.read_text(encoding="utf-8")]
     photo = reports / "photo_study.md"

@@ -53,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
 
     clean = load_labels(args.pairs_dir / layout.CLEAN)
     pairs = read_table(args.pairs_dir / layout.PAIRS)
-    # every click-filtered image's label, before the label filter (siamese.breed_share: clicks)
-    click_labels = read_table(args.pairs_dir / layout.SCORES)["label"]
+    # every click-filtered image's label, before the label filter: read only where breed_share: clicks draws by it
+    click_labels = read_table(args.pairs_dir / layout.SCORES)["label"] if cfg.breed_share == "clicks" else None
     val = read_table(args.naive_dir / layout.VAL_PREDICTIONS)
     index = read_index(args.images_dir)
     cache = hold_decoded(args.images_dir, index, [*clean["key"], *val["key"]], params["cache"])

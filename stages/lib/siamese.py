@@ -274,11 +274,12 @@ def breed_batches(clean: pd.DataFrame, val: pd.DataFrame, pairs: pd.DataFrame, c
     how many steps or images. Breeds are drawn as ``cfg.breed_share`` says."""
     rank, world = runtime.rank_and_world()
     outside_val = np.flatnonzero(~clean["key"].isin(set(val["key"])).to_numpy())
+    weights = breed_weights(cfg.breed_share, click_labels, num_classes)  # its own errors name breed_share
     try:
         return BreedBatchSampler(clean["label"].to_numpy(), batch_images=2 * cfg.batch_size,
                                  per_breed=cfg.images_per_breed, batches=len(pairs) // cfg.batch_size,
                                  seed=cfg.seed, indices=outside_val, num_replicas=world, rank=rank,
-                                 breed_weights=breed_weights(cfg.breed_share, click_labels, num_classes))
+                                 breed_weights=weights)
     except ValueError as err:
         raise ValueError(f"siamese.contrastive batch (siamese.images_per_breed {cfg.images_per_breed}, "
                          f"siamese.batch_size {cfg.batch_size}): {err}") from err

@@ -67,11 +67,10 @@ def results_block(reports: Path) -> str:
         parts += ["#### Seed study (test set, mean ± standard error over seeds)", "",
                   "From `python scripts/seed_study.py` on the final code (`reports/seed_study.json` has every "
                   "run, each with its date, commit and machine): every run of one study on one machine, so that "
-                  "they pair (one run moves by 2-3 points between machines). Its truth and raw references ran "
-                  "for seed 0 only, so its gap recovery is one seed ([docs/method.md]"
-                  "(docs/method.md#how-often-the-fine-tune-sees-each-breed-2026-12-05) gives seeds 1 and 2 against "
-                  "the earlier study's references). The earlier studies, on another "
-                  "machine, hold the configurations this one did not repeat (the contrastive term's share, the "
+                  "they pair (one run moves by 2-3 points between machines; the truth and raw runs of seeds 1 and 2 "
+                  "ran later, on the same machine, the same code path and the same day, [docs/method.md]"
+                  "(docs/method.md#how-often-the-fine-tune-sees-each-breed-2026-12-05)). The earlier studies, on "
+                  "another machine, hold the configurations this one did not repeat (the contrastive term's share, the "
                   "weight average, the relabel filter, the paper's recipe): "
                   "[reports/seed_study_2026-12-04.md](reports/seed_study_2026-12-04.md), "
                   "[reports/seed_study_2026-11-27.md](reports/seed_study_2026-11-27.md).", "",

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -43,6 +42,7 @@ from stages.lib.metriccheck import (
     add_base_arguments,
     against_base,
     compare,
+    dvc,
     parse_metrics,
     read_metrics,
     report_rows,
@@ -67,15 +67,6 @@ def cached_inputs(stage: str, stages: dict) -> list[str]:
                 cached.add(name.rstrip("/"))
     return [d for d in stages[stage].get("deps", [])
             if any(d == out or d.startswith(out + "/") for out in cached)]
-
-
-def dvc(*args: str) -> str:
-    print("+ dvc", " ".join(args), flush=True)
-    proc = subprocess.run(["dvc", *args], capture_output=True, text=True)
-    sys.stdout.write(proc.stdout[-4000:])
-    if proc.returncode != 0:
-        raise CheckError(f"dvc {' '.join(args)} failed with exit code {proc.returncode}: {proc.stderr[-2000:]}")
-    return proc.stdout
 
 
 def lock_deps(lock_text: str, stage: str) -> dict[str, str | None]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -185,6 +186,36 @@ def git(*args: str, cwd: Path | None = None) -> str:
     if proc.returncode != 0:
         raise CheckError(f"git {' '.join(args)} failed: {proc.stderr.strip() or proc.returncode}")
     return proc.stdout
+
+
+def dvc(*args: str) -> str:
+    """Run dvc, echo the command and the tail of its output; a failure is a :class:`CheckError`."""
+    print("+ dvc", " ".join(args), flush=True)
+    proc = subprocess.run(["dvc", *args], capture_output=True, text=True)
+    sys.stdout.write(proc.stdout[-4000:])
+    if proc.returncode != 0:
+        raise CheckError(f"dvc {' '.join(args)} failed with exit code {proc.returncode}: {proc.stderr[-2000:]}")
+    return proc.stdout
+
+
+def stale_lock(status: dict[str, Any]) -> list[str]:
+    """What ``dvc status --json`` says of a fresh clone that makes its dvc.lock stale: a dependency the
+    commit holds (code, params.yaml's keys) that is not as dvc.lock records it, a changed command, a
+    stage without a lock entry. Then the committed models and metrics came from other code or params
+    than the commit's, and ``dvc repro`` silently re-runs the stage. What a clone lacks is not stale:
+    data and models live in the DVC cache and remote (state ``deleted`` / ``not in cache``)."""
+    problems = []
+    for stage, entries in status.items():
+        for entry in entries:
+            if not isinstance(entry, dict):  # "changed command", "changed checksum", "always changed"
+                problems.append(f"{stage}: {entry}")
+                continue
+            for path, state in entry.get("changed deps", {}).items():
+                if isinstance(state, dict):  # params.yaml: {key: modified | new | deleted}
+                    problems += [f"{stage}: {path} {key} {s}" for key, s in state.items()]
+                elif state != "deleted":
+                    problems.append(f"{stage}: {path} {state}")
+    return problems
 
 
 def show(rev: str, path: str, cwd: Path | None = None) -> str:

@@ -23,7 +23,9 @@ Then each of ``--variants`` (default all), on top of the final run's params (put
    the profile fine-tunes the naive model);
 7. ``filter``: cleanlab's other filter of the same scores: ``pairs.filter_by: predicted_neq_given`` (an
    image is kept where the scorer's top breed is its click label) where the profile has another, else
-   ``prune_by_class``.
+   ``prune_by_class``;
+8. ``breed``: the other ``siamese.breed_share`` (clicks where the profile has kept, else kept): how often
+   the fine-tune's batches draw each breed.
 
 Each variant runs ``dvc repro make_pairs`` (timed alone), then ``dvc repro`` (only what its params reach).
 
@@ -139,17 +141,18 @@ def _measure(tree: Path, variant: str, seed: int, kept_top1: dict[str, float], *
             "raw_clicks": {k: data["raw_clicks"][k] for k in ("images", "precision", "recall")},
             "scorer": pairs["scorer"], "scorer_cost_s": pairs["cost_s"], "test_images": data["test"]["labelled"],
             "contrastive": siamese["contrastive"], "contrastive_weight": float(siamese["contrastive_weight"]),
-            "start": siamese["start"], "filter_by": params["pairs"]["filter_by"]}
+            "start": siamese["start"], "filter_by": params["pairs"]["filter_by"], "breed_share": siamese["breed_share"]}
 
 
-VARIANTS = ("contrastive", "crossfit", "start", "filter")
+VARIANTS = ("contrastive", "crossfit", "start", "filter", "breed")
 
 
 def _variant(name: str, params: dict) -> dict:
     """The params a variant changes, against the final run's ``params``: ``contrastive`` the other
     contrastive weight (0 where the profile has one, else 1); ``crossfit`` the crossfit scorer with folds of
     ``train.epochs`` epochs; ``start`` the other ``siamese.start`` (probe where the profile has naive);
-    ``filter`` the other of cleanlab's prune_by_class and predicted_neq_given."""
+    ``filter`` the other of cleanlab's prune_by_class and predicted_neq_given; ``breed`` the other of
+    siamese.breed_share kept and clicks."""
     if name == "contrastive":
         return {"siamese": {"contrastive_weight": 0.0 if params["siamese"]["contrastive_weight"] else 1.0}}
     if name == "start":
@@ -157,6 +160,8 @@ def _variant(name: str, params: dict) -> dict:
     if name == "filter":
         other = "prune_by_class" if params["pairs"]["filter_by"] == "predicted_neq_given" else "predicted_neq_given"
         return {"pairs": {"filter_by": other}}
+    if name == "breed":
+        return {"siamese": {"breed_share": "kept" if params["siamese"]["breed_share"] == "clicks" else "clicks"}}
     if name == "crossfit":
         return {"pairs": {"scorer": "crossfit", "crossfit_epochs": params["train"]["epochs"]}}
     raise ValueError(f"unknown variant {name!r}: one of {VARIANTS}")
@@ -223,6 +228,7 @@ def report(runs: list[dict], pilot: list[dict]) -> str:
     same releases, a random head, lr 0.01 with the trunk at 0.1x, BatchNorm frozen) for the recipe's
     paired difference."""
     final, cf, st, fb = _by(runs, "final"), _by(runs, "crossfit"), _by(runs, "start"), _by(runs, "filter")
+    br = _by(runs, "breed")
     # the final fine-tune with the other contrastive weight ("contrastive0" in the first study's runs)
     other = _by(runs, "contrastive") | _by(runs, "contrastive0")
     seeds = sorted(final)
@@ -290,6 +296,10 @@ def report(runs: list[dict], pilot: list[dict]) -> str:
             other_t = fb[s]["top1"]
             add(f"final with {fb[s]['filter_by']} − its probe_kept", other_t["siamese"] - other_t["probe_kept"])
             add(f"gap recovery with {fb[s]['filter_by']}", _gap_recovery(other_t["siamese"], t), level=True)
+        if s in br:  # breed_share clicks minus kept, whichever the profile has (runs before it: kept)
+            clicks, kept = ((br[s], final[s]) if br[s]["breed_share"] == "clicks" else (final[s], br[s]))
+            add("siamese.breed_share clicks − kept", clicks["top1"]["siamese"] - kept["top1"]["siamese"])
+            add("gap recovery with breed_share clicks", _gap_recovery(clicks["top1"]["siamese"], t), level=True)
         if s in cf:
             add("final − final with the crossfit scorer", t["siamese"] - cf[s]["top1"]["siamese"])
             add("label precision, features − crossfit", lf["precision"] - lc["precision"])

@@ -79,12 +79,15 @@ def test_a_current_lock_passes_on_a_clone_without_data(repo: Path, tmp_path: Pat
     ("code", "train: train.py modified"),
     ("params", "train: params.yaml train.score modified"),
     ("command", "train: changed command"),
+    ("output", "evaluate: output reports/top1.txt modified"),
 ])
 def test_a_commit_without_its_run_fails(repo: Path, tmp_path: Path, change: str, named: str) -> None:
     if change == "code":
         (repo / "train.py").write_text(TRAIN.replace("str(score)", "str(score + 0.1)"))
     elif change == "params":
         (repo / "params.yaml").write_text(yaml.safe_dump({"train": {"score": 0.9, "unused": 1}}))
+    elif change == "output":  # a git-tracked output edited by hand (or another run's, uncommitted to dvc.lock)
+        (repo / "reports/top1.txt").write_text("0.99")
     else:
         stages = yaml.safe_load((repo / "dvc.yaml").read_text())
         stages["stages"]["train"]["cmd"] = "python -B train.py"
@@ -101,7 +104,9 @@ def test_stale_lock_reads_dvc_status() -> None:
         "train": [{"changed deps": {"stages/lib/engine.py": "modified", "params.yaml": {"train.lr": "modified",
                                                                                         "train.ema": "new"}}}],
         "evaluate": ["changed command"],
+        "report": [{"changed outs": {"reports/plots": "modified", "models/model.pt": "not in cache"}}],
     }
     assert stale_lock(status) == ["train: stages/lib/engine.py modified", "train: params.yaml train.lr modified",
-                                  "train: params.yaml train.ema new", "evaluate: changed command"]
+                                  "train: params.yaml train.ema new", "evaluate: changed command",
+                                  "report: output reports/plots modified"]
     assert stale_lock({}) == []

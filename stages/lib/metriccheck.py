@@ -200,10 +200,11 @@ def dvc(*args: str) -> str:
 
 def stale_lock(status: dict[str, Any]) -> list[str]:
     """What ``dvc status --json`` says of a fresh clone that makes its dvc.lock stale: a dependency the
-    commit holds (code, params.yaml's keys) that is not as dvc.lock records it, a changed command, a
-    stage without a lock entry. Then the committed models and metrics came from other code or params
-    than the commit's, and ``dvc repro`` silently re-runs the stage. What a clone lacks is not stale:
-    data and models live in the DVC cache and remote (state ``deleted`` / ``not in cache``)."""
+    commit holds (code, params.yaml's keys) that is not as dvc.lock records it, an output the commit
+    holds (git-tracked: ``cache: false`` metrics and plots) that differs from it, a changed command, a
+    stage without a lock entry. Then the committed files came from another run than the one dvc.lock
+    records, and ``dvc repro`` silently re-runs the stage. What a clone lacks is not stale: data and
+    models live in the DVC cache and remote (state ``deleted`` / ``not in cache``)."""
     problems = []
     for stage, entries in status.items():
         for entry in entries:
@@ -215,6 +216,8 @@ def stale_lock(status: dict[str, Any]) -> list[str]:
                     problems += [f"{stage}: {path} {key} {s}" for key, s in state.items()]
                 elif state != "deleted":
                     problems.append(f"{stage}: {path} {state}")
+            problems += [f"{stage}: output {path} {state}" for path, state in entry.get("changed outs", {}).items()
+                         if state not in ("deleted", "not in cache")]
     return problems
 
 

@@ -105,6 +105,7 @@ def test_stale_lock_reads_dvc_status() -> None:
                                                                                         "train.ema": "new"}}}],
         "evaluate": ["changed command"],
         "report": [{"changed outs": {"reports/plots": "modified", "models/model.pt": "not in cache"}}],
+        "download": ["always changed"],  # always_changed: true, by design
     }
     assert stale_lock(status) == ["train: stages/lib/engine.py modified", "train: params.yaml train.lr modified",
                                   "train: params.yaml train.ema new", "evaluate: changed command",

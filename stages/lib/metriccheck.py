@@ -208,7 +208,9 @@ def stale_lock(status: dict[str, Any]) -> list[str]:
     problems = []
     for stage, entries in status.items():
         for entry in entries:
-            if not isinstance(entry, dict):  # "changed command", "changed checksum", "always changed"
+            if entry == "always changed":  # always_changed: true runs every time by design, whatever the lock says
+                continue
+            if not isinstance(entry, dict):  # "changed command", "changed checksum"
                 problems.append(f"{stage}: {entry}")
                 continue
             for path, state in entry.get("changed deps", {}).items():

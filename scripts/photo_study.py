@@ -223,6 +223,12 @@ def _by(runs: list[dict], variant: str) -> dict[int, dict]:
     return {r["seed"]: r for r in runs if r["variant"] == variant}
 
 
+def _with_and_without(run: dict, other: dict, key: str, value: str) -> tuple[dict, dict]:
+    """The two runs of one seed ordered as (the one whose ``key`` is ``value``, the other), whichever of
+    them the profile's final run is."""
+    return (run, other) if run[key] == value else (other, run)
+
+
 def report(runs: list[dict], pilot: list[dict]) -> str:
     """reports/photo_study.md from the runs, and the pilot's ``lpft`` rows (reports/photo_pilot.json: the
     same releases, a random head, lr 0.01 with the trunk at 0.1x, BatchNorm frozen) for the recipe's
@@ -281,11 +287,11 @@ def report(runs: list[dict], pilot: list[dict]) -> str:
             add(f"contrastive weight {with_term['contrastive_weight']:g} − 0",
                 with_term["top1"]["siamese"] - without["top1"]["siamese"])
         if s in st:  # LP-FT on the kept labels (start probe) minus the naive model's fine-tune (start naive)
-            probe_start, naive_start = ((st[s], final[s]) if st[s]["start"] == "probe" else (final[s], st[s]))
+            probe_start, naive_start = _with_and_without(st[s], final[s], "start", "probe")
             add("siamese.start probe − naive", probe_start["top1"]["siamese"] - naive_start["top1"]["siamese"])
             add("final with start probe − probe_kept", probe_start["top1"]["siamese"] - t["probe_kept"])
         if s in fb:  # predicted_neq_given minus prune_by_class, whichever the profile has
-            argmax, by_class = ((fb[s], final[s]) if fb[s]["filter_by"] == "predicted_neq_given" else (final[s], fb[s]))
+            argmax, by_class = _with_and_without(fb[s], final[s], "filter_by", "predicted_neq_given")
             add("filter_by predicted_neq_given − prune_by_class",
                 argmax["top1"]["siamese"] - by_class["top1"]["siamese"])
             add("label precision, predicted_neq_given − prune_by_class",
@@ -297,7 +303,7 @@ def report(runs: list[dict], pilot: list[dict]) -> str:
             add(f"final with {fb[s]['filter_by']} − its probe_kept", other_t["siamese"] - other_t["probe_kept"])
             add(f"gap recovery with {fb[s]['filter_by']}", _gap_recovery(other_t["siamese"], t), level=True)
         if s in br:  # breed_share clicks minus kept, whichever the profile has (runs before it: kept)
-            clicks, kept = ((br[s], final[s]) if br[s]["breed_share"] == "clicks" else (final[s], br[s]))
+            clicks, kept = _with_and_without(br[s], final[s], "breed_share", "clicks")
             add("siamese.breed_share clicks − kept", clicks["top1"]["siamese"] - kept["top1"]["siamese"])
             add("gap recovery with breed_share clicks", _gap_recovery(clicks["top1"]["siamese"], t), level=True)
         if s in cf:

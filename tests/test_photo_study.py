@@ -8,18 +8,22 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.lib.params import read_yaml
+ROOT = Path(__file__).resolve().parents[1]
 
-_spec = importlib.util.spec_from_file_location("photo_study", Path(__file__).parents[1] / "scripts" / "photo_study.py")
-photo_study = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(photo_study)
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+photo_study, apply_profile = _script("photo_study"), _script("apply_profile")
 
 
 def _profile_params() -> dict:
-    params = read_yaml(Path(__file__).parents[1] / "params.yaml")
-    for section, keys in yaml.safe_load(photo_study.PROFILE.read_text()).items():
-        params[section] = {**params[section], **keys}
-    return params
+    """params.yaml with profiles/photos-cpu.yaml applied, as the study applies it (not written)."""
+    return yaml.safe_load(apply_profile.apply_profile(photo_study.PROFILE, ROOT / "params.yaml", write=False))
 
 
 @pytest.mark.parametrize("variant", photo_study.VARIANTS)

@@ -1,9 +1,11 @@
 """Small data the tests make themselves: a decoded-image folder (shards +
 index) of solid-colour-plus-noise images, one colour per class, the label
 files the training stages read (written by the stages' own writer), test
-images with detail, and ``sh`` for the tests that drive git and dvc."""
+images with detail, ``sh`` for the tests that drive git and dvc, and ``load_script`` for the
+tests of scripts/."""
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
@@ -19,6 +21,17 @@ from PIL import Image
 from stages.lib import layout
 from stages.lib.shards import IndexWriter, ShardWriter
 from stages.lib.tables import write_table
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str):
+    """scripts/NAME.py as a module (scripts/ is no package: the scripts run as files)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 COLOURS = [(220, 40, 40), (40, 200, 40), (40, 60, 220), (230, 210, 40)]
 

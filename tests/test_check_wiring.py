@@ -1,22 +1,15 @@
 """scripts/check_wiring.py changes params in a scratch copy, never in place."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("check_wiring", ROOT / "scripts" / "check_wiring.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.skipif(shutil.which("dvc") is None, reason="needs the dvc command (make test puts .venv/bin on PATH)")
@@ -31,7 +24,7 @@ def test_scratch_copy_leaves_the_real_params_alone(tmp_path: Path) -> None:
     (root / ".venv").mkdir()
     (root / ".dvc" / "tmp").mkdir(exist_ok=True)
     (root / ".dvc" / "tmp" / "state").write_text("DVC's state database: per work tree")
-    copy = load_script().scratch_copy(root)
+    copy = load_script("check_wiring").scratch_copy(root)
     try:
         assert copy.parent == root and copy.name.startswith(".check_wiring.tmp-")
         assert (copy / "data" / "x.bin").stat().st_ino == (root / "data" / "x.bin").stat().st_ino  # linked

@@ -3,7 +3,6 @@ that decode, filter_clicks' click-log reader and ``data.source: path`` accept. G
 from __future__ import annotations
 
 import collections
-import importlib.util
 import json
 import re
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import load_script
 from PIL import Image
 
 from stages.lib import layout, release, sample
@@ -24,9 +24,7 @@ from stages.lib.shards import read_index
 from stages.lib.tables import read_breeds, read_headerless
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("make_release", ROOT / "scripts" / "make_release.py")
-make_release = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(make_release)
+make_release = load_script("make_release")
 
 BREEDS = {"golden_retriever": (200, 150, 50), "labrador_retriever": (225, 205, 130), "Pug": (110, 95, 80)}
 FAMILIES = "families:\n  - [golden_retriever, labrador_retriever]   # pug: in no family\n"

@@ -2,23 +2,16 @@
 pairs them by release seed."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-photo_study, apply_profile = _script("photo_study"), _script("apply_profile")
+photo_study, apply_profile = load_script("photo_study"), load_script("apply_profile")
 
 
 def _profile_params() -> dict:

@@ -2,18 +2,16 @@
 scripts/apply_profile.py refuses a key params.yaml does not have and keeps params.yaml's comments."""
 from __future__ import annotations
 
-import importlib.util
 import re
 import shutil
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("apply_profile", ROOT / "scripts" / "apply_profile.py")
-apply_profile = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(apply_profile)
+apply_profile = load_script("apply_profile")
 PROFILES = sorted((ROOT / "profiles").glob("*.yaml"))
 
 

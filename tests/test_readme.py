@@ -1,13 +1,12 @@
 """README's results block is what scripts/update_readme.py makes from the committed reports/."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
+from conftest import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("update_readme", ROOT / "scripts" / "update_readme.py")
-update_readme = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(update_readme)
+update_readme = load_script("update_readme")
 
 
 def test_readme_results_are_the_committed_reports() -> None:

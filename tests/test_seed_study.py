@@ -1,15 +1,11 @@
 """The seed study's summary: paired differences and the two-standard-error verdict."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
+from conftest import load_script
 
-_spec = importlib.util.spec_from_file_location("seed_study", Path(__file__).parents[1] / "scripts" / "seed_study.py")
-seed_study = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(seed_study)
+seed_study = load_script("seed_study")
 
 
 def _runs(top1: dict[str, list[float]]) -> pd.DataFrame:

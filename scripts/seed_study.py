@@ -33,6 +33,10 @@ seed. Configurations:
   cleanlab_batch_nobreed_clicks  cleanlab_batch_nobreed whose fine-tune draws each breed as often as
              its click-filtered labels, not its kept images (siamese.breed_share: clicks);
              _uniform: every breed equally often (breed_share: uniform)
+  <config>_cfN  a fine-tuned configuration whose scorer's cross-fitting models train for N epochs
+             (pairs.crossfit_epochs N), e.g. cleanlab_batch_nobreed_clicks_cf30: <config>_cfN -
+             <config> is the longer-trained scorer's share (every fine-tuned run records its
+             crossfit_epochs)
   paper      the paper's recipe end to end: click-count filter min_clicks 2, min_share 0.7
              (the pipeline's defaults before this study), naive on those labels, the
              threshold filter, the siamese fine-tuning
@@ -52,6 +56,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -93,6 +98,47 @@ def _filter_of(name: str) -> str:
 
 
 FILTERS = {name: _filter_of(name) for name in CONFIGS if _filter_of(name) in ("cleanlab", "relabel", "threshold")}
+# <config>_cfN: the fine-tuned <config> with pairs.crossfit_epochs N
+SCORER_EPOCHS = re.compile(r"(?P<base>.+)_cf(?P<epochs>[1-9][0-9]*)")
+
+
+def config_name(name: str) -> str:
+    """``--configs`` entry: one of CONFIGS, or a fine-tuned one with a scorer epochs suffix."""
+    match = SCORER_EPOCHS.fullmatch(name)
+    if name in CONFIGS or (match and match["base"] in FILTERS):
+        return name
+    raise argparse.ArgumentTypeError(f"unknown configuration {name!r}: choose from {', '.join(CONFIGS)}, or "
+                                     f"<config>_cfN (N scorer epochs) for one of {', '.join(FILTERS)}")
+
+
+def base_config(name: str) -> str:
+    """The configuration ``name`` varies: itself, or the <config> of <config>_cfN."""
+    match = SCORER_EPOCHS.fullmatch(name)
+    return match["base"] if match else name
+
+
+def scorer_epochs(name: str, default: int) -> int:
+    """pairs.crossfit_epochs of a fine-tuned configuration: its _cfN, else params.yaml's."""
+    match = SCORER_EPOCHS.fullmatch(name)
+    return int(match["epochs"]) if match else default
+
+
+def scorer_runs(names: list[str], default: int) -> dict[int, list[str]]:
+    """The fine-tuned configurations each scorer serves, by pairs.crossfit_epochs: one
+    cross-fitting per distinct epochs, shared by every configuration that names them."""
+    runs: dict[int, list[str]] = {}
+    for name in names:
+        runs.setdefault(scorer_epochs(name, default), []).append(name)
+    return dict(sorted(runs.items()))
+
+
+def config_order(names: set[str]) -> list[str]:
+    """The configurations in ``names`` in CONFIGS order, each <config>_cfN after its <config>."""
+    def key(name: str) -> tuple[int, int]:
+        return CONFIGS.index(base_config(name)), scorer_epochs(name, 0)
+    return sorted((n for n in names if base_config(n) in CONFIGS), key=key)
+
+
 # the paper's click-count filter (the defaults before the relabelling filter): see `paper`
 PAPER_CLICK_FILTER = {"min_clicks": 2, "min_share": 0.7}
 # differences reported, paired by seed: (minuend, subtrahend)
@@ -179,7 +225,7 @@ def run_seed(study: Study, seed: int, configs: list[str]) -> list[dict[str, Any]
             continue
         path, *_ = study.naive_recipe(name, labels, train_cfg)
         rows.append(study.score(name, path, seed, start))
-    pipeline = {c: FILTERS[c] for c in FILTERS if c in configs}
+    pipeline = {c: FILTERS[base_config(c)] for c in configs if base_config(c) in FILTERS}
     click = load_labels(study.data / "filtered" / layout.LABELS)
     if "naive" in configs or pipeline:
         rows += naive_and_fine_tuned("naive", click, seed, pipeline, study, train_cfg, "naive" in configs)
@@ -210,21 +256,26 @@ def naive_and_fine_tuned(naive_name: str, labels: pd.DataFrame, seed: int, fine:
     val_probs = class_probs(naive, plan.val, study.images, study.index, ctx,
                             image_size=params["model"].image_size, batch_size=train_cfg.batch_size)
     val_pred = plan.val.assign(pred=val_probs.argmax(1))
-    start = time.time()
-    probs = score_crossfit(labels, folds=p.folds, epochs=p.crossfit_epochs, seed=seed, images=study.images,
-                           index=study.index, num_classes=len(study.classes), model_cfg=params["model"],
-                           train_cfg=train_cfg)
-    crossfit_s = time.time() - start
+    probs, crossfit_s = {}, {}
+    served = scorer_runs(list(fine), p.crossfit_epochs)
+    for epochs in served:
+        start = time.time()
+        probs[epochs] = score_crossfit(labels, folds=p.folds, epochs=epochs, seed=seed, images=study.images,
+                                       index=study.index, num_classes=len(study.classes),
+                                       model_cfg=params["model"], train_cfg=train_cfg)
+        crossfit_s[epochs] = time.time() - start
     raw = load_labels(study.data / "filtered" / layout.RAW_LABELS)
     for name, method in fine.items():
-        start = time.time() - crossfit_s / len(fine)  # each fine-tuned model carries its share of the scoring
+        epochs = scorer_epochs(name, p.crossfit_epochs)
+        start = time.time() - crossfit_s[epochs] / len(served[epochs])  # each model carries its scorer's share
         # each configuration names its filter's min_top_prob, whatever params.yaml's default
         pc = p.replace(min_top_prob=study.min_top_prob if "_nobreed" in name else 0.0)
-        clean, _ = filtered_table(labels, probs, study.classes, **pc.noise_settings(method))
+        clean, _ = filtered_table(labels, probs[epochs], study.classes, **pc.noise_settings(method))
         quality = table_quality(clean, raw, study.truth) if study.truth is not None else {}
         train_clean = clean[~clean["key"].isin(set(plan.val["key"]))].reset_index(drop=True)
         pairs, _, _ = build_pairs(train_clean, val_pred, len(study.classes), p)
         cfg = params["siamese"].replace(seed=seed)
+        name_cfg, name = name, base_config(name)  # the fine-tune's variants are the base configuration's
         if name.endswith("_ce"):
             cfg = cfg.replace(contrastive_weight=0.0)
         if name.endswith("_ema"):
@@ -237,11 +288,11 @@ def naive_and_fine_tuned(naive_name: str, labels: pd.DataFrame, seed: int, fine:
         model, meta = siamese_from_naive(naive_path, cfg)
         fit_siamese(model, meta, clean, pairs, plan.val, images_dir=study.images, index=study.index, cfg=cfg,
                     click_labels=labels.loc[labels["label"] >= 0, "label"])
-        path = study.tmp / f"{name}-{seed}.pt"
+        path = study.tmp / f"{name_cfg}-{seed}.pt"
         save_model(path, model, backbone=meta["backbone"], image_size=meta["image_size"], classes=study.classes)
-        rows.append(study.score(name, path, seed, start, filter=method, clean_images=len(clean),
+        rows.append(study.score(name_cfg, path, seed, start, filter=method, clean_images=len(clean),
                                 label_precision=quality.get("precision"), label_recall=quality.get("recall"),
-                                distractors=quality.get("distractors")))
+                                distractors=quality.get("distractors"), crossfit_epochs=epochs))
     return rows
 
 
@@ -255,7 +306,7 @@ def summary_table(runs: pd.DataFrame) -> str:
     """Mean +- standard error over seeds per configuration, then the paired differences."""
     lines = ["| model | seeds | test top-1 | mean per-class acc | top-5 | label precision / recall |",
              "|---|---|---|---|---|---|"]
-    for name in [c for c in CONFIGS if c in set(runs["config"])]:
+    for name in config_order(set(runs["config"])):
         r = runs[runs["config"] == name]
         quality = "–"
         if "label_precision" in r and r["label_precision"].notna().any():
@@ -273,7 +324,8 @@ def paired_differences(runs: pd.DataFrame) -> str:
     top1 = runs.pivot_table(index="seed", columns="config", values="top1")
     lines = ["| difference in test top-1 (paired by seed) | seeds | mean ± s.e. | beyond 2 s.e.? |",
              "|---|---|---|---|"]
-    for a, b in DIFFERENCES:
+    longer = [c for c in config_order(set(top1)) if base_config(c) != c]  # <config>_cfN - <config>, - raw, - naive
+    for a, b in [*DIFFERENCES, *((c, x) for c in longer for x in (base_config(c), "raw", "naive"))]:
         if a not in top1 or b not in top1:
             continue
         d = (top1[a] - top1[b]).dropna()
@@ -284,7 +336,8 @@ def paired_differences(runs: pd.DataFrame) -> str:
         verdict = "yes" if abs(d.mean()) > 2 * se else "no: within seed noise"
         lines.append(f"| {a} − {b} | {len(d)} | {d.mean():+.3f} ± {se:.3f} | {verdict} |")
     gaps = []
-    for name in [c for c in GAP_CONFIGS if {c, "raw", "truth"} <= set(top1)]:
+    gap_names = [c for c in set(top1) if base_config(c) in GAP_CONFIGS] if {"raw", "truth"} <= set(top1) else []
+    for name in sorted(gap_names, key=lambda c: (GAP_CONFIGS.index(base_config(c)), scorer_epochs(c, 0))):
         g = ((top1[name] - top1["raw"]) / (top1["truth"] - top1["raw"])).dropna()
         if len(g):
             gaps.append(f"{name}: " + ", ".join(f"{v:.2f}" for v in g) + f" (mean {_mean_se(g)})")
@@ -295,8 +348,9 @@ def paired_differences(runs: pd.DataFrame) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(DEFAULT_CONFIGS),
-                   help=f"default: {' '.join(DEFAULT_CONFIGS)} (the committed study)")
+    p.add_argument("--configs", nargs="+", type=config_name, default=list(DEFAULT_CONFIGS), metavar="CONFIG",
+                   help=f"{' '.join(CONFIGS)}, or a fine-tuned one with _cfN (N scorer epochs); "
+                        f"default: {' '.join(DEFAULT_CONFIGS)} (the committed study)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--data", type=Path, default=Path("data"))
     p.add_argument("--out", type=Path, default=Path("reports"))

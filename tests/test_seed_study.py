@@ -1,8 +1,11 @@
 """The seed study's summary: paired differences and the two-standard-error verdict."""
 from __future__ import annotations
 
+import argparse
+
 import numpy as np
 import pandas as pd
+import pytest
 from conftest import load_script
 
 seed_study = load_script("seed_study")
@@ -30,3 +33,34 @@ def test_gap_recovery_per_seed_and_one_seed_cannot_tell() -> None:
     assert "per seed: cleanlab: 0.50 (mean 0.500 (one seed))." in table
     summary = seed_study.summary_table(_runs({"naive": [0.70, 0.80]}))
     assert "| naive | 2 | 0.750 ± 0.050 |" in summary
+
+
+def test_scorer_epochs_configurations_parse_and_refuse_what_they_cannot_run() -> None:
+    assert seed_study.config_name("cleanlab_batch_nobreed_clicks_cf30") == "cleanlab_batch_nobreed_clicks_cf30"
+    assert seed_study.base_config("cleanlab_batch_nobreed_clicks_cf30") == "cleanlab_batch_nobreed_clicks"
+    assert seed_study.scorer_epochs("cleanlab_cf45", 15) == 45
+    assert seed_study.scorer_epochs("cleanlab", 15) == 15  # no suffix: params.yaml's pairs.crossfit_epochs
+    for bad in ("naive_cf30", "cleanlab_cf0", "cleanlab_cf", "cleanlab_batch_cf30_ce", "nothing"):
+        with pytest.raises(argparse.ArgumentTypeError, match=f"unknown configuration '{bad}'"):
+            seed_study.config_name(bad)
+
+
+def test_one_scorer_per_epochs_shared_by_the_configurations_that_name_them() -> None:
+    served = seed_study.scorer_runs(["cleanlab_cf30", "cleanlab", "cleanlab_ce", "cleanlab_ce_cf30",
+                                     "relabel_cf45"], 15)
+    assert served == {15: ["cleanlab", "cleanlab_ce"], 30: ["cleanlab_cf30", "cleanlab_ce_cf30"],
+                      45: ["relabel_cf45"]}
+
+
+def test_a_longer_trained_scorer_pairs_with_its_configuration_and_has_a_gap_recovery() -> None:
+    runs = _runs({"raw": [0.70, 0.80, 0.75], "truth": [0.90, 1.00, 0.95], "naive": [0.72, 0.82, 0.77],
+                  "cleanlab": [0.78, 0.86, 0.83], "cleanlab_cf30": [0.80, 0.88, 0.86]})
+    table = seed_study.paired_differences(runs)
+    d = np.array([0.02, 0.02, 0.03])  # cleanlab_cf30 - cleanlab, seed by seed
+    assert f"| cleanlab_cf30 − cleanlab | 3 | {d.mean():+.3f} ± {d.std(ddof=1) / np.sqrt(3):.3f} | yes |" in table
+    assert "| cleanlab_cf30 − raw | 3 | +0.097 ± 0.009 | yes |" in table
+    assert "| cleanlab_cf30 − naive | 3 |" in table
+    assert ("cleanlab: 0.40, 0.30, 0.40 (mean 0.367 ± 0.033); "
+            "cleanlab_cf30: 0.50, 0.40, 0.55 (mean 0.483 ± 0.044).") in table
+    models = [line.split(" | ")[0] for line in seed_study.summary_table(runs).splitlines()[2:7]]
+    assert models == ["| truth", "| raw", "| naive", "| cleanlab", "| cleanlab_cf30"]  # each after its base

@@ -47,16 +47,19 @@ params.yaml's siamese.contrastive is batch and _nobreed when its pairs.min_top_p
 Every naive-recipe model trains for the optimizer steps of train.epochs epochs
 over the raw click-labelled split (stages.lib.classifier.budgeted). Writes
 reports/seed_study.json (every run, with label precision / recall of each
-filter) and reports/seed_study.md (mean +- standard error over seeds and the
-differences paired by seed; a difference counts when it exceeds two standard
-errors).
+filter, and its commit, date and machine) and reports/seed_study.md (mean +-
+standard error over seeds and the differences paired by seed; a difference
+counts when it exceeds two standard errors).
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import logging
+import os
 import re
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -64,9 +67,18 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
 from stages.lib import layout
-from stages.lib.classifier import ModelConfig, TrainConfig, plan_run, reference_size, run_context, train_on_labels
+from stages.lib.classifier import (
+    ModelConfig,
+    TrainConfig,
+    plan_run,
+    reference_size,
+    resolved_run,
+    run_context,
+    train_on_labels,
+)
 from stages.lib.clicklog import aggregate_clicks
 from stages.lib.data import load_labels
 from stages.lib.labelquality import table_quality
@@ -161,6 +173,26 @@ GAP_CONFIGS = ("cleanlab", "cleanlab_ema", "cleanlab_batch", "cleanlab_batch_nob
 log = logging.getLogger("seed_study")
 
 
+def provenance(run: dict[str, str], cwd: Path = Path(".")) -> dict[str, str]:
+    """Where a study's runs ran, recorded in each row, since one run moves by 2-3 points between
+    machines: the commit (``+dirty`` when tracked files differ from it, such as a params.yaml
+    edited for the study), the date, and the machine: CPU model (or GPU), cores and the precision
+    ``run`` (classifier.resolved_run) resolves to."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True).stdout.strip()
+    commit = git("rev-parse", "--short", "HEAD") or "unknown (not a git checkout)"
+    if git("status", "--porcelain", "--untracked-files=no"):
+        commit += "+dirty"
+    if run["device"] == "cuda":
+        hardware = torch.cuda.get_device_name()
+    else:
+        cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+        hardware = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines()
+                         if line.startswith("model name")), "unknown CPU")
+    return {"commit": commit, "date": datetime.date.today().isoformat(),
+            "machine": f"{hardware}, {os.cpu_count()} cores, {run['precision']}"}
+
+
 class Study:
     """The pipeline's inputs and params, shared by every seed."""
 
@@ -179,6 +211,7 @@ class Study:
         truth_path = data / "raw" / layout.TRUTH
         self.truth = read_truth(truth_path) if truth_path.is_file() else None
         self.raw_labels = self.labels("raw")
+        self.provenance = provenance(resolved_run(params["train"]))
 
     def paper_click_labels(self) -> pd.DataFrame:
         """The click labels of the paper's click-count filter (PAPER_CLICK_FILTER),
@@ -200,7 +233,7 @@ class Study:
         result = evaluate_model(name, path, self.test, self.test_images, self.test_index, device="cpu",
                                 batch_size=256)
         row = {"config": name, "seed": seed, **{k: result.block[k] for k in ("top1", "top5", "mean_class_accuracy")},
-               "seconds": round(time.time() - start, 1), **extra}
+               "seconds": round(time.time() - start, 1), **extra, **self.provenance}
         log.info("seed %d %s: %s", seed, name, row)
         return row
 

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import datetime
+import os
+import subprocess
 
 import numpy as np
 import pandas as pd
@@ -64,3 +67,23 @@ def test_a_longer_trained_scorer_pairs_with_its_configuration_and_has_a_gap_reco
             "cleanlab_cf30: 0.50, 0.40, 0.55 (mean 0.483 ± 0.044).") in table
     models = [line.split(" | ")[0] for line in seed_study.summary_table(runs).splitlines()[2:7]]
     assert models == ["| truth", "| raw", "| naive", "| cleanlab", "| cleanlab_cf30"]  # each after its base
+
+
+def test_each_run_records_its_commit_a_dirty_tree_and_its_machine(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))  # whatever repository holds tmp_path
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path,
+                              check=True, capture_output=True, text=True).stdout.strip()
+    outside = seed_study.provenance({"device": "cpu", "precision": "fp32"}, cwd=tmp_path)
+    assert outside["commit"] == "unknown (not a git checkout)"
+    git("init", "-q")
+    (tmp_path / "params.yaml").write_text("pairs: {crossfit_epochs: 15}\n")
+    git("add", "params.yaml")
+    git("commit", "-q", "-m", "params")
+    clean = seed_study.provenance({"device": "cpu", "precision": "bf16"}, cwd=tmp_path)
+    assert clean["commit"] == git("rev-parse", "--short", "HEAD")
+    assert clean["machine"].endswith(f", {os.cpu_count()} cores, bf16")
+    assert clean["date"] == datetime.date.today().isoformat()
+    (tmp_path / "params.yaml").write_text("pairs: {crossfit_epochs: 45}\n")  # the study's edited params
+    assert seed_study.provenance({"device": "cpu", "precision": "fp32"}, cwd=tmp_path)["commit"] == \
+        clean["commit"] + "+dirty"

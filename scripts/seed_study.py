@@ -276,7 +276,8 @@ def run_seed(study: Study, seed: int, configs: list[str]) -> list[dict[str, Any]
 def naive_and_fine_tuned(naive_name: str, labels: pd.DataFrame, seed: int, fine: dict[str, str], study: Study,
                          train_cfg: TrainConfig, score_naive: bool) -> list[dict[str, Any]]:
     """train_naive on ``labels``, then make_pairs (out-of-fold probabilities
-    once, then each configuration's filter) and train_siamese, as the stages do."""
+    once per scorer epochs, then each configuration's filter) and train_siamese,
+    as the stages do."""
     params, rows = study.params, []
     start = time.time()
     naive_path, naive, plan, _ = study.naive_recipe(naive_name, labels[labels["label"] >= 0], train_cfg)

@@ -36,7 +36,7 @@ seed. Configurations:
   <config>_cfN  a fine-tuned configuration whose scorer's cross-fitting models train for N epochs
              (pairs.crossfit_epochs N), e.g. cleanlab_batch_nobreed_clicks_cf30: <config>_cfN -
              <config> is the longer-trained scorer's share (every fine-tuned run records its
-             crossfit_epochs)
+             crossfit_epochs, and its fine-tune's siamese.epochs as siamese_epochs)
   paper      the paper's recipe end to end: click-count filter min_clicks 2, min_share 0.7
              (the pipeline's defaults before this study), naive on those labels, the
              threshold filter, the siamese fine-tuning
@@ -326,7 +326,8 @@ def naive_and_fine_tuned(naive_name: str, labels: pd.DataFrame, seed: int, fine:
         save_model(path, model, backbone=meta["backbone"], image_size=meta["image_size"], classes=study.classes)
         rows.append(study.score(name_cfg, path, seed, start, filter=method, clean_images=len(clean),
                                 label_precision=quality.get("precision"), label_recall=quality.get("recall"),
-                                distractors=quality.get("distractors"), crossfit_epochs=epochs))
+                                distractors=quality.get("distractors"), crossfit_epochs=epochs,
+                                siamese_epochs=cfg.epochs))
     return rows
 
 

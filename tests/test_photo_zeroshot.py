@@ -12,6 +12,7 @@ import torch
 from conftest import load_script
 from PIL import Image
 
+pytest.importorskip("timm")  # an optional extra the script needs; requirements.lock installs it
 zeroshot = load_script("photo_zeroshot")
 
 # the ImageNet-1k classes of ../shared/dog_photos' breeds (timm's ImageNetInfo, checked by hand)

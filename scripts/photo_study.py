@@ -47,7 +47,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import yaml
 
@@ -56,6 +55,7 @@ from stages.lib.classifier import ModelConfig, TrainConfig
 from stages.lib.labelsets import ReferenceConfig, train_probes
 from stages.lib.params import load_sections
 from stages.lib.shards import read_index
+from stages.lib.studies import mean_se
 from stages.lib.testset import evaluate_model, read_test_set
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -206,14 +206,6 @@ def run_seed(seed: int, photos: Path, sets: list[str], variants: list[str], log:
 
 
 # ------------------------------------------------------------------ report
-def _mean_se(x: list[float], signed: bool = True, digits: int = 3) -> str:
-    a = np.asarray(x, float)
-    sign = "+" if signed else ""
-    if len(a) < 2:
-        return f"{a.mean():{sign}.{digits}f}" if len(a) else "n/a"
-    return f"{a.mean():{sign}.{digits}f} ± {a.std(ddof=1) / np.sqrt(len(a)):.{digits}f}"
-
-
 def _gap_recovery(top1: float, t: dict[str, float]) -> float:
     """(model − raw) / (truth − raw) of one release's top-1s ``t``; nan where truth and raw tie."""
     return (top1 - t["raw"]) / (t["truth"] - t["raw"]) if t["truth"] != t["raw"] else float("nan")
@@ -323,7 +315,7 @@ def report(runs: list[dict], pilot: list[dict]) -> str:
     lines = ["| paired over seeds " + ", ".join(map(str, seeds)) + " | mean ± s.e. | per seed |", "|---|---|---|"]
     for k, v in diffs.items():
         signed = k not in levels
-        lines.append(f"| {k} | {_mean_se(v, signed)} | {', '.join(f'{x:+.3f}' if signed else f'{x:.3f}' for x in v)} |")
+        lines.append(f"| {k} | {mean_se(v, signed)} | {', '.join(f'{x:+.3f}' if signed else f'{x:.3f}' for x in v)} |")
     return "\n".join([
         "# Photo study: the pretrained regime on real dog photos",
         "",

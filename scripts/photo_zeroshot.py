@@ -26,7 +26,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import timm
 import torch
@@ -34,7 +33,9 @@ from PIL import Image
 from timm.data import ImageNetInfo
 
 from stages.lib import pretrained
+from stages.lib.images import to_rgb
 from stages.lib.presets import build_transform
+from stages.lib.studies import mean_se
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKBONE = "tf_efficientnet_lite0"
@@ -61,7 +62,7 @@ def read_test(release: Path) -> tuple[list[Image.Image], list[str]]:
     with open(release / "test_images.tsv", encoding="ascii") as f:
         for line in f:
             key, data = line.rstrip("\n").split("\t")
-            images[key] = Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB")
+            images[key] = to_rgb(Image.open(io.BytesIO(base64.b64decode(data))))  # decode's one rule
     return [images[k] for k in labels["key"]], labels["breed"].tolist()
 
 
@@ -101,11 +102,6 @@ def measure(photos: Path, seeds: list[int], sizes: list[int]) -> list[dict]:
     return runs
 
 
-def _mean_se(x: list[float]) -> str:
-    a = np.asarray(x, float)
-    return f"{a.mean():.3f} ± {a.std(ddof=1) / np.sqrt(len(a)):.3f}" if len(a) > 1 else f"{a.mean():.3f}"
-
-
 def report(runs: list[dict], study: list[dict]) -> str:
     final = {r["seed"]: r["top1"] for r in study if r["variant"] == "final"}
     refs = ("truth", "probe_truth", "probe_raw", "probe_naive", "naive")
@@ -130,12 +126,12 @@ def report(runs: list[dict], study: list[dict]) -> str:
     lines += ["", "| mean ± s.e. over the seeds | value |", "|---|---|"]
     for size in sorted({r["size"] for r in runs}):
         at = [r for r in runs if r["size"] == size]
-        lines.append(f"| zero-shot at {size} px | {_mean_se([r['top1_breeds'] for r in at])} |")
+        lines.append(f"| zero-shot at {size} px | {mean_se([r['top1_breeds'] for r in at], signed=False)} |")
         paired = [r for r in at if r["seed"] in final]
         if size == 128 and paired:
             for k in ("probe_raw", "probe_naive", "probe_truth"):
                 diff = [r["top1_breeds"] - final[r["seed"]][k] for r in paired]
-                lines.append(f"| zero-shot − {k} at 128 px | {_mean_se(diff)} |")
+                lines.append(f"| zero-shot − {k} at 128 px | {mean_se(diff, signed=False)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -32,7 +32,8 @@ seed. Configurations:
              since 2026-12-04, so the pipeline's final model)
   cleanlab_batch_nobreed_clicks  cleanlab_batch_nobreed whose fine-tune draws each breed as often as
              its click-filtered labels, not its kept images (siamese.breed_share: clicks);
-             _uniform: every breed equally often (breed_share: uniform)
+             _uniform: every breed equally often (breed_share: uniform); _clicks_ce: _clicks with
+             siamese.contrastive_weight 0 (the contrastive term's share in the pipeline's fine-tune)
   <config>_cfN  a fine-tuned configuration whose scorer's cross-fitting models train for N epochs
              (pairs.crossfit_epochs N), e.g. cleanlab_batch_nobreed_clicks_cf30: <config>_cfN -
              <config> is the longer-trained scorer's share (every fine-tuned run records its
@@ -97,15 +98,19 @@ from stages.lib.weaklabels import find_weak_labels
 
 CONFIGS = ("truth", "raw", "naive", "naive_ema", "cleanlab", "cleanlab_ce", "cleanlab_ema", "cleanlab_batch",
            "cleanlab_batch_ce", "cleanlab_batch_nobreed", "cleanlab_batch_nobreed_clicks",
-           "cleanlab_batch_nobreed_uniform", "relabel", "relabel_ce", "threshold", "threshold_ce", "paper")
+           "cleanlab_batch_nobreed_clicks_ce", "cleanlab_batch_nobreed_uniform", "relabel", "relabel_ce", "threshold",
+           "threshold_ce", "paper")
 # <filter><variant>: the same filter, another fine-tune (_batch_ce: both); _nobreed: pairs.min_top_prob
 VARIANTS = ("_clicks", "_uniform", "_ce", "_ema", "_nobreed", "_batch")
 REFERENCES = {"truth": "truth", "raw": "raw"}  # config -> label set
 DEFAULT_CONFIGS = ("truth", "raw", "naive", "cleanlab", "relabel", "relabel_ce", "paper")
 # the label filter of each fine-tuned configuration on the pipeline's click labels
 def _filter_of(name: str) -> str:
-    for variant in VARIANTS:
-        name = name.removesuffix(variant)
+    stripped = None
+    while stripped != name:  # variants stack in any order (_batch_nobreed_clicks_ce)
+        stripped = name
+        for variant in VARIANTS:
+            name = name.removesuffix(variant)
     return name
 
 
@@ -164,7 +169,8 @@ DIFFERENCES = (("cleanlab", "raw"), ("cleanlab", "naive"), ("relabel", "raw"), (
                ("cleanlab_batch_nobreed", "raw"), ("cleanlab_batch_nobreed", "naive"),
                ("cleanlab_batch_nobreed_clicks", "cleanlab_batch_nobreed"),
                ("cleanlab_batch_nobreed_uniform", "cleanlab_batch_nobreed"),
-               ("cleanlab_batch_nobreed_clicks", "raw"), ("cleanlab_batch_nobreed_clicks", "naive"), ("naive", "raw"),
+               ("cleanlab_batch_nobreed_clicks", "raw"), ("cleanlab_batch_nobreed_clicks", "naive"),
+               ("cleanlab_batch_nobreed_clicks", "cleanlab_batch_nobreed_clicks_ce"), ("naive", "raw"),
                ("truth", "raw"))
 # gap recovery (x - raw) / (truth - raw)
 GAP_CONFIGS = ("cleanlab", "cleanlab_ema", "cleanlab_batch", "cleanlab_batch_nobreed", "cleanlab_batch_nobreed_clicks",
@@ -273,6 +279,20 @@ def run_seed(study: Study, seed: int, configs: list[str]) -> list[dict[str, Any]
     return rows
 
 
+def fine_tune_config(name: str, cfg: SiameseConfig, ema_half_life: float) -> SiameseConfig:
+    """params.yaml's fine-tune as configuration ``name`` (or its <config>_cfN) names it."""
+    name = base_config(name)  # the fine-tune's variants are the base configuration's
+    if name.endswith("_ce"):
+        cfg = cfg.replace(contrastive_weight=0.0)
+    if name.endswith("_ema"):
+        cfg = cfg.replace(ema_half_life=ema_half_life)
+    # each configuration names its fine-tune's pairs, whatever params.yaml's default
+    cfg = cfg.replace(contrastive="batch" if "_batch" in name else "pairs")
+    # ... and how often its batches draw each breed (_clicks, _uniform; else as kept)
+    share = next((x for x in ("clicks", "uniform") if f"_{x}" in name), "kept")
+    return cfg.replace(breed_share=share)
+
+
 def naive_and_fine_tuned(naive_name: str, labels: pd.DataFrame, seed: int, fine: dict[str, str], study: Study,
                          train_cfg: TrainConfig, score_naive: bool) -> list[dict[str, Any]]:
     """train_naive on ``labels``, then make_pairs (out-of-fold probabilities
@@ -308,17 +328,8 @@ def naive_and_fine_tuned(naive_name: str, labels: pd.DataFrame, seed: int, fine:
         quality = table_quality(clean, raw, study.truth) if study.truth is not None else {}
         train_clean = clean[~clean["key"].isin(set(plan.val["key"]))].reset_index(drop=True)
         pairs, _, _ = build_pairs(train_clean, val_pred, len(study.classes), p)
-        cfg = params["siamese"].replace(seed=seed)
-        name_cfg, name = name, base_config(name)  # the fine-tune's variants are the base configuration's
-        if name.endswith("_ce"):
-            cfg = cfg.replace(contrastive_weight=0.0)
-        if name.endswith("_ema"):
-            cfg = cfg.replace(ema_half_life=study.ema_half_life)
-        # each configuration names its fine-tune's pairs, whatever params.yaml's default
-        cfg = cfg.replace(contrastive="batch" if "_batch" in name else "pairs")
-        # ... and how often its batches draw each breed (_clicks, _uniform; else as kept)
-        share = next((x for x in ("clicks", "uniform") if name.endswith(f"_{x}")), "kept")
-        cfg = cfg.replace(breed_share=share)
+        cfg = fine_tune_config(name, params["siamese"].replace(seed=seed), study.ema_half_life)
+        name_cfg = name
         model, meta = siamese_from_naive(naive_path, cfg)
         fit_siamese(model, meta, clean, pairs, plan.val, images_dir=study.images, index=study.index, cfg=cfg,
                     click_labels=labels.loc[labels["label"] >= 0, "label"])
@@ -327,7 +338,7 @@ def naive_and_fine_tuned(naive_name: str, labels: pd.DataFrame, seed: int, fine:
         rows.append(study.score(name_cfg, path, seed, start, filter=method, clean_images=len(clean),
                                 label_precision=quality.get("precision"), label_recall=quality.get("recall"),
                                 distractors=quality.get("distractors"), crossfit_epochs=epochs,
-                                siamese_epochs=cfg.epochs))
+                                siamese_epochs=cfg.epochs, siamese_lr=cfg.lr))
     return rows
 
 

@@ -87,3 +87,21 @@ def test_each_run_records_its_commit_a_dirty_tree_and_its_machine(tmp_path, monk
     (tmp_path / "params.yaml").write_text("pairs: {crossfit_epochs: 45}\n")  # the study's edited params
     assert seed_study.provenance({"device": "cpu", "precision": "fp32"}, cwd=tmp_path)["commit"] == \
         clean["commit"] + "+dirty"
+
+
+def test_each_configuration_names_its_fine_tune_whatever_the_order_of_its_variants() -> None:
+    from pathlib import Path
+
+    from stages.lib.params import load_sections
+    from stages.lib.siamese import SiameseConfig
+
+    params = Path(__file__).resolve().parents[1] / "params.yaml"
+    base = load_sections(params, siamese=SiameseConfig)["siamese"].replace(
+        contrastive="pairs", breed_share="kept", contrastive_weight=1.0, ema_half_life=0.0)
+    clicks_ce = seed_study.fine_tune_config("cleanlab_batch_nobreed_clicks_ce_cf30", base, 1.0)
+    assert (clicks_ce.contrastive, clicks_ce.breed_share, clicks_ce.contrastive_weight) == ("batch", "clicks", 0.0)
+    assert seed_study.FILTERS["cleanlab_batch_nobreed_clicks_ce"] == "cleanlab"
+    uniform = seed_study.fine_tune_config("cleanlab_batch_nobreed_uniform", base, 1.0)
+    assert (uniform.breed_share, uniform.contrastive_weight) == ("uniform", 1.0)
+    paper_pairs = seed_study.fine_tune_config("cleanlab_ema", base.replace(contrastive="batch"), 2.0)
+    assert (paper_pairs.contrastive, paper_pairs.breed_share, paper_pairs.ema_half_life) == ("pairs", "kept", 2.0)

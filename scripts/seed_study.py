@@ -174,7 +174,7 @@ DIFFERENCES = (("cleanlab", "raw"), ("cleanlab", "naive"), ("relabel", "raw"), (
                ("truth", "raw"))
 # gap recovery (x - raw) / (truth - raw)
 GAP_CONFIGS = ("cleanlab", "cleanlab_ema", "cleanlab_batch", "cleanlab_batch_nobreed", "cleanlab_batch_nobreed_clicks",
-               "cleanlab_batch_nobreed_uniform", "relabel", "paper",
+               "cleanlab_batch_nobreed_clicks_ce", "cleanlab_batch_nobreed_uniform", "relabel", "paper",
                "threshold")
 log = logging.getLogger("seed_study")
 

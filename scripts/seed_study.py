@@ -329,13 +329,12 @@ def naive_and_fine_tuned(naive_name: str, labels: pd.DataFrame, seed: int, fine:
         train_clean = clean[~clean["key"].isin(set(plan.val["key"]))].reset_index(drop=True)
         pairs, _, _ = build_pairs(train_clean, val_pred, len(study.classes), p)
         cfg = fine_tune_config(name, params["siamese"].replace(seed=seed), study.ema_half_life)
-        name_cfg = name
         model, meta = siamese_from_naive(naive_path, cfg)
         fit_siamese(model, meta, clean, pairs, plan.val, images_dir=study.images, index=study.index, cfg=cfg,
                     click_labels=labels.loc[labels["label"] >= 0, "label"])
-        path = study.tmp / f"{name_cfg}-{seed}.pt"
+        path = study.tmp / f"{name}-{seed}.pt"
         save_model(path, model, backbone=meta["backbone"], image_size=meta["image_size"], classes=study.classes)
-        rows.append(study.score(name_cfg, path, seed, start, filter=method, clean_images=len(clean),
+        rows.append(study.score(name, path, seed, start, filter=method, clean_images=len(clean),
                                 label_precision=quality.get("precision"), label_recall=quality.get("recall"),
                                 distractors=quality.get("distractors"), crossfit_epochs=epochs,
                                 siamese_epochs=cfg.epochs, siamese_lr=cfg.lr))
